@@ -1,0 +1,151 @@
+"""Device meshes and logical-axis sharding rules.
+
+Every parameter carries logical axis names (``nnx.with_partitioning``); a rule table maps them to
+mesh axes. Shardings are derived from those names and applied at the single ``jax.jit`` boundary of
+each program (train step, sampler), the pjit model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or None for replicated). Names used by the models:
+#   batch: the example axis of activations; embed: model width; mlp: MLP hidden width;
+#   heads: attention q/k/v/out feature axis (heads x head_dim); vocab: token vocabulary;
+#   conv_in/conv_out: convolution channels; norm: norm scales; kernel: spatial kernel taps.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("conv_in", None),
+    ("conv_out", "tensor"),
+    ("norm", None),
+    ("kernel", None),
+    ("length", None),
+)
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh. One entry may be -1 to take the remaining devices.
+
+    ``shape`` is a mapping such as ``{"data": 2, "fsdp": 4}`` (missing axes are 1) or a 3-tuple.
+    Axes are ``AxisType.Auto`` so plain NNX code (embedding gathers) works under jit shardings.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    if shape is None:
+        dims = [len(devices), 1, 1]
+    elif isinstance(shape, Mapping):
+        unknown = set(shape) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"mesh: unknown axis name(s) {sorted(unknown)}; use {MESH_AXES}")
+        dims = [int(shape.get(a, 1)) for a in MESH_AXES]
+    else:
+        dims = [int(d) for d in shape]
+        if len(dims) != len(MESH_AXES):
+            raise ValueError(f"mesh: expected {len(MESH_AXES)} sizes {MESH_AXES}, got {dims}")
+    if dims.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {dims}")
+    if -1 in dims:
+        rest = int(np.prod([d for d in dims if d != -1]))
+        if len(devices) % rest:
+            raise ValueError(f"mesh: {len(devices)} devices do not divide by {rest} for {dims}")
+        dims[dims.index(-1)] = len(devices) // rest
+    n = int(np.prod(dims))
+    if n > len(devices):
+        raise ValueError(f"mesh: shape {dict(zip(MESH_AXES, dims))} needs {n} devices, "
+                         f"only {len(devices)} available")
+    arr = np.asarray(devices[:n], dtype=object).reshape(dims)
+    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def parse_mesh_flag(text: str) -> dict[str, int]:
+    """Parse ``"data=8"`` or ``"data=2,fsdp=4"`` into a mesh shape mapping."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise ValueError(f"--mesh: expected AXIS=SIZE entries like 'data=8', got {part!r}")
+        name, size = part.split("=", 1)
+        if name not in MESH_AXES:
+            raise ValueError(f"--mesh: unknown axis {name!r}; use {MESH_AXES}")
+        out[name] = int(size)
+    return out
+
+
+def logical_to_spec(names: Sequence[str | None] | None, rules=DEFAULT_RULES,
+                    shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> P:
+    """Map logical axis names to a PartitionSpec.
+
+    A mesh axis is used at most once per array; when ``shape`` and ``mesh`` are given, an axis whose
+    size does not divide the dimension is dropped (that dimension stays replicated).
+    """
+    if names is None:
+        return P()
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(names):
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        keep = []
+        for ax in axes:
+            if ax in used:
+                continue
+            if mesh is not None and shape is not None:
+                size = int(np.prod([mesh.shape[a] for a in keep + [ax]]))
+                if shape[i] % size:
+                    continue
+            keep.append(ax)
+        used.update(keep)
+        out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    return P(*out)
+
+
+def _names_of(x) -> tuple | None:
+    if isinstance(x, nnx.Variable):
+        meta = x.get_metadata()
+        return meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding")
+    return None
+
+
+def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for every leaf of an NNX state (values or ShapeDtypeStructs)."""
+
+    def one(x):
+        names = _names_of(x)
+        value = x.get_value() if isinstance(x, nnx.Variable) else x
+        shape = getattr(value, "shape", ())
+        spec = logical_to_spec(names, rules, shape, mesh) if names else P()
+        return NamedSharding(mesh, spec)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
+    """Shard the leading (example) axis over the batch mesh axes, replicate the rest."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def replicated_fraction(state, shardings) -> float:
+    """Fraction of parameter bytes that are fully replicated under ``shardings``."""
+    total = 0
+    rep = 0
+    for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
+        n = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+        total += n
+        if all(a is None for a in s.spec):
+            rep += n
+    return rep / max(total, 1)

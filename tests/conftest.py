@@ -1,0 +1,28 @@
+"""Test setup: 8 host CPU devices for sharding tests, full-precision matmuls for parity."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+TINY = FIXTURES / "editmgt-tiny-v1"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> pathlib.Path:
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def cases() -> dict:
+    with np.load(TINY / "cases.npz") as z:
+        return {k: z[k] for k in z.files}
