@@ -1,0 +1,55 @@
+"""Convert an official EditMGT release folder into an editmgt-jax model checkpoint.
+
+Example:
+  python -m editmgt_jax.convert --official /data/EditMGT --out ckpt/editmgt-1024
+
+The release folder holds one subfolder per component, each with ``config.json`` and
+``*.safetensors`` weights (sharded files with an index are read too):
+  vqvae/        VQ tokenizer (diffusers VQModel)
+  editmgt/ or transformer/   the EditMGT transformer
+  text_encoder/ CLIP text tower with projection      (optional)
+  llm_encoder/  Gemma-2 language model, used as an encoder (optional)
+  tokenizer/    CLIP tokenizer files                 (optional, copied)
+No PyTorch is needed; tensors are read one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m editmgt_jax.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--official", required=True, metavar="DIR", help="official release folder")
+    p.add_argument("--out", required=True, metavar="CKPT", help="output checkpoint folder")
+    p.add_argument("--components", default="", metavar="LIST",
+                   help="comma-separated subset of vq,transformer,clip,gemma (default: all present)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="stored parameter dtype (default float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    args = p.parse_args(argv)
+
+    import editmgt_jax  # noqa: F401  (NNX settings)
+    from editmgt_jax.convert import ConversionError, convert_release
+
+    dtype = np.float32
+    if args.dtype == "bfloat16":
+        import ml_dtypes
+
+        dtype = ml_dtypes.bfloat16
+    try:
+        convert_release(args.official, args.out,
+                        components=[c for c in args.components.split(",") if c] or None,
+                        dtype=dtype, overwrite=args.overwrite)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

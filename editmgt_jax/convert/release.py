@@ -1,0 +1,106 @@
+"""Converting whole release folders and reference-fixture folders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from editmgt_jax import checkpoints
+from editmgt_jax.convert.core import ConversionError, TensorSource
+from editmgt_jax.convert.registry import (COMPONENTS, Component, config_from_official, convert_component,
+                                          find_release_dir, read_json)
+
+# Tokenizer files worth carrying into a converted checkpoint, by destination folder.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json")
+TOKENIZER_DIRS = {"tokenizer": ("tokenizer", "text_encoder"), "llm_tokenizer": ("llm_tokenizer", "llm_encoder")}
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def convert_release(official_dir: str, out_dir: str, *, components: Sequence[str] | None = None,
+                    dtype=np.float32, overwrite: bool = False,
+                    log: Callable[[str], None] = _log) -> str:
+    """Convert a release folder (``vqvae/``, ``editmgt/`` or ``transformer/``, ``text_encoder/``,
+    ``llm_encoder/``, ``tokenizer/``) into a model checkpoint at ``out_dir``.
+
+    Components are converted and written one at a time, so peak memory is one component.
+    """
+    from tqdm import tqdm
+
+    official_dir = os.fspath(official_dir)
+    if not os.path.isdir(official_dir):
+        raise ConversionError(f"--official {official_dir}: not a directory")
+    names = list(components) if components else list(COMPONENTS)
+    unknown = [n for n in names if n not in COMPONENTS]
+    if unknown:
+        raise ConversionError(f"unknown component(s) {unknown}; choose from {list(COMPONENTS)}")
+    found: dict[str, str] = {}
+    for n in names:
+        comp = COMPONENTS[n]
+        d = find_release_dir(official_dir, comp)
+        if d is None:
+            if comp.required or components:
+                raise ConversionError(f"{official_dir}: no {'/ or '.join(comp.release_dirs)}/ folder for the "
+                                      f"{n} component")
+            log(f"[convert] {n}: no {'/'.join(comp.release_dirs)}/ folder, skipped")
+            continue
+        found[n] = d
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir):
+        if not overwrite:
+            raise ConversionError(f"--out {out_dir}: already exists (use --overwrite)")
+        shutil.rmtree(out_dir)
+    os.makedirs(os.path.join(out_dir, "params"))
+    configs = {}
+    for n, d in found.items():
+        comp = COMPONENTS[n]
+        cfg = config_from_official(comp, read_json(os.path.join(d, "config.json")), d)
+        source = TensorSource.from_dir(d)
+        bar = tqdm(total=len(source), desc=f"convert {n}", unit="tensor", leave=False)
+        params = convert_component(comp, cfg, source, dtype=dtype, progress=lambda _k: bar.update())
+        bar.close()
+        checkpoints.save_component(out_dir, n, params)
+        configs[n] = cfg.to_dict()
+        log(f"[convert] {n}: {len(source)} tensors from {d}, "
+            f"{sum(int(np.prod(x.shape)) for x in _leaves(params)):,} parameters")
+        del params
+    for dest, srcs in TOKENIZER_DIRS.items():
+        for s in srcs:
+            src = os.path.join(official_dir, s)
+            files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
+            if files:
+                os.makedirs(os.path.join(out_dir, dest), exist_ok=True)
+                for f in files:
+                    shutil.copy2(os.path.join(src, f), os.path.join(out_dir, dest, f))
+                log(f"[convert] {dest}: {len(files)} file(s) from {src}")
+                break
+    checkpoints.write_config(out_dir, configs, {"source": os.path.abspath(official_dir),
+                                                "timestep_convention": "step_index"})
+    log(f"[convert] wrote {out_dir}")
+    return out_dir
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    else:
+        yield tree
+
+
+def load_fixture_component(fixture_dir: str, component: Component | str):
+    """Convert one component of a reference-fixture folder (``<prefix>_config.json`` and
+    ``<prefix>.safetensors``). Returns ``(config, params)`` or ``None`` if the folder lacks it."""
+    comp = COMPONENTS[component] if isinstance(component, str) else component
+    cfg_path = os.path.join(fixture_dir, f"{comp.fixture_prefix}_config.json")
+    st_path = os.path.join(fixture_dir, f"{comp.fixture_prefix}.safetensors")
+    if not (os.path.isfile(cfg_path) and os.path.isfile(st_path)):
+        return None
+    cfg = config_from_official(comp, read_json(cfg_path), cfg_path)
+    return cfg, convert_component(comp, cfg, TensorSource([st_path]))
