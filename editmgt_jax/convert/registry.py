@@ -74,7 +74,7 @@ def abstract_params(component: Component, cfg) -> dict:
 
     _, model_cls = component.classes()
     model = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
-    return nnx.split(model)[1].to_pure_dict()
+    return nnx.to_pure_dict(nnx.split(model)[1])
 
 
 def convert_component(component: Component, cfg, source: TensorSource, *, dtype=np.float32,

@@ -1,0 +1,446 @@
+"""The EditMGT transformer: token embedding, 2x down-sampling, MM-DiT + single-stream blocks with a
+reference stream, 2x up-sampling and the logits head.
+
+Attribute names mirror the official ``Transformer2DModel`` state dict, so the converter
+(:mod:`editmgt_jax.convert.transformer`) is a key table. Activations are channels-last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from editmgt_jax.models.blocks import (CAPTURE_MODES, DualStreamBlock, Segments, SingleStreamBlock,
+                                       reference_bias)
+from editmgt_jax.models.embeddings import (NUM_MICRO_CONDS, SINUSOID_DIM, CombinedTimestepTextProjEmbeddings,
+                                           TimestepEmbedding, joint_rope_tables, micro_condition_embedding)
+from editmgt_jax.models.layers import Conv2d, Linear, RMSNorm, partitioned
+
+NORM_EPS = 1e-6
+
+# config.json of the released EditMGT transformer (official field names and values).
+RELEASED_CONFIG: dict[str, Any] = {
+    "_class_name": "Transformer2DModel",
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "codebook_size": 8192,
+    "connector_type": "linear",
+    "downsample": True,
+    "guidance_embeds": False,
+    "in_channels": 64,
+    "joint_attention_dim": 2304,
+    "num_attention_heads": 8,
+    "num_layers": 14,
+    "num_single_layers": 28,
+    "patch_size": 1,
+    "pooled_projection_dim": 1024,
+    "text_encoder_architecture": "CLIP_Gemma2",
+    "upsample": True,
+    "vocab_size": 8256,
+}
+
+# Defaults of the official constructor, used for fields a config.json leaves out.
+_OFFICIAL_DEFAULTS: dict[str, Any] = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768, "guidance_embeds": False, "axes_dims_rope": (16, 56, 56),
+    "vocab_size": 8256, "codebook_size": 8192, "downsample": False, "upsample": False,
+    "text_encoder_architecture": "CLIP", "connector_type": "none",
+}
+_CONNECTORS = ("linear", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Architecture of the EditMGT transformer (defaults: the released 1024 px model)."""
+
+    num_layers: int = 14                  # dual-stream (MM-DiT) blocks
+    num_single_layers: int = 28           # single-stream blocks
+    num_attention_heads: int = 8
+    attention_head_dim: int = 128
+    joint_attention_dim: int = 2304       # width of the LLM text states (connector input)
+    pooled_projection_dim: int = 1024     # width of the pooled CLIP vector
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+    vocab_size: int = 8256                # codebook + special ids; the last id is the mask token
+    codebook_size: int = 8192             # logits per position
+    downsample: bool = True               # 2x2 stride-2 conv after the embedding (and 2x up-sampling head)
+    connector_type: str = "linear"        # "linear": Linear text connector; "none": no connector
+    text_encoder_architecture: str = "CLIP_Gemma2"
+    rope_theta: float = 10000.0
+    mlp_ratio: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes_dims_rope", tuple(int(d) for d in self.axes_dims_rope))
+        if self.connector_type not in _CONNECTORS:
+            raise ValueError(f"connector_type {self.connector_type!r} is not supported "
+                             f"(use one of {_CONNECTORS})")
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim "
+                             f"{self.attention_head_dim}")
+        if any(d % 2 for d in self.axes_dims_rope) or len(self.axes_dims_rope) != 3:
+            raise ValueError(f"axes_dims_rope must be 3 even widths, got {self.axes_dims_rope}")
+        if self.codebook_size >= self.vocab_size:
+            raise ValueError(f"codebook_size {self.codebook_size} must be below vocab_size {self.vocab_size}")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.vocab_size - 1
+
+    @property
+    def num_blocks(self) -> int:
+        """Dual plus single blocks: global block indices run over ``range(num_blocks)``."""
+        return self.num_layers + self.num_single_layers
+
+    @classmethod
+    def from_official(cls, d: Mapping[str, Any]) -> "TransformerConfig":
+        """Read an official ``Transformer2DModel`` ``config.json`` dict.
+
+        Raises ``ValueError`` naming any field whose value this implementation does not support.
+        """
+        unknown = sorted(k for k in d if not k.startswith("_") and k not in _OFFICIAL_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown transformer config field(s): {', '.join(unknown)}")
+        g = {**_OFFICIAL_DEFAULTS, **{k: v for k, v in d.items() if not k.startswith("_")}}
+        bad = []
+        if g["patch_size"] != 1:
+            bad.append(f"patch_size={g['patch_size']!r} (only 1)")
+        if g["guidance_embeds"]:
+            bad.append("guidance_embeds=True (only false)")
+        if bool(g["downsample"]) != bool(g["upsample"]):
+            bad.append(f"downsample={g['downsample']!r} with upsample={g['upsample']!r} (must be equal)")
+        connector = "none" if g["connector_type"] is None else g["connector_type"]
+        if connector not in _CONNECTORS:
+            bad.append(f"connector_type={connector!r} (supported: {', '.join(_CONNECTORS)})")
+        if bad:
+            raise ValueError("unsupported transformer config value(s): " + "; ".join(bad))
+        return cls(num_layers=int(g["num_layers"]), num_single_layers=int(g["num_single_layers"]),
+                   num_attention_heads=int(g["num_attention_heads"]),
+                   attention_head_dim=int(g["attention_head_dim"]),
+                   joint_attention_dim=int(g["joint_attention_dim"]),
+                   pooled_projection_dim=int(g["pooled_projection_dim"]),
+                   axes_dims_rope=tuple(g["axes_dims_rope"]), vocab_size=int(g["vocab_size"]),
+                   codebook_size=int(g["codebook_size"]), downsample=bool(g["downsample"]),
+                   connector_type=connector, text_encoder_architecture=str(g["text_encoder_architecture"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["axes_dims_rope"] = list(self.axes_dims_rope)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TransformerConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TransformerConfig field(s): {', '.join(unknown)}")
+        return cls(**dict(d))
+
+
+# ----------------------------------------------------------------------------- image-side modules
+class LinearProjector(nnx.Module):
+    """Text connector: ``projector`` Linear ``joint_attention_dim -> dim`` with bias."""
+
+    def __init__(self, in_dim: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.projector = Linear(in_dim, dim, axes=("mlp", "embed"), rngs=rngs, dtype=dtype,
+                                param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.projector(x)
+
+
+class ConvEmbed(nnx.Module):
+    """Token ids ``[B, H, W] int32`` -> ``embeddings`` -> RMSNorm -> 1x1 conv -> ``[B, H, W, dim]``."""
+
+    def __init__(self, vocab_size: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.embeddings = nnx.Embed(vocab_size, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                    embedding_init=partitioned(nnx.initializers.normal(0.02),
+                                                               ("vocab", "embed")))
+        self.layer_norm = RMSNorm(dim, eps=NORM_EPS, param_dtype=param_dtype)
+        self.conv = Conv2d(dim, dim, 1, use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return self.conv(self.layer_norm(self.embeddings(ids)))
+
+
+class Downsample(nnx.Module):
+    """RMSNorm over channels, then 2x2 stride-2 conv: ``[B, H, W, C] -> [B, H/2, W/2, C]`` (H, W even)."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.norm = RMSNorm(dim, eps=NORM_EPS, param_dtype=param_dtype)
+        # The reference zero-pads right/bottom by one first; a 2x2 stride-2 window never reads that
+        # padding when H and W are even, so VALID padding is the same computation.
+        self.conv = Conv2d(dim, dim, 2, strides=2, padding="VALID", use_bias=False, rngs=rngs,
+                           dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(self.norm(x))
+
+
+class ConvTranspose2x2(nnx.Module):
+    """2x2 stride-2 transposed convolution without bias, torch ``ConvTranspose2d`` semantics.
+
+    ``out[b, 2i+u, 2j+v, o] = sum_c x[b, i, j, c] * kernel[u, v, c, o]``: with stride equal to the
+    kernel size every input pixel writes its own 2x2 output block, so the layer is one einsum and a
+    reshape (no kernel flip). ``kernel`` is ``[2, 2, in, out]`` (torch ``[in, out, 2, 2]`` transposed).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.dtype = dtype
+        init = partitioned(nnx.initializers.lecun_normal(in_axis=2, out_axis=3),
+                           ("kernel", "kernel", "conv_in", "conv_out"))
+        self.kernel = nnx.Param(init(rngs.params(), (2, 2, in_features, out_features), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, _ = x.shape
+        k = self.kernel[...].astype(self.dtype)
+        y = jnp.einsum("bijc,uvco->biujvo", x.astype(self.dtype), k)
+        return y.reshape(b, 2 * h, 2 * w, k.shape[-1])
+
+
+class Upsample(nnx.Module):
+    """RMSNorm over channels, then the 2x2 stride-2 transposed conv: ``[B, h, w, C] -> [B, 2h, 2w, C]``."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.norm = RMSNorm(dim, eps=NORM_EPS, param_dtype=param_dtype)
+        self.conv = ConvTranspose2x2(dim, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(self.norm(x))
+
+
+class DownBlock(nnx.Module):
+    def __init__(self, dim: int, **kw):
+        self.downsample = Downsample(dim, **kw)
+
+    def __call__(self, x):
+        return self.downsample(x)
+
+
+class UpBlock(nnx.Module):
+    def __init__(self, dim: int, **kw):
+        self.upsample = Upsample(dim, **kw)
+
+    def __call__(self, x):
+        return self.upsample(x)
+
+
+class ConvMlmLayer(nnx.Module):
+    """Logits head: 1x1 conv -> RMSNorm -> 1x1 conv to ``codebook_size`` channels."""
+
+    def __init__(self, dim: int, codebook_size: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        kw = dict(use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.conv1 = Conv2d(dim, dim, 1, **kw)
+        self.layer_norm = RMSNorm(dim, eps=NORM_EPS, param_dtype=param_dtype)
+        self.conv2 = Conv2d(dim, codebook_size, 1, axes=("kernel", "kernel", "conv_in", "vocab"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv2(self.layer_norm(self.conv1(x)))
+
+
+# ----------------------------------------------------------------------------- the model
+def _new_block(kind: str, dim: int, num_heads: int, head_dim: int, mlp_ratio: int, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    cls = DualStreamBlock if kind == "dual" else SingleStreamBlock
+    return cls(dim, num_heads, head_dim, mlp_ratio=mlp_ratio, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+
+# Under a trace (``nnx.eval_shape``, a jitted init) each block is built in its own cached sub-trace:
+# tracing all blocks into one program makes the abstract build of the released model take half a
+# minute (jax inspects the whole trace on every rng update), one sub-trace per kind a few seconds.
+_new_block_traced = nnx.jit(_new_block, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+
+
+class EditTransformer(nnx.Module):
+    """EditMGT transformer (official ``Transformer2DModel``) with the reference stream.
+
+    Parameters are created in ``param_dtype``; activations run in ``dtype`` (norm statistics, RoPE,
+    sinusoids, softmax and the logits in float32). ``remat=True`` recomputes each block's
+    activations in the backward pass instead of storing them (training memory).
+    """
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: bool = False):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat = remat
+        d = cfg.inner_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+        self.connector = (LinearProjector(cfg.joint_attention_dim, d, **kw)
+                          if cfg.connector_type == "linear" else None)
+        self.context_embedder = Linear(d, d, axes=("embed", "mlp"), **kw)
+        self.encoder_proj_layer_norm = RMSNorm(d, eps=NORM_EPS, param_dtype=param_dtype)
+        self.cond_embed = TimestepEmbedding(cfg.pooled_projection_dim + NUM_MICRO_CONDS * SINUSOID_DIM, d,
+                                            use_bias=False, in_axis=None, **kw)
+        self.time_text_embed = CombinedTimestepTextProjEmbeddings(d, **kw)
+
+        self.embed = ConvEmbed(cfg.vocab_size, d, **kw)
+        self.down_block = DownBlock(d, **kw) if cfg.downsample else None
+        self.project_to_hidden_norm = RMSNorm(d, eps=NORM_EPS, param_dtype=param_dtype)
+        self.project_to_hidden = Linear(d, d, axes=("embed", "mlp"), use_bias=False, **kw)
+
+        shape = (d, cfg.num_attention_heads, cfg.attention_head_dim, cfg.mlp_ratio, dtype, param_dtype)
+        # Eagerly, blocks are built op by op (nothing to compile); under a trace see _new_block_traced.
+        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(nnx.state(rngs)))
+        new_block = _new_block_traced if traced else _new_block
+        self.transformer_blocks = nnx.List([new_block("dual", *shape, rngs) for _ in range(cfg.num_layers)])
+        self.single_transformer_blocks = nnx.List(
+            [new_block("single", *shape, rngs) for _ in range(cfg.num_single_layers)])
+
+        self.project_from_hidden_norm = RMSNorm(d, eps=NORM_EPS, param_dtype=param_dtype)
+        self.project_from_hidden = Linear(d, d, axes=("mlp", "embed"), use_bias=False, **kw)
+        self.up_block = UpBlock(d, **kw) if cfg.downsample else None
+        self.mlm_layer = ConvMlmLayer(d, cfg.codebook_size, **kw)
+
+    # ------------------------------------------------------------------ helpers
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Transformer token grid for a ``height x width`` id grid (halved when down-sampling)."""
+        if self.cfg.downsample:
+            if height % 2 or width % 2:
+                raise ValueError(f"token grid {height}x{width}: both sides must be even (2x down-sampling)")
+            return height // 2, width // 2
+        return height, width
+
+    def conditioning(self, pooled: jax.Array, micro_conds: jax.Array, timestep: jax.Array) -> jax.Array:
+        """``temb [B, D]`` for ``pooled [B, P]``, ``micro_conds [B, 5]`` and ``timestep [B]``.
+
+        The timestep is multiplied by 1000 in float32 (in every activation dtype: bfloat16 would
+        round step values such as 3000).
+        """
+        cond = jnp.concatenate([pooled.astype(jnp.float32), micro_condition_embedding(micro_conds)], axis=-1)
+        cond = self.cond_embed(cond.astype(self.dtype))
+        return self.time_text_embed(timestep.astype(jnp.float32) * 1000.0, cond)
+
+    def embed_text(self, text_states: jax.Array) -> jax.Array:
+        """``[B, L, joint_attention_dim]`` LLM states -> ``[B, L, D]`` text stream."""
+        x = text_states.astype(self.dtype)
+        if self.connector is not None:
+            x = self.connector(x)
+        return self.encoder_proj_layer_norm(self.context_embedder(x))
+
+    def embed_image(self, ids: jax.Array) -> jax.Array:
+        """``[B, H, W] int32`` ids -> ``[B, h*w, D]`` image stream (row-major over the token grid)."""
+        x = self.embed(ids)
+        if self.down_block is not None:
+            x = self.down_block(x)
+        b, h, w, c = x.shape
+        return self.project_to_hidden(self.project_to_hidden_norm(x.reshape(b, h * w, c)))
+
+    def head(self, x: jax.Array, height: int, width: int) -> jax.Array:
+        """``[B, h*w, D]`` image stream -> logits ``[B, H, W, codebook_size] float32``."""
+        x = self.project_from_hidden(self.project_from_hidden_norm(x))
+        x = x.reshape(x.shape[0], height, width, x.shape[-1])
+        if self.up_block is not None:
+            x = self.up_block(x)
+        return self.mlm_layer(x).astype(jnp.float32)
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, ids: jax.Array, ref_ids: jax.Array | None, text_states: jax.Array, pooled: jax.Array,
+                 micro_conds: jax.Array, timestep: jax.Array, *, reference_strength=1.0,
+                 capture_blocks: Sequence[int] = (), capture_mode: str = "official"):
+        """One forward pass.
+
+        Args:
+          ids: ``[B, H, W] int32`` target ids (``mask_token_id`` where unknown).
+          ref_ids: ``[B, H, W] int32`` reference (source image) ids, or ``None`` for no reference stream.
+          text_states: ``[B, L, joint_attention_dim]`` LLM hidden states (the connector runs here).
+          pooled: ``[B, pooled_projection_dim]`` pooled CLIP vector.
+          micro_conds: ``[B, 5]`` float ``[width, height, crop_top, crop_left, aesthetic]``.
+          timestep: ``[B]`` int or float step value; multiplied by 1000 inside.
+          reference_strength: python float or traced scalar ``s``; ``log(s)`` is added to the attention
+            logits between reference and non-reference tokens (``s == 1`` adds exactly 0).
+          capture_blocks: static global block indices (dual blocks ``0..num_layers-1``, then single
+            blocks) whose text-to-image attention is returned.
+          capture_mode: ``"official"`` (softmax over text and image keys, no reference keys or bias, as
+            the reference records it) or ``"model"`` (the attention used, image columns).
+        Returns:
+          ``(logits [B, H, W, codebook_size] float32, scores)``, ``scores`` ``None`` without captures,
+          else ``[B, len(capture_blocks), h*w] float32``: per captured block the attention of all text
+          queries over the image keys, mean over heads and text rows.
+        """
+        cfg = self.cfg
+        capture_blocks = tuple(int(i) for i in capture_blocks)
+        bad = [i for i in capture_blocks if not 0 <= i < cfg.num_blocks]
+        if bad:
+            raise ValueError(f"capture_blocks {bad} out of range: blocks are 0..{cfg.num_blocks - 1}")
+        if capture_blocks and capture_mode not in CAPTURE_MODES:
+            raise ValueError(f"capture_mode must be one of {CAPTURE_MODES}, got {capture_mode!r}")
+        if ref_ids is not None and ref_ids.shape != ids.shape:
+            raise ValueError(f"ref_ids {ref_ids.shape} must have the shape of ids {ids.shape}")
+        timestep = jnp.asarray(timestep)
+        batch = ids.shape[0]
+        gh, gw = self.grid_size(ids.shape[1], ids.shape[2])
+        has_ref = ref_ids is not None
+
+        txt = self.embed_text(text_states)
+        if has_ref:
+            # Target and reference share every embedding weight: run them as one batch. The
+            # reference stream is conditioned on timestep 0.
+            streams = self.embed_image(jnp.concatenate([ids, ref_ids], axis=0))
+            img = jnp.concatenate([streams[:batch], streams[batch:]], axis=1)   # [image; reference]
+            t = jnp.concatenate([timestep.astype(jnp.float32), jnp.zeros((batch,), jnp.float32)])
+            conds = self.conditioning(jnp.concatenate([pooled, pooled]),
+                                      jnp.concatenate([micro_conds, micro_conds]), t)
+            temb, ref_temb = conds[:batch], conds[batch:]
+        else:
+            img, ref_temb = self.embed_image(ids), None
+            temb = self.conditioning(pooled, micro_conds, timestep)
+
+        seg = Segments(text=txt.shape[1], image=gh * gw, reference=gh * gw if has_ref else 0)
+        if isinstance(reference_strength, (int, float)) and reference_strength == 1.0:
+            bias = None     # a static strength of 1: no bias at all
+        else:
+            bias = reference_bias(seg, jnp.log(jnp.asarray(reference_strength, jnp.float32)))
+        cos, sin = joint_rope_tables(seg.text, gh, gw, copies=2 if has_ref else 1,
+                                     axes_dims=cfg.axes_dims_rope, theta=cfg.rope_theta)
+        scores: dict[int, jax.Array] = {}
+
+        def mode(i):
+            return capture_mode if i in capture_blocks else None
+
+        def dual_call(m):
+            def call(block, txt, img, temb, ref_temb, bias):
+                return block(txt, img, temb, ref_temb, cos, sin, seg=seg, bias=bias, capture_mode=m)
+            return nnx.remat(call) if self.remat else call
+
+        def single_call(m):
+            def call(block, x, temb, ref_temb, bias):
+                return block(x, temb, ref_temb, cos, sin, seg=seg, bias=bias, capture_mode=m)
+            return nnx.remat(call) if self.remat else call
+
+        for i, block in enumerate(self.transformer_blocks):
+            txt, img, s = dual_call(mode(i))(block, txt, img, temb, ref_temb, bias)
+            if s is not None:
+                scores[i] = s
+        x = jnp.concatenate([txt, img], axis=1)                                 # [text; image; reference]
+        for j, block in enumerate(self.single_transformer_blocks):
+            i = cfg.num_layers + j
+            x, s = single_call(mode(i))(block, x, temb, ref_temb, bias)
+            if s is not None:
+                scores[i] = s
+
+        logits = self.head(x[:, seg.text: seg.text + seg.image], gh, gw)
+        if not capture_blocks:
+            return logits, None
+        return logits, jnp.stack([scores[i] for i in capture_blocks], axis=1)
+
+
+def block_kind(cfg: TransformerConfig, index: int) -> tuple[str, int]:
+    """``("dual", i)`` or ``("single", i)`` for a global block index."""
+    if not 0 <= index < cfg.num_blocks:
+        raise ValueError(f"block {index} out of range 0..{cfg.num_blocks - 1}")
+    return ("dual", index) if index < cfg.num_layers else ("single", index - cfg.num_layers)
+
+
+__all__ = ["RELEASED_CONFIG", "TransformerConfig", "EditTransformer", "block_kind"]
