@@ -480,3 +480,36 @@ def test_config_validation():
     with pytest.raises(ValueError, match="PRNG key"):
         sample(MODEL, cfg=SamplerConfig(steps=2, guidance_scale=1.0), **pick(make_inputs(0), 0))
     hash(SamplerConfig(consolidation_blocks=[1, 2]))  # lists are normalised: the config stays hashable
+
+
+def test_heatmap_is_the_mean_smoothed_score():
+    """The returned edit-region map equals the per-step smoothed scores averaged over the steps."""
+    import jax.numpy as jnp
+
+    from editmgt_jax.sampling.region_hold import SamplerConfig, sample
+
+    h = w = 8
+
+    def model_fn(ids, ref_ids, text_states, pooled, micro_conds, timestep, *, reference_strength,
+                 capture_blocks, capture_mode):
+        n = ids.shape[0]
+        logits = jnp.sin(jnp.arange(h * w * 5, dtype=jnp.float32).reshape(1, h, w, 5) * 0.37
+                         + timestep[:, None, None, None] * 0.1 + ids[..., None] * 0.01)
+        if not capture_blocks:
+            return jnp.broadcast_to(logits, (n, h, w, 5)), None
+        pos = jnp.arange((h // 2) * (w // 2), dtype=jnp.float32)
+        scores = jnp.stack([jnp.cos(pos * (b + 1) * 0.3 + timestep[:1] * 0.2) for b in capture_blocks])
+        return jnp.broadcast_to(logits, (n, h, w, 5)), jnp.broadcast_to(scores[None] ** 2, (n,) + scores.shape)
+
+    ref = jnp.zeros((2, h, w), jnp.int32)
+    txt, pooled = jnp.zeros((2, 3, 4)), jnp.zeros((2, 4))
+    cfg = SamplerConfig(steps=3, guidance_scale=2.0, greedy=True, consolidation_blocks=(0, 1), hold_threshold=0.5,
+                        mask_token_id=5)
+    out = sample(model_fn, ref, txt, pooled, txt, pooled, cfg, record=True)
+    assert out["heatmap"].shape == (2, h // 2, w // 2)
+    expect = np.asarray(out["score_smoothed"]).mean(axis=0).reshape(2, h // 2, w // 2)
+    np.testing.assert_allclose(np.asarray(out["heatmap"]), expect, rtol=1e-6, atol=1e-7)
+    lean = sample(model_fn, ref, txt, pooled, txt, pooled, cfg)
+    np.testing.assert_array_equal(np.asarray(lean["heatmap"]), np.asarray(out["heatmap"]))
+    assert "heatmap" not in sample(model_fn, ref, txt, pooled, txt, pooled,
+                                   SamplerConfig(steps=2, greedy=True, mask_token_id=5))

@@ -122,11 +122,13 @@ class SamplerState:
       tokens: ``[B, H, W] int32`` current tokens (mask id where unknown).
       keys: ``[B]`` typed PRNG keys (one stream per sample), or ``None`` in greedy mode.
       records: per-step intermediates, each ``[steps, B, ...]``, or ``None`` (the lean path).
+      heat: ``[B, h*w] float32`` running sum of the smoothed edit-region scores (with consolidation).
     """
 
     tokens: jax.Array
     keys: jax.Array | None = None
     records: dict[str, jax.Array] | None = None
+    heat: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------- one step, in pieces
@@ -294,6 +296,12 @@ def _score_grid(cfg: SamplerConfig, n_scores: int, id_grid: tuple[int, int]) -> 
                      "set SamplerConfig.score_grid")
 
 
+def _n_scores(call_model, ref_ids) -> int:
+    """Length of the captured score vector, from an abstract trace of the model (no compute)."""
+    _, sc_shape = jax.eval_shape(lambda r: call_model(r, 0), ref_ids)
+    return int(sc_shape.shape[-1])
+
+
 def _batch_to(x: jax.Array, bsz: int, what: str) -> jax.Array:
     if x.shape[0] == bsz:
         return x
@@ -323,6 +331,8 @@ def sample(model_fn: Callable[..., Any], ref_ids, text_states, pooled, neg_text_
 
     Returns:
       ``tokens [B, H, W] int32``: the final tokens (no mask id remains when anything was masked).
+      With consolidation, ``heatmap [B, h, w] float32``: the smoothed edit-region score on the
+      transformer's grid, averaged over the steps.
       With ``record``, per step: ``tokens_before``, ``tokens_after``, ``pred_x0`` (``[steps, B, H, W]
       int32``), ``hold``, ``remask`` (``[steps, B, H*W] bool``), ``selected_probs``
       (``[steps, B, H*W] float32``), ``mask_len`` (``[steps, B] int32``), ``cutoff``
@@ -427,10 +437,21 @@ def sample(model_fn: Callable[..., Any], ref_ids, text_states, pooled, neg_text_
             if record_logits:
                 now["logits"] = logits
             recs = {k: v.at[i].set(now[k].astype(v.dtype)) for k, v in recs.items()}
-        return state.replace(tokens=tokens, records=recs)
+        heat = state.heat if cons is None else state.heat + cons["smoothed"]
+        return state.replace(tokens=tokens, records=recs, heat=heat)
 
-    state = jax.lax.fori_loop(0, cfg.steps, body, SamplerState(tokens=tokens0, keys=keys, records=records))
+    heat0 = None
+    if cfg.captures:
+        n_heat = n_scores if n_scores is not None else int(np.prod(_score_grid(cfg, _n_scores(call_model, ref_ids),
+                                                                              (h, w))))
+        heat0 = jnp.zeros((bsz, n_heat), jnp.float32)
+    state = jax.lax.fori_loop(0, cfg.steps, body,
+                              SamplerState(tokens=tokens0, keys=keys, records=records, heat=heat0))
     out = {"tokens": state.tokens}
+    if cfg.captures:
+        grid = _score_grid(cfg, state.heat.shape[-1], (h, w))
+        # The edit-region map: the smoothed consolidated score averaged over the steps.
+        out["heatmap"] = (state.heat / jnp.float32(cfg.steps)).reshape((bsz,) + tuple(grid))
     if record:
         squeeze = bsz == 1
         out.update({k: (v[:, 0] if squeeze else v) for k, v in state.records.items()})

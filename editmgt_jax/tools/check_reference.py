@@ -185,7 +185,8 @@ def case_d(models, cases, fixture_dir) -> list[Result]:
 
         @jax.jit
         def go(ref, txt, pooled, ntxt, npooled):
-            return sample(tr, ref, txt, pooled, ntxt, npooled, cfg, micro_conds=mc, record=True)
+            return sample(tr, ref, txt, pooled, ntxt, npooled, cfg, micro_conds=mc, record=True,
+                          record_logits=True)
 
         return jax.tree.map(np.asarray, go(ref_ids, cases["d_encoder_hidden_states"], cases["d_prompt_embeds"],
                                            cases["d_negative_encoder_hidden_states"],

@@ -1,0 +1,141 @@
+"""End-to-end editing with the tiny fixture model in the official release layout.
+
+Release folder (tokenizers included) -> converter CLI -> Editor / infer.edit CLI on a real photo.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import editmgt_jax  # noqa: F401
+from editmgt_jax import checkpoints
+from editmgt_jax.convert.__main__ import main as convert_main
+from editmgt_jax.editor import EditError, Editor
+from editmgt_jax.tools.tiny_release import make_release
+from infer.edit import main as edit_main
+
+SIZE = 64  # tiny model: 32 px granularity (VQ x16, transformer x2); 64 px -> 4x4 ids
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, tiny_dir):
+    root = tmp_path_factory.mktemp("tiny")
+    make_release(str(tiny_dir), str(root / "release"))
+    assert convert_main(["--official", str(root / "release"), "--out", str(root / "ckpt")]) == 0
+    return root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def editor(tiny_ckpt):
+    return Editor.load(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    import skimage.data
+
+    p = tmp_path_factory.mktemp("img") / "astronaut.png"
+    Image.fromarray(skimage.data.astronaut()).save(p)
+    return p
+
+
+def test_converted_release_has_every_component(tiny_ckpt):
+    doc = checkpoints.read_config(tiny_ckpt)
+    assert set(doc["components"]) == {"vq", "transformer", "clip", "gemma"}
+    assert os.path.isfile(tiny_ckpt / "tokenizer" / "vocab.json")
+    assert os.path.isfile(tiny_ckpt / "llm_tokenizer" / "tokenizer.json")
+
+
+def test_edit_invariants(editor, photo):
+    common = dict(size=SIZE, steps=3, guidance_scale=2.0, consolidation_blocks=(2, 3, 4), greedy=True)
+    # A threshold above every upsampled score (bicubic overshoots 1) holds everything: a copy of the source.
+    held = editor.edit(photo, "make the suit red", hold_threshold=10.0, **common)
+    np.testing.assert_array_equal(held.tokens, held.source_tokens)
+    assert held.images.shape == (1, SIZE, SIZE, 3) and held.images.dtype == np.uint8
+    free = editor.edit(photo, "make the suit red", hold_threshold=0.0, **common)
+    assert not np.array_equal(free.tokens, free.source_tokens)
+    assert free.tokens.max() < editor.vq_cfg.num_vq_embeddings   # no mask id survives
+    # A batch equals its per-image results (greedy decoding).
+    src2 = np.asarray(Image.open(photo).convert("RGB"))[::-1].copy()
+    both = editor.edit([photo, src2], ["make the suit red", "remove the flag"], **common)
+    one = editor.edit(src2, "remove the flag", **common)
+    np.testing.assert_array_equal(both.tokens[0], free.tokens[0])
+    np.testing.assert_array_equal(both.tokens[1], one.tokens[0])
+
+
+def test_inpainting_keeps_tokens_outside_the_mask(editor, photo):
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[:32, :32] = True   # top-left token only (16 px per token)
+    res = editor.edit(photo, "make it blue", masks=[mask], size=SIZE, steps=2, guidance_scale=1.0, seed=3)
+    keep = np.ones((1, 4, 4), bool)
+    keep[0, :2, :2] = False
+    np.testing.assert_array_equal(res.tokens[keep], res.source_tokens[keep])
+    with pytest.raises(EditError, match="mask 0: selects no pixels"):
+        editor.edit(photo, "x", masks=[np.zeros((SIZE, SIZE), bool)], size=SIZE, steps=1)
+
+
+def test_bad_inputs_are_named(editor, photo, tmp_path):
+    with pytest.raises(EditError, match="instruction 1: empty"):
+        editor.edit([photo, photo], ["ok", "  "], size=SIZE, steps=1)
+    with pytest.raises(EditError, match="2 image"):
+        editor.edit([photo, photo], ["only one"], size=SIZE, steps=1)
+    bad = tmp_path / "fake.png"
+    bad.write_text("not an image")
+    with pytest.raises(ValueError, match="fake.png"):
+        editor.edit(bad, "x", size=SIZE, steps=1)
+    with pytest.raises(ValueError, match="multiple"):
+        editor.edit(photo, "x", size=48, steps=1)
+
+
+def test_checkpoint_of_another_config_is_rejected(tiny_ckpt, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_ckpt, other)
+    doc = json.loads((other / "config.json").read_text())
+    doc["components"]["transformer"]["num_single_layers"] = 4
+    (other / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(checkpoints.CheckpointError, match="transformer.*another configuration"):
+        Editor.load(other)
+
+
+def test_cli_single_and_batch(tiny_ckpt, photo, tmp_path, capsys):
+    out = tmp_path / "edited.png"
+    rc = edit_main(["--checkpoint", str(tiny_ckpt), "--image", str(photo), "--instruction", "make the suit red",
+                    "--out", str(out), "--steps", "2", "--size", str(SIZE), "--hold-threshold", "0.3",
+                    "--consolidation-blocks", "2-4", "--save-heatmap"])
+    assert rc == 0
+    assert Image.open(out).size == (SIZE, SIZE)
+    assert (tmp_path / "edited_heatmap.png").is_file()
+    lines = [{"image": str(photo), "instruction": "remove the flag", "out": "a.png"},
+             {"image": str(photo), "instruction": "make the sky green", "out": "b.png"},
+             {"image": str(photo), "instruction": "add a hat"}]
+    batch = tmp_path / "edits.jsonl"
+    batch.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    rc = edit_main(["--checkpoint", str(tiny_ckpt), "--batch", str(batch), "--out-dir", str(tmp_path / "res"),
+                    "--steps", "2", "--size", str(SIZE), "--batch-size", "2"])
+    assert rc == 0
+    assert sorted(os.listdir(tmp_path / "res")) == ["00003.png", "a.png", "b.png"]
+    # Errors are one clear line and a non-zero exit, not a traceback.
+    rc = edit_main(["--checkpoint", str(tiny_ckpt), "--image", str(tmp_path / "nope.png"), "--instruction", "x",
+                    "--size", str(SIZE)])
+    assert rc == 2 and "nope.png" in capsys.readouterr().err
+    rc = edit_main(["--checkpoint", str(tiny_ckpt), "--image", str(photo), "--instruction", "", "--size", str(SIZE)])
+    assert rc == 2 and "empty instruction" in capsys.readouterr().err
+
+
+def test_data_parallel_mesh_gives_the_same_tokens(tiny_ckpt, photo):
+    import jax
+
+    assert len(jax.devices()) == 8
+    imgs = [np.asarray(Image.open(photo).convert("RGB").rotate(90 * k)) for k in range(4)]
+    texts = ["make the suit red", "remove the flag", "add a hat", "make the sky green"]
+    kw = dict(size=SIZE, steps=3, guidance_scale=3.0, seed=7, consolidation_blocks=(2, 4), hold_threshold=0.3)
+    single = Editor.load(tiny_ckpt).edit(imgs, texts, **kw)
+    sharded_editor = Editor.load(tiny_ckpt, mesh_shape={"data": 8})
+    sharded = sharded_editor.edit(imgs, texts, **kw)   # batch 4 padded to 8 devices
+    np.testing.assert_array_equal(single.tokens, sharded.tokens)
+    np.testing.assert_array_equal(single.images, sharded.images)
