@@ -18,14 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
 
-def _blocks(text: str) -> tuple[int, ...]:
-    """'28-36' or '2,3,4' or '' -> block indices."""
+def parse_blocks(text: str) -> tuple[int, ...]:
+    """'28-36', '2,3,4', '2+3' or '' -> block indices."""
     out: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
+    for part in filter(None, (p.strip() for p in re.split(r"[,+]", text))):
         if "-" in part:
             a, b = part.split("-", 1)
             out += list(range(int(a), int(b) + 1))
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
     s.add_argument("--strength", type=float, help="reference strength: >1 pulls attention to the source")
     s.add_argument("--hold-threshold", type=float, help="region-hold lambda (0 = off)")
-    s.add_argument("--consolidation-blocks", type=_blocks, metavar="LIST",
+    s.add_argument("--consolidation-blocks", type=parse_blocks, metavar="LIST",
                    help="blocks whose attention forms the edit-region map, e.g. '28-36' or '2,3,4'")
     s.add_argument("--greedy", action="store_true", help="deterministic decoding (argmax, no Gumbel noise)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

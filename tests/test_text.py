@@ -16,6 +16,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import editmgt_jax  # noqa: F401
+from editmgt_jax.tools.tiny_release import byte_alphabet
 from editmgt_jax.convert import clip as clip_rules
 from editmgt_jax.convert import gemma2 as gemma_rules
 from editmgt_jax.convert.core import ConversionError, TensorSource, convert_tensors
@@ -236,17 +237,7 @@ def test_gemma_converter_rejects_reshaped_and_unknown(tiny_dir, gemma_cfg, tmp_p
 
 
 # ----------------------------------------------------------------------------- tokenizers
-def bytes_to_unicode() -> list[str]:
-    """Byte-level BPE alphabet in CLIP's vocabulary order: printable bytes first, then the rest."""
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+bytes_to_unicode = byte_alphabet  # byte-level BPE alphabet in CLIP's vocabulary order
 
 
 CLIP_MERGES = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o</w>"),

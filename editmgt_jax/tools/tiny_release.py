@@ -26,7 +26,7 @@ WORDS = ("a an the of in on to and with make turn change remove add replace put 
          "left right top bottom center big small style painting photo image more less bright dark").split()
 
 
-def _byte_alphabet() -> list[str]:
+def byte_alphabet() -> list[str]:
     """The 256 byte symbols of byte-level BPE, printable bytes first (CLIP's vocabulary order)."""
     bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
     cs = bs[:]
@@ -41,7 +41,7 @@ def _byte_alphabet() -> list[str]:
 
 def clip_tokenizer_files(vocab_size: int) -> dict[str, str]:
     """vocab.json / merges.txt / configs of a CLIP-style BPE with exactly ``vocab_size`` ids."""
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     vocab = alphabet + [c + "</w>" for c in alphabet]
     if vocab_size < len(vocab) + 2:
         raise ValueError(f"CLIP vocabulary of {vocab_size} ids is too small for the byte alphabet (514)")
