@@ -83,7 +83,14 @@ class Editor:
     def load(cls, path: str | os.PathLike | None = None, *, mesh_shape: Mapping[str, int] | None = None,
              dtype=jnp.float32) -> "Editor":
         """Load a model checkpoint folder (as written by the converter or exported by training)."""
-        path = os.fspath(path) if path is not None else DEFAULT_CHECKPOINT
+        if path is None:
+            path = DEFAULT_CHECKPOINT
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise checkpoints.CheckpointError(
+                    f"no checkpoint given and no default model at {path}; pass a model checkpoint "
+                    f"(python -m editmgt_jax.convert --official RELEASE --out CKPT, or a training run's "
+                    f"WORKDIR/model)")
+        path = os.fspath(path)
         doc = checkpoints.read_config(path)
         comps = doc.get("components", {})
         for need in ("vq", "transformer"):
