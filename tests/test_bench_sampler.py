@@ -1,0 +1,33 @@
+"""Smoke test of bench/sampler.py: the tiny config at a small edit, 2 steps, every report field finite."""
+
+import math
+
+import pytest
+
+from bench import sampler
+
+
+@pytest.fixture(scope="module")
+def tiny_report():
+    spec = sampler.EditSpec(id_grid=(16, 16), text_len=8, steps=2)
+    built = sampler.build("tiny", spec, matmul_n=128)
+    meas = sampler.measure(built, 1, min_round_s=0.0)
+    return sampler.report(built, meas)
+
+
+def test_report_fields_are_finite(tiny_report):
+    for field in ("loop_s", "pyloop_s", "ratio_pyloop_over_loop", "compile_loop_s", "compile_pyloop_step_s",
+                  "compile_forward_s", "forward_s", "step_s", "non_transformer_share", "post_s", "post_share",
+                  "forward_gflop", "forward_gflop_analytic", "forward_gflops", "matmul_peak_gflops",
+                  "forward_frac_peak", "vq_s", "edit_with_vq_s"):
+        assert math.isfinite(tiny_report[field]), field
+    assert tiny_report["loop_s"] > 0 and tiny_report["forward_gflop"] > 0
+    # same keys, same step: both loops produce the same tokens, and no mask id survives the last step
+    assert tiny_report["tokens_equal_frac"] >= 0.95
+    assert not tiny_report["loop_has_mask"]
+
+
+def test_results_text_names_the_command(tiny_report):
+    text = sampler.results_text([tiny_report], "python -m bench.sampler --config tiny", ((1.0,) * 3, (1.0,) * 3))
+    assert text.startswith("`python -m bench.sampler --config tiny`")
+    assert "| ratio (b) / (a)" in text and "compiled loop faster" in text
