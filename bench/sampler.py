@@ -234,7 +234,8 @@ def build(name: str, spec: EditSpec, seed: int = 0, matmul_n: int = MATMUL_N) ->
     mm = jax.random.normal(jax.random.key(7), (2, matmul_n, matmul_n), jnp.float32)
     c_dot, _ = _compile(lambda m: jnp.dot(m[0], m[1]), mm)
 
-    vq_cfg = VQConfig.from_official(json.load(open(VQ_CONFIG)))
+    with open(VQ_CONFIG) as fh:
+        vq_cfg = VQConfig.from_official(json.load(fh))
     vq_graphdef, vq_state = random_state(lambda: VQModel(vq_cfg, rngs=nnx.Rngs(0)), seed + 2)
     f = vq_cfg.downsample_factor
     pixels = jax.random.uniform(jax.random.key(3), (b, h * f, w * f, 3), jnp.float32)
@@ -333,6 +334,7 @@ def report(built: dict[str, Any], meas: dict[str, Any]) -> dict[str, Any]:
         compile_loop_s=built["compile_s"]["loop"], compile_pyloop_step_s=built["compile_s"]["pyloop"],
         compile_forward_s=built["compile_s"]["forward"],
         forward_s=t["forward"], step_s=step_s, non_transformer_share=1.0 - t["forward"] / step_s,
+        share_rounds=[1.0 - f / (a / spec.steps) for a, f in zip(meas["rounds"]["loop"], meas["rounds"]["forward"])],
         post_s=t["post"], post_share=t["post"] / (t["forward"] + t["post"]),
         forward_gflop=fwd_flops / 1e9, forward_gflop_source="cost_analysis" if built["forward_flops"] else "analytic",
         forward_gflop_analytic=built["forward_flops_analytic"] / 1e9,
@@ -393,12 +395,16 @@ def _targets(reports: list[dict[str, Any]]) -> list[str]:
         if r["config"] == "medium":
             share = r["non_transformer_share"]
             lines.append(f"- medium: non-transformer share of a step under 10%: "
-                         f"{'met' if share < 0.10 else 'MISSED'} ({100 * share:.1f}%; measured directly "
-                         f"{100 * r['post_share']:.1f}%). PERFORMANCE.md's stricter 3%: "
-                         f"{'met' if share < 0.03 else 'missed'}.")
+                         f"{'met' if share < 0.10 else 'MISSED'} (1 - forward / step = {100 * share:.1f}%, per "
+                         f"round {', '.join(f'{100 * x:.1f}%' for x in r['share_rounds'])}; measured directly, "
+                         f"the step without the transformer: {100 * r['post_share']:.1f}%). PERFORMANCE.md's "
+                         f"stricter 3%: {'met' if max(share, r['post_share']) < 0.03 else 'missed'}.")
+            peak_ok = r["forward_frac_peak"] >= 0.70
             lines.append(f"- medium: forward at {100 * r['forward_frac_peak']:.0f}% of this run's matmul peak "
-                         f"(PERFORMANCE.md target 70%); edit incl. VQ {r['official_over_ours']:.2f}x faster "
-                         f"than the official pipeline's 81.5 s (target 2.5x).")
+                         f"(PERFORMANCE.md target 70%: {'met' if peak_ok else 'missed'}). Official 81.5 s / our "
+                         f"edit incl. VQ: {r['official_over_ours']:.2f} raw, about "
+                         f"{r['official_over_ours_peak_scaled']:.2f} scaled to the reference machine's matmul "
+                         f"peak (target 2.5: {'met' if r['official_over_ours_peak_scaled'] >= 2.5 else 'missed'}).")
     return lines
 
 
