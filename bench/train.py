@@ -1,0 +1,253 @@
+"""Training-step benchmark: tokens/s and model-FLOPs utilisation against this machine's matmul peak.
+
+    python -m bench.train [--configs tiny,medium] [--steps 4] [--no-record]
+    python -m bench.train --released [--max-batch 64]      # on a GPU: the 1024 px released model
+
+Per config, with and without donating the train state, each in a fresh process (so the peak host
+memory, ``ru_maxrss``, belongs to that run alone):
+
+* ``tiny``: ``configs/editor_tiny.py`` (width 32, 1 dual + 1 single block, small text encoder),
+  64 px -> 16x16 target ids, batch 16;
+* ``medium``: the 83.1M-parameter transformer of ``bench/medium_transformer_config.json``
+  (4 dual + 8 single blocks, width 512), 32x32 ids (16x16 transformer grid), 64 text tokens of a
+  small text encoder, batch 4;
+* ``--released``: the released 1024 px transformer (1.0B parameters, 64x64 ids), frozen-encoder
+  text states (256 x 2304) given as inputs, bf16 compute, remat, at the largest batch that fits
+  (doubling from 1). Meant for an accelerator.
+
+The step is the real ``editmgt_jax.training.step`` train step (masking, condition dropout, text
+encoder, transformer, AdamW with clipping) on random token batches, so data loading is not timed.
+FLOPs per step come from XLA's ``cost_analysis`` of the compiled step (forward, backward and
+optimizer); the peak is a large ``jnp.dot`` timed in the same process (float32 on CPU, bfloat16 on
+GPU). MFU = achieved FLOP/s / peak. tokens/s counts target-token positions.
+
+Results are printed and, unless ``--no-record``, appended to bench/RESULTS.md under "## Training".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "bench", "RESULTS.md")
+
+
+def _config(name: str):
+    import ml_collections
+
+    from configs import editor_tiny
+    from editmgt_jax.models.transformer import RELEASED_CONFIG, TransformerConfig
+
+    c = editor_tiny.get_config()
+    c.optim.schedule = "constant"
+    c.optim.warmup_steps = 0
+    if name == "tiny":
+        return c, dict(batch=16, grid=16, text_len=24)
+    if name == "medium":
+        with open(os.path.join(REPO, "bench", "medium_transformer_config.json")) as fh:
+            t = TransformerConfig.from_official(json.load(fh))
+        c.editor.transformer = ml_collections.ConfigDict(t.to_dict())
+        c.editor.text = dict(kind="small", vocab_size=1024, max_length=64, width=256, num_layers=2,
+                             num_heads=4)
+        return c, dict(batch=4, grid=32, text_len=64)
+    if name == "released":
+        t = TransformerConfig.from_official(RELEASED_CONFIG)
+        c.editor.transformer = ml_collections.ConfigDict(t.to_dict())
+        c.editor.text = dict(kind="precomputed")
+        c.precision.compute_dtype = "bfloat16"
+        c.remat = True
+        return c, dict(batch=1, grid=64, text_len=256)
+    raise ValueError(f"unknown config {name!r}")
+
+
+def _batch(config, shape, batch: int):
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    t = config.editor.transformer
+    g = shape["grid"]
+    out = dict(source_ids=rng.randint(0, t.codebook_size, (batch, g, g)).astype(np.int32),
+               target_ids=rng.randint(0, t.codebook_size, (batch, g, g)).astype(np.int32),
+               index=np.arange(batch, dtype=np.int32))
+    if config.editor.text.kind == "small":
+        out["instruction_ids"] = rng.randint(0, config.editor.text.vocab_size,
+                                             (batch, shape["text_len"])).astype(np.int32)
+    else:
+        out["text_states"] = rng.randn(batch, shape["text_len"], t.joint_attention_dim).astype(np.float32)
+        out["pooled"] = rng.randn(batch, t.pooled_projection_dim).astype(np.float32)
+    return out
+
+
+def matmul_peak(n: int, dtype) -> float:
+    """FLOP/s of an ``n^3`` ``jnp.dot`` (best of a few calls after a warm-up)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
+def run_one(name: str, donate: bool, steps: int, batch: int | None = None) -> dict:
+    """Compile and time the train step of one config in this process."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import editmgt_jax  # noqa: F401
+    from editmgt_jax.parallel import make_mesh
+    from editmgt_jax.training.state import TrainProgram
+    from editmgt_jax.training.step import global_batch, loss_from_config, make_steps
+
+    config, shape = _config(name)
+    batch = batch or shape["batch"]
+    mesh = make_mesh({"data": len(jax.devices())})
+    program = TrainProgram.create(config, mesh)
+    state, rest = program.init_state(0)
+    aux = {"rest": rest, "frozen": {}}
+    host = _batch(config, shape, batch)
+    steps_fn = make_steps(program, loss_from_config(config), {}, host, aux, donate=donate)
+    data = global_batch(host, mesh)
+    t = time.perf_counter()
+    compiled = steps_fn.train.lower(state, data, aux).compile()
+    compile_s = time.perf_counter() - t
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    on_gpu = jax.devices()[0].platform == "gpu"
+    peak_args = (8192, jnp.bfloat16) if on_gpu else (2048, jnp.float32)
+    peak_before = matmul_peak(*peak_args)
+    for _ in range(2):   # warm-up
+        state, m = compiled(state, data, aux)
+    jax.block_until_ready(m)
+    t = time.perf_counter()
+    for _ in range(steps):
+        state, m = compiled(state, data, aux)
+    loss = float(m["loss"])  # waits for the last step
+    step_s = (time.perf_counter() - t) / steps
+    # On a shared machine the achievable peak drifts: take the better of two measurements
+    # bracketing the timed steps (MFU is then a lower bound).
+    peak = max(peak_before, matmul_peak(*peak_args))
+    n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(program.model.abstract_params)))
+    tokens = batch * shape["grid"] ** 2
+    return dict(config=name, donate=donate, batch=batch, params=n_params, tokens_per_step=tokens,
+                compile_s=compile_s, step_s=step_s, tokens_per_s=tokens / step_s,
+                step_tflop=flops / 1e12, achieved_gflops=flops / step_s / 1e9,
+                peak_gflops=peak / 1e9, mfu=flops / step_s / peak if flops else float("nan"),
+                analytic_6nt_tflop=6 * n_params * tokens / 1e12, loss=loss,
+                peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                device=str(jax.devices()[0].device_kind), platform=jax.devices()[0].platform)
+
+
+def run_released(max_batch: int, steps: int) -> dict:
+    """Largest power-of-two batch of the released model that compiles and runs."""
+    best = None
+    b = 1
+    while b <= max_batch:
+        try:
+            r = run_one("released", True, steps, batch=b)
+        except Exception as e:  # noqa: BLE001  (out of memory surfaces as several error types)
+            if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+                break
+            raise
+        best = r
+        print(json.dumps(r), flush=True)
+        b *= 2
+    if best is None:
+        raise RuntimeError("the released model does not fit at batch 1")
+    return best
+
+
+def _child(name: str, donate: bool, steps: int) -> dict:
+    cmd = [sys.executable, "-m", "bench.train", "--_one", name, "--steps", str(steps)]
+    if not donate:
+        cmd.append("--no-donate")
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{name} (donate={donate}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _table(rows: list[dict]) -> str:
+    head = ("| config | params | batch | donate | tokens/s | step (ms) | TFLOP/step | GFLOP/s | "
+            "matmul peak GFLOP/s | MFU | compile (s) | peak RSS (MiB) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| {r['config']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {'yes' if r['donate'] else 'no'} "
+             f"| {r['tokens_per_s']:.0f} | {1e3 * r['step_s']:.1f} | {r['step_tflop']:.3f} "
+             f"| {r['achieved_gflops']:.1f} | {r['peak_gflops']:.0f} | {100 * r['mfu']:.1f}% "
+             f"| {r['compile_s']:.1f} | {r['peak_rss_mib']:.0f} |" for r in rows]
+    return head + "\n".join(lines) + "\n"
+
+
+def _record(rows: list[dict], command: str) -> None:
+    load = os.getloadavg()[0]
+    dev = rows[0]["device"]
+    text = (f"\n`{command}` ({datetime.date.today().isoformat()}; {rows[0]['platform']} device "
+            f"{dev!r}, {os.cpu_count()} CPUs, 1-min load average {load:.1f} at the end; "
+            f"Python {platform.python_version()})\n\n" + _table(rows))
+    existing = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
+    if "## Training" not in existing:
+        existing = existing.rstrip("\n") + "\n\n## Training\n\n" + _NOTES + "\n"
+    # Newest figures go right under the section's notes, before the next section.
+    head, _, tail = existing.partition("## Training")
+    nxt = tail.find("\n## ", 1)
+    body, rest = (tail, "") if nxt < 0 else (tail[:nxt], tail[nxt:])
+    with open(RESULTS, "w") as fh:
+        fh.write(head + "## Training" + body.rstrip("\n") + "\n" + text + rest)
+
+
+_NOTES = """The real train step (masking, condition dropout, text encoder, transformer, AdamW + clipping) on
+random token batches; data loading is not timed. FLOPs per step from XLA's `cost_analysis` of the
+compiled step (forward + backward + optimizer); peak = a 2048^3 float32 `jnp.dot` (CPU) or 8192^3
+bfloat16 (GPU) timed in the same process (the better of two measurements bracketing the timed
+steps); MFU = achieved / peak. tokens/s counts target-token
+positions. Each row runs in its own process; peak RSS is that process's `ru_maxrss`."""
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="tiny,medium")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--released", action="store_true", help="the 1024 px released model (accelerator)")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--no-record", action="store_true")
+    p.add_argument("--no-donate", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_one", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._one:
+        print(json.dumps(run_one(args._one, not args.no_donate, args.steps)), flush=True)
+        return 0
+    command = "python -m bench.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if args.released:
+        rows = [run_released(args.max_batch, args.steps)]
+    else:
+        rows = []
+        for name in args.configs.split(","):
+            for donate in (True, False):
+                r = _child(name, donate, args.steps)
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+    print(_table(rows))
+    if not args.no_record:
+        _record(rows, command.strip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Training checkpoints: Orbax ``CheckpointManager`` with three named items per step.
+
+    WORKDIR/checkpoints/<step>/state/    TrainState (params, optimizer state, step, RNG), sharded arrays
+    WORKDIR/checkpoints/<step>/config/   the run's config as JSON (what the state was trained with)
+    WORKDIR/checkpoints/<step>/data/     the data iterator's position (one JSON per process, Grain)
+
+Saves are asynchronous: ``save`` returns once the arrays are copied to host memory (Orbax's
+default synchronous device-to-host transfer, so donating the state to the next step is safe) and
+writing continues in the background. Orbax writes each step into a temporary
+``<step>.orbax-checkpoint-tmp-*`` directory and renames it when every item is complete, so a
+process killed mid-save leaves only a temporary directory that ``latest_step`` never reports
+(and that the next manager removes).
+
+Restoring takes the target ``TrainState`` of ``jax.ShapeDtypeStruct``s carrying the target
+shardings (``TrainProgram.abstract_state``), so a checkpoint restores onto any mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from editmgt_jax.training.state import TrainState
+
+STATE_FIELDS = ("step", "params", "opt_state", "rng")
+
+
+def _state_tree(state: TrainState) -> dict:
+    return {f: getattr(state, f) for f in STATE_FIELDS}
+
+
+def config_to_json(config) -> dict:
+    """A ConfigDict / mapping as plain JSON types."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return json.loads(json.dumps(d, default=_json_default))
+
+
+def _json_default(x):
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    if isinstance(x, (tuple, set, np.ndarray)):
+        return list(x)
+    raise TypeError(f"config value of type {type(x).__name__} is not JSON serialisable")
+
+
+class TrainCheckpointer:
+    """Keep-N, asynchronous Orbax checkpoints of a training run.
+
+    Args:
+      directory: where step folders go (created).
+      keep: number of most recent checkpoints kept (older ones are deleted).
+      async_save: write in the background (``wait`` / ``close`` block until done).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        import orbax.checkpoint as ocp
+
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True)
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "config", "data"),
+                                             options=options)
+
+    # -------------------------------------------------------------------------------------
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint (temporary, unfinished ones are never reported)."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: TrainState, config=None, data_iterator=None, *,
+             force: bool = False) -> bool:
+        """Start saving ``state`` (and ``config``, ``data_iterator``) as checkpoint ``step``.
+
+        The data iterator must be positioned after the last batch consumed by ``state``.
+        Returns whether a save was started.
+        """
+        import grain
+
+        ocp = self._ocp
+        items = {"state": ocp.args.StandardSave(_state_tree(state))}
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(config_to_json(config))
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, abstract_state: TrainState, step: int | None = None,
+                data_iterator=None) -> tuple[TrainState, dict | None]:
+        """Restore checkpoint ``step`` (default: the latest) onto the shardings of ``abstract_state``.
+
+        ``data_iterator`` (if given) is moved to the saved position in place. Returns the state and
+        the saved config (or None when the checkpoint has none).
+        """
+        import grain
+
+        ocp = self._ocp
+        step = self.latest_step() if step is None else int(step)
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no complete checkpoint to restore")
+        target = _state_tree(abstract_state)
+        items = {"state": ocp.args.StandardRestore(target)}
+        saved = self._item_names(step)
+        if "config" in saved:
+            items["config"] = ocp.args.JsonRestore()
+        if data_iterator is not None:
+            if "data" not in saved:
+                raise FileNotFoundError(f"{self.directory}/{step}: checkpoint has no data iterator "
+                                        "state; cannot resume the data stream exactly")
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        tree = out["state"]
+        state = TrainState(**{f: tree[f] for f in STATE_FIELDS})
+        config = out["config"] if "config" in saved else None
+        return state, config
+
+    def _item_names(self, step: int) -> set[str]:
+        path = os.path.join(self.directory, str(step))
+        return {n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n))}
+
+    def read_config(self, step: int | None = None) -> dict | None:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        ocp = self._ocp
+        out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return out["config"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model checkpoints for inference
+
+
+def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
+                 vq_params: Mapping | None = None, vq_config: Mapping | None = None,
+                 tokenizer=None, overwrite: bool = False, metadata: Mapping | None = None) -> str:
+    """Write a model checkpoint (``editmgt_jax.checkpoints`` layout, what ``Editor.load`` reads)
+    from trained parameters.
+
+    editor task: components ``transformer`` (+ ``small_text`` when trained) and ``vq`` (from
+    ``vq_params``/``vq_config``, the frozen tokenizer the editor was trained on), the word
+    tokenizer's ``vocab.txt``, and ``sampler_defaults`` recording the timestep convention and
+    resolution the model was trained with. The top-level ``timestep_convention`` says what the
+    sampler must feed: ``"mask_fraction"`` (fraction of still-masked target tokens) for models
+    trained with that convention, ``"step_index"`` (the release's) for ``"release"`` fine-tunes.
+    vq task: component ``vq`` only.
+    """
+    from editmgt_jax import checkpoints
+    from editmgt_jax.training import state as state_lib
+
+    params = jax.device_get(params)
+    comps: dict[str, Any] = {}
+    cfgs: dict[str, Any] = {}
+    meta = {"training": {"task": config.task}}
+    if config.task == "editor":
+        comps["transformer"] = params["transformer"]
+        cfgs["transformer"] = state_lib.transformer_config(config).to_dict()
+        if params.get("text_encoder") is not None:
+            comps["small_text"] = params["text_encoder"]
+            cfgs["small_text"] = state_lib.small_text_config(config).to_dict()
+        if vq_params is not None:
+            comps["vq"] = jax.device_get(vq_params)
+            cfgs["vq"] = dict(vq_config)
+        res = int(config.data.resolution)
+        meta["sampler_defaults"] = {
+            "resolution": res, "micro_conds": [float(res), float(res), 0.0, 0.0,
+                                               float(config.editor.get("aesthetic", 6.0))],
+            "timestep_convention": config.editor.timestep_convention,
+        }
+        meta["training"]["timestep_convention"] = config.editor.timestep_convention
+        # What inference must feed as the timestep (the converter writes "step_index").
+        meta["timestep_convention"] = ("mask_fraction" if config.editor.timestep_convention
+                                       == "mask_fraction" else "step_index")
+    else:
+        comps["vq"] = params
+        cfgs["vq"] = state_lib.vq_config(config).to_dict()
+    meta.update(metadata or {})
+    out = checkpoints.save_model(path, comps, cfgs, metadata=meta, overwrite=overwrite)
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(out, "vocab.txt"))
+    return out
+
+
+def load_vq(path: str | os.PathLike, dtype=None):
+    """The ``vq`` component of a model checkpoint as a ``VQModel`` (e.g. a tokenizer exported by a
+    ``vq`` training run), for ``python -m train.pretokenize --vq-loader
+    editmgt_jax.training.checkpoint:load_vq --vq-checkpoint PATH``."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from editmgt_jax import checkpoints
+    from editmgt_jax.models.vq import VQConfig, VQModel
+
+    path = os.path.expanduser(os.fspath(path))
+    comps = checkpoints.read_config(path).get("components", {})
+    if "vq" not in comps:
+        raise checkpoints.CheckpointError(f"{path}: no 'vq' component")
+    cfg = VQConfig.from_dict(comps["vq"])
+    abstract = nnx.eval_shape(lambda: VQModel(cfg, rngs=nnx.Rngs(0), dtype=dtype or jnp.float32))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    loaded = checkpoints.load_component(path, "vq", nnx.to_pure_dict(params))
+    nnx.replace_by_pure_dict(params, loaded)
+    return nnx.merge(graphdef, params, rest)

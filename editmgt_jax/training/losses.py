@@ -1,0 +1,148 @@
+"""Training losses: masked-token cross-entropy for the editor, reconstruction + VQ terms for the
+tokenizer. Pure functions of arrays; randomness comes from explicit keys.
+
+Timestep convention (``TIMESTEP_CONVENTIONS``)
+----------------------------------------------
+The transformer multiplies its ``timestep`` argument by 1000 before the sinusoidal embedding. The
+release trains with ``timestep = 1000 * mask_ratio`` (so the embedding sees ``1e6 * ratio``) but
+samples with the integer step index ``N-1 ... 0``: the two never agree.
+
+* ``"mask_fraction"`` (default for new training): ``timestep`` = the fraction of target tokens
+  that are masked in the input, in ``[0, 1]``. At inference the sampler feeds the fraction of
+  still-unknown tokens of the current step (1.0 at the first step), which the input itself
+  determines, so training and sampling see the same quantity.
+* ``"release"``: ``timestep = 1000 * mask_ratio`` (continuous cosine ratio), exactly what the
+  released weights were trained with; use it to fine-tune converted official weights faithfully.
+
+The convention is stored with every checkpoint (``editor.timestep_convention``) so inference can
+match it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+TIMESTEP_CONVENTIONS = ("mask_fraction", "release")
+
+
+# ---------------------------------------------------------------------------------------------
+# Editor
+
+
+def cosine_mask_ratio(t: jax.Array) -> jax.Array:
+    """Mask ratio ``cos(pi/2 * t)`` for ``t`` in [0, 1] (t=0: everything masked)."""
+    return jnp.cos(0.5 * math.pi * t)
+
+
+def example_keys(key: jax.Array, example_ids: jax.Array) -> jax.Array:
+    """One key per example, ``fold_in(key, id)``: the draws for an example depend only on its id,
+    not on its position in the batch, so any sharding or host split of the batch gives the same
+    masks."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids.astype(jnp.uint32))
+
+
+def mask_target_tokens(keys: jax.Array, target_ids: jax.Array, mask_id: int):
+    """Mask a cosine-scheduled fraction of each example's target tokens.
+
+    keys [B] PRNG keys (``example_keys``); target_ids [B, H, W] int32.
+    Per example: ``t ~ U(0, 1)``, ratio ``cos(pi/2 t)``, ``n = clip(round(ratio * H * W), 1, H*W)``
+    positions chosen uniformly without replacement are set to ``mask_id``.
+
+    Returns (masked_ids [B, H, W] int32, mask [B, H, W] bool, ratio [B] f32 (continuous),
+    fraction [B] f32 (= n / (H*W), the fraction actually masked)).
+    """
+    b, h, w = target_ids.shape
+    n_tok = h * w
+
+    def one(key):
+        kt, kp = jax.random.split(key)
+        ratio = cosine_mask_ratio(jax.random.uniform(kt, (), jnp.float32))
+        n = jnp.clip(jnp.round(ratio * n_tok), 1, n_tok).astype(jnp.int32)
+        scores = jax.random.uniform(kp, (n_tok,), jnp.float32)
+        rank = jnp.argsort(jnp.argsort(scores))
+        return rank < n, ratio, n.astype(jnp.float32) / n_tok
+
+    mask, ratio, fraction = jax.vmap(one)(keys)
+    mask = mask.reshape(b, h, w)
+    masked = jnp.where(mask, jnp.int32(mask_id), target_ids.astype(jnp.int32))
+    return masked, mask, ratio, fraction
+
+
+def training_timestep(ratio: jax.Array, fraction: jax.Array, convention: str) -> jax.Array:
+    """The ``timestep`` fed to the transformer for a training example (see module docstring)."""
+    if convention == "mask_fraction":
+        return fraction
+    if convention == "release":
+        return ratio * 1000.0
+    raise ValueError(f"timestep_convention={convention!r}: use one of {TIMESTEP_CONVENTIONS}")
+
+
+def condition_dropout(key: jax.Array, p: float, cond: tuple[jax.Array, jax.Array],
+                      uncond: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Replace each example's text conditioning by the unconditional one with probability ``p``
+    (classifier-free guidance training).
+
+    key: one key per example [B]; cond = (text_states [B, L, D], pooled [B, P]);
+    uncond = (text_states [1 or B, L, D], pooled [1 or B, P]).
+    Returns (text_states, pooled, dropped [B] bool).
+    """
+    states, pooled = cond
+    drop = jax.vmap(lambda k: jax.random.bernoulli(k, p))(key)
+    u_states = jnp.broadcast_to(uncond[0], states.shape).astype(states.dtype)
+    u_pooled = jnp.broadcast_to(uncond[1], pooled.shape).astype(pooled.dtype)
+    states = jnp.where(drop[:, None, None], u_states, states)
+    pooled = jnp.where(drop[:, None], u_pooled, pooled)
+    return states, pooled, drop
+
+
+def masked_token_cross_entropy(logits: jax.Array, target_ids: jax.Array, mask: jax.Array):
+    """Mean cross-entropy over masked target positions only.
+
+    logits [B, H, W, C] (any float dtype; computed in f32); target_ids [B, H, W] int32 in [0, C);
+    mask [B, H, W] bool. Returns (loss [] f32, accuracy on masked positions [] f32).
+    """
+    logits = logits.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, target_ids)
+    m = mask.astype(jnp.float32)
+    denom = jnp.maximum(jnp.sum(m), 1.0)
+    loss = jnp.sum(ce * m) / denom
+    acc = jnp.sum((jnp.argmax(logits, -1) == target_ids) * m) / denom
+    return loss, acc
+
+
+def default_micro_conds(batch_size: int, height: int, width: int, aesthetic: float = 6.0) -> jax.Array:
+    """[B, 5] f32 ``[width, height, crop_top, crop_left, aesthetic]`` for uncropped images."""
+    row = jnp.asarray([width, height, 0.0, 0.0, aesthetic], jnp.float32)
+    return jnp.broadcast_to(row, (batch_size, 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# VQ tokenizer
+
+
+def vq_loss(pixels: jax.Array, reconstruction: jax.Array, aux: Mapping[str, jax.Array], *,
+            l1_weight: float = 1.0, l2_weight: float = 0.0, codebook_weight: float = 1.0,
+            commitment_weight: float = 0.25) -> tuple[jax.Array, dict]:
+    """Reconstruction (L1 and/or L2) + codebook + commitment terms.
+
+    pixels, reconstruction [B, H, W, 3] in [0, 1]; ``aux`` from ``VQModel.__call__`` with the
+    unweighted ``codebook`` (||sg(z) - e||^2) and ``commitment`` (||z - sg(e)||^2) terms.
+    Returns (loss [] f32, dict of the weighted terms and the raw reconstruction errors).
+    """
+    x = pixels.astype(jnp.float32)
+    y = reconstruction.astype(jnp.float32)
+    l1 = jnp.mean(jnp.abs(y - x))
+    l2 = jnp.mean(jnp.square(y - x))
+    missing = {"codebook", "commitment"} - set(aux)
+    if missing:
+        raise KeyError(f"vq_loss: the VQ model's aux output lacks {sorted(missing)} "
+                       f"(has {sorted(aux)})")
+    codebook = jnp.asarray(aux["codebook"], jnp.float32)
+    commitment = jnp.asarray(aux["commitment"], jnp.float32)
+    loss = l1_weight * l1 + l2_weight * l2 + codebook_weight * codebook + commitment_weight * commitment
+    return loss, {"l1": l1, "l2": l2, "codebook": codebook, "commitment": commitment}

@@ -1,0 +1,141 @@
+"""The training loop end to end on real (small) data: both tasks learn, outputs are written, a
+non-finite step is named, and the frozen tokenizer inside the step equals pre-tokenised ids.
+
+XLA programs are compiled with ``xla_backend_optimization_level=0`` (tiny models: compilation
+dominates).
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import editmgt_jax  # noqa: F401
+import train_fixtures
+from configs import editor_tiny, vq_tiny
+from editmgt_jax.parallel import DEFAULT_RULES, make_mesh
+from editmgt_jax.training.state import TrainProgram
+from editmgt_jax.training.step import global_batch, loss_from_config, make_steps
+
+FAST = {"xla_backend_optimization_level": 0}
+RES = train_fixtures.RES
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    """Synthetic edits at 32 px as images (TFDS) and pre-tokenised (8x8 ids)."""
+    root = tmp_path_factory.mktemp("data")
+    tfds_dir = train_fixtures.build_images(str(root / "tfds"))
+    return {"data_dir": tfds_dir, "tokens_dir": train_fixtures.build_tokens(tfds_dir, str(root / "tokens"))}
+
+
+def small_editor_config(**text):
+    c = editor_tiny.get_config()
+    c.editor.transformer.num_single_layers = 0
+    c.editor.text.update(text)
+    c.optim.update(learning_rate=1e-3, schedule="constant", warmup_steps=0)
+    return c
+
+
+def data_config(c, data, steps, batch_size=8, tokens=False):
+    c.data.name = train_fixtures.DATA_NAME
+    c.data.data_dir = data["data_dir"]
+    c.data.tokens_dir = data["tokens_dir"] if tokens else ""
+    c.data.resolution = RES
+    c.editor.image_size = RES
+    c.train.batch_size = batch_size
+    c.train.num_steps = steps
+    c.train.checkpoint_every = steps
+    c.train.log_every = 5
+    c.train.export = False
+    c.train.loss_plot = False
+    return c
+
+
+def test_pixels_in_step_and_pretokenised_ids_give_the_same_loss():
+    """The frozen VQ inside the step and ids computed beforehand (pre-tokenisation) are one loss."""
+    from editmgt_jax.training.state import vq_config
+    from train.main import load_frozen_vq
+
+    c = small_editor_config()
+    mesh = make_mesh((2, 1, 1), jax.devices()[:2])
+    program = TrainProgram.create(c, mesh)
+    state, rest = program.init_state(0, compiler_options=FAST)
+    vq_prog, vq_arrays, _ = load_frozen_vq(c, mesh, DEFAULT_RULES, FAST)
+    rng = np.random.RandomState(2)
+    pix = dict(source=rng.randint(0, 256, (4, RES, RES, 3)).astype(np.uint8),
+               target=rng.randint(0, 256, (4, RES, RES, 3)).astype(np.uint8),
+               instruction_ids=rng.randint(0, 118, (4, 24)).astype(np.int32),
+               index=np.arange(4, dtype=np.int32))
+    vq = vq_prog.merge(*vq_arrays)
+    ids = dict(source_ids=np.asarray(vq.encode_ids(pix["source"] / np.float32(255))),
+               target_ids=np.asarray(vq.encode_ids(pix["target"] / np.float32(255))),
+               instruction_ids=pix["instruction_ids"], index=pix["index"])
+    grid = RES // vq_config(c).downsample_factor
+    assert ids["target_ids"].shape == (4, grid, grid)
+    key = jax.random.key_data(jax.random.key(5))
+    loss_fn = loss_from_config(c)
+    with_vq = make_steps(program, loss_fn, {"vq": vq_prog}, pix, {"rest": rest, "frozen": {"vq": vq_arrays}},
+                         compiler_options=FAST)
+    m1 = with_vq.eval(state.params, global_batch(pix, mesh), {"rest": rest, "frozen": {"vq": vq_arrays}}, key)
+    pre = make_steps(program, loss_fn, {}, ids, {"rest": rest, "frozen": {}}, compiler_options=FAST)
+    m2 = pre.eval(state.params, global_batch(ids, mesh), {"rest": rest, "frozen": {}}, key)
+    assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------- real training
+
+
+def test_both_tasks_reduce_their_loss(data, tmp_path):
+    """VQ on images (f32, with a sample grid and an exported tokenizer), then the editor on
+    pre-tokenised edits with bf16 compute, its frozen tokenizer the one just trained, exported as a
+    model checkpoint that Editor.load reads."""
+    from editmgt_jax.editor import Editor
+    from train.main import train
+
+    vq = data_config(vq_tiny.get_config(), data, steps=30, batch_size=8)
+    vq.train.update(export=True, sample_every=30, num_samples=2, eval_every=30, eval_batches=1,
+                    loss_plot=True)
+    res = train(vq, str(tmp_path / "vq"), compiler_options=FAST, progress=False)
+    l = [res.losses[s] for s in sorted(res.losses)]
+    assert np.mean(l[-5:]) < 0.7 * np.mean(l[:5]), l
+    evals = [json.loads(x) for x in open(tmp_path / "vq" / "metrics.jsonl") if "eval_loss" in x]
+    assert len(evals) == 1 and evals[0]["step"] == 30 and np.isfinite(evals[0]["eval_loss"])
+    assert os.path.exists(tmp_path / "vq" / "samples" / "step_30.png")
+    assert os.path.exists(tmp_path / "vq" / "loss.png")
+
+    ed = data_config(small_editor_config(), data, steps=30, batch_size=8, tokens=True)
+    ed.precision.compute_dtype = "bfloat16"
+    ed.editor.vq_checkpoint = res.model_dir
+    ed.train.update(export=True, sample_every=30, num_samples=2, sample_steps=4)
+    res = train(ed, str(tmp_path / "editor"), compiler_options=FAST, progress=False)
+    l = [res.losses[s] for s in sorted(res.losses)]
+    assert np.mean(l[-5:]) < 0.8 * np.mean(l[:5]), l
+    rows = [json.loads(x) for x in open(tmp_path / "editor" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert os.listdir(tmp_path / "editor" / "tensorboard")
+    from PIL import Image
+
+    grid = np.asarray(Image.open(tmp_path / "editor" / "samples" / "step_30.png"))
+    assert grid.shape == (2 * RES, 3 * RES, 3)          # source | target | edit, two rows
+    editor = Editor.load(res.model_dir)
+    assert editor.doc["sampler_defaults"]["timestep_convention"] == "mask_fraction"
+    assert editor.pixel_granularity == 8
+
+
+def test_nonfinite_loss_names_the_step(data, tmp_path):
+    from train.main import NonFiniteLossError, train
+
+    c = data_config(vq_tiny.get_config(), data, steps=20, batch_size=4)
+    c.optim.update(learning_rate=1e30, grad_clip=0.0, schedule="constant", warmup_steps=0)
+    with pytest.raises(NonFiniteLossError) as err:
+        train(c, str(tmp_path / "nan"), compiler_options=FAST, progress=False)
+    e = err.value
+    rows = [json.loads(x) for x in open(tmp_path / "nan" / "metrics.jsonl")]
+    first_bad = next(r["step"] for r in rows if not all(np.isfinite(v) for v in r.values()))
+    assert e.step == first_bad and 1 < e.step <= 20
+    assert f"step {e.step}" in str(e) and f"batch #{e.step - 1}" in str(e)
+    assert e.example_ids is not None and len(e.example_ids) == 4
+    assert os.path.exists(e.dump)
