@@ -104,8 +104,13 @@ def matmul_peak(n: int, dtype) -> float:
     return 2.0 * n ** 3 / best
 
 
-def run_one(name: str, donate: bool, steps: int, batch: int | None = None) -> dict:
-    """Compile and time the train step of one config in this process."""
+def run_one(name: str, donate: bool, steps: int, batches: tuple[int, ...] | None = None,
+            stop_on_oom: bool = False) -> list[dict]:
+    """Compile and time the train step of one config in this process, for each batch size.
+
+    The parameters and optimizer state are created once; each batch size compiles its own step.
+    With ``stop_on_oom``, the first batch size that runs out of device memory ends the sweep.
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -116,62 +121,63 @@ def run_one(name: str, donate: bool, steps: int, batch: int | None = None) -> di
     from editmgt_jax.training.step import global_batch, loss_from_config, make_steps
 
     config, shape = _config(name)
-    batch = batch or shape["batch"]
     mesh = make_mesh({"data": len(jax.devices())})
     program = TrainProgram.create(config, mesh)
     state, rest = program.init_state(0)
     aux = {"rest": rest, "frozen": {}}
-    host = _batch(config, shape, batch)
-    steps_fn = make_steps(program, loss_from_config(config), {}, host, aux, donate=donate)
-    data = global_batch(host, mesh)
-    t = time.perf_counter()
-    compiled = steps_fn.train.lower(state, data, aux).compile()
-    compile_s = time.perf_counter() - t
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
     on_gpu = jax.devices()[0].platform == "gpu"
     peak_args = (8192, jnp.bfloat16) if on_gpu else (2048, jnp.float32)
-    peak_before = matmul_peak(*peak_args)
-    for _ in range(2):   # warm-up
-        state, m = compiled(state, data, aux)
-    jax.block_until_ready(m)
-    t = time.perf_counter()
-    for _ in range(steps):
-        state, m = compiled(state, data, aux)
-    loss = float(m["loss"])  # waits for the last step
-    step_s = (time.perf_counter() - t) / steps
-    # On a shared machine the achievable peak drifts: take the better of two measurements
-    # bracketing the timed steps (MFU is then a lower bound).
-    peak = max(peak_before, matmul_peak(*peak_args))
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(program.model.abstract_params)))
-    tokens = batch * shape["grid"] ** 2
-    return dict(config=name, donate=donate, batch=batch, params=n_params, tokens_per_step=tokens,
-                compile_s=compile_s, step_s=step_s, tokens_per_s=tokens / step_s,
-                step_tflop=flops / 1e12, achieved_gflops=flops / step_s / 1e9,
-                peak_gflops=peak / 1e9, mfu=flops / step_s / peak if flops else float("nan"),
-                analytic_6nt_tflop=6 * n_params * tokens / 1e12, loss=loss,
-                peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                device=str(jax.devices()[0].device_kind), platform=jax.devices()[0].platform)
-
-
-def run_released(max_batch: int, steps: int) -> dict:
-    """Largest power-of-two batch of the released model that compiles and runs."""
-    best = None
-    b = 1
-    while b <= max_batch:
+    rows = []
+    for batch in batches or (shape["batch"],):
+        host = _batch(config, shape, batch)
+        steps_fn = make_steps(program, loss_from_config(config), {}, host, aux, donate=donate)
+        data = global_batch(host, mesh)
         try:
-            r = run_one("released", True, steps, batch=b)
+            t = time.perf_counter()
+            compiled = steps_fn.train.lower(state, data, aux).compile()
+            compile_s = time.perf_counter() - t
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            flops = float(cost.get("flops", 0.0)) if cost else 0.0
+            peak_before = matmul_peak(*peak_args)
+            for _ in range(2):   # warm-up
+                state, m = compiled(state, data, aux)
+            jax.block_until_ready(m)
+            t = time.perf_counter()
+            for _ in range(steps):
+                state, m = compiled(state, data, aux)
+            loss = float(m["loss"])  # waits for the last step
+            step_s = (time.perf_counter() - t) / steps
         except Exception as e:  # noqa: BLE001  (out of memory surfaces as several error types)
-            if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+            oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+            if stop_on_oom and oom:
+                print(f"batch {batch}: out of device memory, stopping the sweep", flush=True)
                 break
             raise
-        best = r
-        print(json.dumps(r), flush=True)
-        b *= 2
-    if best is None:
+        # On a shared machine the achievable peak drifts: take the better of two measurements
+        # bracketing the timed steps (MFU is then a lower bound).
+        peak = max(peak_before, matmul_peak(*peak_args))
+        tokens = batch * shape["grid"] ** 2
+        rows.append(dict(
+            config=name, donate=donate, batch=batch, params=n_params, tokens_per_step=tokens,
+            compile_s=compile_s, step_s=step_s, tokens_per_s=tokens / step_s,
+            step_tflop=flops / 1e12, achieved_gflops=flops / step_s / 1e9, peak_gflops=peak / 1e9,
+            mfu=flops / step_s / peak if flops else float("nan"),
+            analytic_6nt_tflop=6 * n_params * tokens / 1e12, loss=loss,
+            peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            device=str(jax.devices()[0].device_kind), platform=jax.devices()[0].platform))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def run_released(max_batch: int, steps: int) -> list[dict]:
+    """The released model at batch 1, 2, 4, ... up to the largest that fits (or ``max_batch``)."""
+    batches = tuple(2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch)
+    rows = run_one("released", True, steps, batches, stop_on_oom=True)
+    if not rows:
         raise RuntimeError("the released model does not fit at batch 1")
-    return best
+    return rows
 
 
 def _child(name: str, donate: bool, steps: int) -> dict:
@@ -231,11 +237,11 @@ def main(argv=None) -> int:
     p.add_argument("--_one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._one:
-        print(json.dumps(run_one(args._one, not args.no_donate, args.steps)), flush=True)
+        run_one(args._one, not args.no_donate, args.steps)   # prints one JSON line
         return 0
     command = "python -m bench.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.released:
-        rows = [run_released(args.max_batch, args.steps)]
+        rows = run_released(args.max_batch, args.steps)
     else:
         rows = []
         for name in args.configs.split(","):

@@ -191,6 +191,15 @@ def test_fine_tuning_starts_from_a_converted_release(tmp_path):
     c.init_from = ckpt
     program = TrainProgram.create(c, make_mesh((2, 2, 2)))
     state, _ = program.init_state(0, params=load_init_params(c, program), compiler_options=FAST)
-    converted = checkpoints.load_component(ckpt, "transformer")
-    jax.tree.map(np.testing.assert_array_equal, _host(state.params["transformer"]),
-                 jax.tree.map(np.asarray, converted))
+    converted = _by_path(checkpoints.load_component(ckpt, "transformer"))   # as stored on disk
+    ours = _by_path(_host(state.params["transformer"]))
+    assert sorted(ours) == sorted(converted)
+    for k in ours:
+        np.testing.assert_array_equal(ours[k], converted[k], err_msg=k)
+
+
+def _by_path(tree) -> dict:
+    """Leaves keyed by their path with every key as a string (list indices included)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): np.asarray(v)
+            for path, v in flat}
