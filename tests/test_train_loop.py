@@ -88,8 +88,6 @@ def test_pixels_in_step_and_pretokenised_ids_give_the_same_loss():
 # ------------------------------------------------------------------------------- real training
 
 
-@pytest.mark.xfail(reason="30-step loss-reduction thresholds are not yet reliable on a loaded 2-core CI machine; "
-                          "tracked in the trainer issue", strict=False)
 def test_both_tasks_reduce_their_loss(data, tmp_path):
     """VQ on images (f32, with a sample grid and an exported tokenizer), then the editor on
     pre-tokenised edits with bf16 compute, its frozen tokenizer the one just trained, exported as a
@@ -102,25 +100,28 @@ def test_both_tasks_reduce_their_loss(data, tmp_path):
                     loss_plot=True)
     res = train(vq, str(tmp_path / "vq"), compiler_options=FAST, progress=False)
     l = [res.losses[s] for s in sorted(res.losses)]
-    assert np.mean(l[-5:]) < 0.7 * np.mean(l[:5]), l
+    assert np.mean(l[-5:]) < 0.7 * np.mean(l[:5]), l          # measured 0.45
     evals = [json.loads(x) for x in open(tmp_path / "vq" / "metrics.jsonl") if "eval_loss" in x]
     assert len(evals) == 1 and evals[0]["step"] == 30 and np.isfinite(evals[0]["eval_loss"])
     assert os.path.exists(tmp_path / "vq" / "samples" / "step_30.png")
     assert os.path.exists(tmp_path / "vq" / "loss.png")
 
-    ed = data_config(small_editor_config(), data, steps=30, batch_size=8, tokens=True)
+    ed = data_config(small_editor_config(), data, steps=40, batch_size=8, tokens=True)
+    ed.optim.learning_rate = 2e-3
     ed.precision.compute_dtype = "bfloat16"
     ed.editor.vq_checkpoint = res.model_dir
-    ed.train.update(export=True, sample_every=30, num_samples=2, sample_steps=4)
+    ed.train.update(export=True, sample_every=40, num_samples=2, sample_steps=4)
     res = train(ed, str(tmp_path / "editor"), compiler_options=FAST, progress=False)
     l = [res.losses[s] for s in sorted(res.losses)]
-    assert np.mean(l[-5:]) < 0.8 * np.mean(l[:5]), l
+    # Deterministic given the code; measured 0.74 (last 5 / first 5 steps), the margin absorbs
+    # float differences between CPUs.
+    assert np.mean(l[-5:]) < 0.85 * np.mean(l[:5]), l
     rows = [json.loads(x) for x in open(tmp_path / "editor" / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert [r["step"] for r in rows] == list(range(1, 41))
     assert os.listdir(tmp_path / "editor" / "tensorboard")
     from PIL import Image
 
-    grid = np.asarray(Image.open(tmp_path / "editor" / "samples" / "step_30.png"))
+    grid = np.asarray(Image.open(tmp_path / "editor" / "samples" / "step_40.png"))
     assert grid.shape == (2 * RES, 3 * RES, 3)          # source | target | edit, two rows
     editor = Editor.load(res.model_dir)
     assert editor.doc["sampler_defaults"]["timestep_convention"] == "mask_fraction"

@@ -3,13 +3,16 @@
     python -m train.main --config configs/editor_tiny.py --workdir runs/editor_tiny \\
         [--config.FIELD=VALUE ...]
 
-    # multi-host (one process per host; on TPU pods and SLURM the arguments are found automatically)
+    # multi-host: one process per host (on TPU pods and SLURM, --distributed finds the arguments)
     python -m train.main --config ... --workdir ... --coordinator_address=HOST:PORT \\
         --num_processes=N --process_id=I
 
-The task ('editor' or 'vq') comes from the config. The run resumes from the newest complete
-checkpoint in WORKDIR/checkpoints (state, config and data position), so re-running the same command
-after a pre-emption continues exactly where the last checkpoint left off.
+The task ('editor' or 'vq') comes from the config. The editor trains with the timestep convention
+``editor.timestep_convention`` (default "mask_fraction": the transformer's timestep is the fraction
+of masked target tokens; see editmgt_jax.training.losses), recorded in the exported model. The run
+resumes from the newest complete checkpoint in WORKDIR/checkpoints (state, config and data
+position), so re-running the same command after a pre-emption continues exactly where the last
+checkpoint left off.
 
 Outputs in WORKDIR:
     checkpoints/<step>/   Orbax checkpoints (editmgt_jax.training.checkpoint)
