@@ -25,7 +25,7 @@ from flax import nnx
 
 from editmgt_jax import checkpoints, imageio, parallel
 from editmgt_jax.convert.registry import COMPONENTS
-from editmgt_jax.sampling.region_hold import SamplerConfig, sample
+from editmgt_jax.sampling.region_hold import TIMESTEP_CONVENTIONS, SamplerConfig, sample
 
 # Defaults of the official demo for the released 1024 px model.
 RELEASE_NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distortion, watermark, logo, signature, "
@@ -76,6 +76,14 @@ class Editor:
         self.vq_cfg = modules["vq"].cfg
         self.tr_cfg = modules["transformer"].cfg
         self.defaults = dict(defaults or {})
+        # The timestep the transformer was trained for (see SamplerConfig.timestep_convention).
+        convention = self.defaults.get("timestep_convention", self.doc.get("timestep_convention",
+                                                                           "step_index"))
+        if convention not in TIMESTEP_CONVENTIONS:
+            raise checkpoints.CheckpointError(
+                f"{path}: config.json timestep_convention={convention!r}; expected one of "
+                f"{TIMESTEP_CONVENTIONS}")
+        self.defaults["timestep_convention"] = convention
         self._programs: dict = {}
 
     # ------------------------------------------------------------------ loading

@@ -49,6 +49,12 @@ def test_converted_release_has_every_component(tiny_ckpt):
     assert os.path.isfile(tiny_ckpt / "llm_tokenizer" / "tokenizer.json")
 
 
+def test_converted_release_samples_with_the_step_index(editor):
+    """Converted official weights get the release sampler's timestep (steps-1 ... 0)."""
+    assert editor.doc["timestep_convention"] == "step_index"
+    assert editor.sampler_config().timestep_convention == "step_index"
+
+
 def test_edit_invariants(editor, photo):
     common = dict(size=SIZE, steps=3, guidance_scale=2.0, consolidation_blocks=(2, 3, 4), greedy=True)
     # A threshold above every upsampled score (bicubic overshoots 1) holds everything: a copy of the source.

@@ -513,3 +513,61 @@ def test_heatmap_is_the_mean_smoothed_score():
     np.testing.assert_array_equal(np.asarray(lean["heatmap"]), np.asarray(out["heatmap"]))
     assert "heatmap" not in sample(model_fn, ref, txt, pooled, txt, pooled,
                                    SamplerConfig(steps=2, greedy=True, mask_token_id=5))
+
+
+def test_sample_categorical_follows_the_distribution():
+    """Inverse-CDF draws match the probabilities (K a multiple of the block and not), never a zero."""
+    from editmgt_jax.sampling.region_hold import sample_categorical
+
+    for k, block in ((256, 64), (37, 128)):
+        logits = jax.random.normal(jax.random.key(k), (k,)) * 2.0
+        probs = jax.nn.softmax(logits).at[3].set(0.0)
+        probs = probs / probs.sum()
+        n = 40_000
+        draws = np.asarray(sample_categorical(jax.random.key(1), jnp.broadcast_to(probs, (n, k)), block))
+        counts = np.bincount(draws, minlength=k)
+        assert counts[3] == 0 and draws.min() >= 0 and draws.max() < k
+        expect = np.asarray(probs) * n
+        big = expect > 50
+        z = (counts[big] - expect[big]) / np.sqrt(expect[big])
+        assert np.max(np.abs(z)) < 5.0, np.max(np.abs(z))
+        chi2 = float(np.sum(z ** 2))
+        assert chi2 < big.sum() + 6 * np.sqrt(2 * big.sum()), chi2
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_mask_fraction_timestep_is_the_masked_share(guidance):
+    """With timestep_convention='mask_fraction' the model sees, per image, the fraction of masked
+    tokens of its input (1.0 at the first step, or the inpainting mask's share); 'step_index' feeds
+    steps-1 ... 0."""
+    h = w = 4
+    seen = []
+
+    def model_fn(ids, ref_ids, text_states, pooled, micro_conds, timestep, *, reference_strength,
+                 capture_blocks, capture_mode):
+        jax.debug.callback(lambda t, i: seen.append((np.asarray(t), np.asarray(i))), timestep, ids)
+        logits = jnp.sin(jnp.arange(h * w * 5, dtype=jnp.float32).reshape(1, h, w, 5) * 0.37)
+        return jnp.broadcast_to(logits, ids.shape + (5,)), None
+
+    ref = jnp.zeros((2, h, w), jnp.int32)
+    txt, pooled = jnp.zeros((2, 3, 4)), jnp.zeros((2, 4))
+    inpaint = np.zeros((2, h, w), bool)
+    inpaint[0] = True
+    inpaint[1, :2] = True
+    for conv in ("mask_fraction", "step_index"):
+        seen.clear()
+        cfg = SamplerConfig(steps=4, guidance_scale=guidance, greedy=True, mask_token_id=5,
+                            timestep_convention=conv)
+        out = sample(model_fn, ref, txt, pooled, txt, pooled, cfg, inpaint_mask=inpaint)
+        jax.block_until_ready(out["tokens"])
+        assert len(seen) == 4
+        for step, (t, ids) in enumerate(seen):
+            assert t.shape == (ids.shape[0],)
+            if conv == "mask_fraction":
+                np.testing.assert_allclose(t, (ids == 5).mean(axis=(1, 2)), rtol=1e-6)
+            else:
+                np.testing.assert_array_equal(t, 3 - step)
+        if conv == "mask_fraction":
+            np.testing.assert_allclose(seen[0][0][-2:], [1.0, 0.5])   # the inpainting share at the start
+    with pytest.raises(ValueError, match="timestep_convention"):
+        SamplerConfig(timestep_convention="release")

@@ -125,6 +125,7 @@ def test_both_tasks_reduce_their_loss(data, tmp_path):
     assert grid.shape == (2 * RES, 3 * RES, 3)          # source | target | edit, two rows
     editor = Editor.load(res.model_dir)
     assert editor.doc["sampler_defaults"]["timestep_convention"] == "mask_fraction"
+    assert editor.sampler_config().timestep_convention == "mask_fraction"   # what edits feed
     assert editor.pixel_granularity == 8
 
 

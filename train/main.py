@@ -401,8 +401,9 @@ class Sampler:
         vq_prog = self.frozen_programs["vq"]
         guidance = 3.0 if float(cfg.editor.cond_dropout) > 0 else 1.0
         scfg = SamplerConfig(steps=int(cfg.train.sample_steps), guidance_scale=guidance,
-                             reference_strength=1.0, greedy=True)
-        convention = cfg.editor.timestep_convention
+                             reference_strength=1.0, greedy=True,
+                             timestep_convention=("mask_fraction" if cfg.editor.timestep_convention
+                                                  == "mask_fraction" else "step_index"))
         mask_id = model_prog.abstract_params["transformer"]["mlm_layer"]["conv2"]["kernel"].shape[-1]
 
         def fn(params, aux, batch):
@@ -418,13 +419,8 @@ class Sampler:
                 states, pooled = batch["text_states"], batch["pooled"]
                 nstates, npooled = aux["frozen"]["uncond"]
 
-            def model_fn(ids, ref, txt, pool, micro, timestep, **kw):
-                if convention == "mask_fraction":
-                    timestep = jnp.mean((ids == mask_id).astype(jnp.float32), axis=(1, 2))
-                return model.transformer(ids, ref, txt, pool, micro, timestep, **kw)
-
             micro = batch.get("micro_conds")
-            out = sample(model_fn, src, states, pooled, nstates, npooled, scfg, micro_conds=micro)
+            out = sample(model.transformer, src, states, pooled, nstates, npooled, scfg, micro_conds=micro)
             tokens = jnp.where(out["tokens"] >= mask_id, 0, out["tokens"])
             if "source" in batch:
                 shown = (to_unit_range(batch["source"]), to_unit_range(batch["target"]))

@@ -41,6 +41,8 @@ from flax import struct
 from editmgt_jax.sampling import schedule
 from editmgt_jax.sampling.consolidation import consolidate
 
+TIMESTEP_CONVENTIONS = ("step_index", "mask_fraction")
+
 F32_MAX = float(np.finfo(np.float32).max)  # confidence of known tokens: never selected for re-masking
 PROB_FLOOR = 1e-20  # probabilities are clamped before the log, as the reference does
 
@@ -71,6 +73,10 @@ class SamplerConfig:
       mask_token_id: the mask id; ``None`` takes it from the model's logits width (codebook size).
       score_grid: ``(h, w)`` of the captured scores; ``None`` infers it (the id grid, or half of it
         when the transformer downsamples by 2).
+      timestep_convention: what the transformer gets as its timestep. ``"step_index"`` (the
+        release's sampler): the integer ``steps - 1 - step``. ``"mask_fraction"`` (models trained here,
+        see ``editmgt_jax.training.losses``): the fraction of still-masked tokens of each image before
+        the step, a float in [0, 1]. A checkpoint records which one it was trained for.
     """
 
     steps: int = 36
@@ -86,6 +92,7 @@ class SamplerConfig:
     micro_conds: tuple[float, ...] = (1024.0, 1024.0, 0.0, 0.0, 6.0)
     mask_token_id: int | None = None
     score_grid: tuple[int, int] | None = None
+    timestep_convention: str = "step_index"
 
     def __post_init__(self):
         object.__setattr__(self, "consolidation_blocks", tuple(int(b) for b in self.consolidation_blocks))
@@ -100,6 +107,9 @@ class SamplerConfig:
             raise ValueError("region hold (hold_threshold > 0) needs consolidation_blocks")
         if len(self.micro_conds) != 5:
             raise ValueError(f"micro_conds needs 5 values, got {self.micro_conds}")
+        if self.timestep_convention not in TIMESTEP_CONVENTIONS:
+            raise ValueError(f"timestep_convention must be one of {TIMESTEP_CONVENTIONS}, "
+                             f"got {self.timestep_convention!r}")
 
     @property
     def uses_cfg(self) -> bool:
@@ -149,8 +159,30 @@ def propose_x0(tokens: jax.Array, logits: jax.Array, mask_id: int, keys: jax.Arr
     if keys is None:
         draw = jnp.argmax(probs, axis=-1)
     else:
-        draw = jax.vmap(lambda k, lg: jax.random.categorical(k, lg, axis=-1))(keys, logits)
+        draw = jax.vmap(sample_categorical)(keys, probs)
     return jnp.where(tokens == mask_id, draw.astype(jnp.int32), tokens), probs
+
+
+def sample_categorical(key: jax.Array, probs: jax.Array, block: int = 128) -> jax.Array:
+    """One draw per row of ``probs [..., K]`` by inverse CDF: one uniform per row, not K Gumbels.
+
+    ``jax.random.categorical`` draws K Gumbel variates per position (33.5M threefry numbers and 67M
+    logs per step for a 64x64 grid and an 8192 codebook, most of a step's non-transformer time on
+    CPU). Same distribution, different random stream. Two levels keep the float32 cumulative sums
+    short: the block is found from the block sums, the token inside it.
+    """
+    k = probs.shape[-1]
+    block = block if k % block == 0 else k
+    pb = probs.reshape(probs.shape[:-1] + (k // block, block))
+    cum_blocks = jnp.cumsum(jnp.sum(pb, axis=-1), axis=-1)                      # [..., K/block]
+    u = jax.random.uniform(key, probs.shape[:-1] + (1,), jnp.float32,
+                           minval=float(np.finfo(np.float32).tiny)) * cum_blocks[..., -1:]
+    j = jnp.minimum(jnp.sum(cum_blocks < u, axis=-1), k // block - 1)           # the block
+    before = jnp.take_along_axis(cum_blocks, j[..., None], axis=-1) - jnp.take_along_axis(
+        jnp.sum(pb, axis=-1), j[..., None], axis=-1)                            # mass of earlier blocks
+    inside = jnp.cumsum(jnp.take_along_axis(pb, j[..., None, None], axis=-2)[..., 0, :], axis=-1) + before
+    i = jnp.minimum(jnp.sum(inside < u, axis=-1), block - 1)
+    return j * block + i
 
 
 def hold_mask(unknown: jax.Array, score: jax.Array, threshold: float) -> jax.Array:
@@ -364,9 +396,15 @@ def sample(model_fn: Callable[..., Any], ref_ids, text_states, pooled, neg_text_
         model_text, model_pooled, model_micro, model_ref = text_states, pooled, micro_conds, ref_ids
     n_model = model_ref.shape[0]
 
-    def call_model(tokens, step):
+    def call_model(tokens, step, mask_id=None):
         ids = jnp.concatenate([tokens, tokens], axis=0) if cfg.uses_cfg else tokens
-        timestep = jnp.full((n_model,), cfg.steps - 1 - step, jnp.int32)
+        if cfg.timestep_convention == "mask_fraction":
+            if mask_id is None:   # shape inference only
+                timestep = jnp.ones((n_model,), jnp.float32)
+            else:
+                timestep = jnp.mean(ids == mask_id, axis=(1, 2), dtype=jnp.float32)
+        else:
+            timestep = jnp.full((n_model,), cfg.steps - 1 - step, jnp.int32)
         return model_fn(ids, model_ref, model_text, model_pooled, model_micro, timestep,
                         reference_strength=cfg.reference_strength, capture_blocks=cfg.consolidation_blocks,
                         capture_mode=cfg.capture_mode)
@@ -411,7 +449,7 @@ def sample(model_fn: Callable[..., Any], ref_ids, text_states, pooled, neg_text_
         records = {k: jnp.zeros((cfg.steps, bsz) + shape, dt) for k, (shape, dt) in spec.items()}
 
     def body(i, state: SamplerState) -> SamplerState:
-        logits, scores = call_model(state.tokens, i)
+        logits, scores = call_model(state.tokens, i, mask_id)
         logits = logits.astype(jnp.float32)
         if cfg.uses_cfg:
             uncond, cond = logits[:bsz], logits[bsz:]

@@ -179,15 +179,17 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
             comps["vq"] = jax.device_get(vq_params)
             cfgs["vq"] = dict(vq_config)
         res = int(config.data.resolution)
+        # What inference must feed as the timestep (SamplerConfig.timestep_convention; the
+        # converter writes "step_index", the release's sampler).
+        sampler_convention = ("mask_fraction" if config.editor.timestep_convention == "mask_fraction"
+                              else "step_index")
         meta["sampler_defaults"] = {
             "resolution": res, "micro_conds": [float(res), float(res), 0.0, 0.0,
                                                float(config.editor.get("aesthetic", 6.0))],
-            "timestep_convention": config.editor.timestep_convention,
+            "timestep_convention": sampler_convention,
         }
         meta["training"]["timestep_convention"] = config.editor.timestep_convention
-        # What inference must feed as the timestep (the converter writes "step_index").
-        meta["timestep_convention"] = ("mask_fraction" if config.editor.timestep_convention
-                                       == "mask_fraction" else "step_index")
+        meta["timestep_convention"] = sampler_convention
     else:
         comps["vq"] = params
         cfgs["vq"] = state_lib.vq_config(config).to_dict()

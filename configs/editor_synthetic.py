@@ -1,0 +1,63 @@
+"""The default model's editor: 64 px synthetic edits on a 16x16 token grid, trained on two CPU cores.
+
+    # 1. data (20k train / 1k test at 128 px; the pipeline resizes to 64 px)
+    python -m train.build_dataset synthetic_edits --data-dir workdirs/data
+    # 2. tokenizer
+    python -m train.main --config configs/vq_synthetic.py --workdir workdirs/vq_synthetic
+    # 3. token ids of both splits, once (the VQ is frozen from here on)
+    python -m train.pretokenize --dataset synthetic_edits/r128_n20000_t1000_s0 --data-dir workdirs/data \\
+        --split train --out workdirs/tokens/train --resolution 64 \\
+        --vq-loader editmgt_jax.training.checkpoint:load_vq --vq-checkpoint workdirs/vq_synthetic/model
+    (same with --split test --out workdirs/tokens/test)
+    # 4. editor (the exported model carries the VQ, the small text encoder and its vocabulary)
+    python -m train.main --config configs/editor_synthetic.py --workdir workdirs/editor_synthetic
+
+Transformer: 2 dual-stream + 2 single-stream blocks of width 64 (4 heads of 16), no 2x down-sampling
+(the 16x16 id grid is the attention grid, so the edit-region map has 16x16 cells); text: a 2-layer
+encoder of width 64 over the synthetic set's word vocabulary, trained with the editor.
+"""
+
+from configs import common
+from configs.vq_synthetic import DATASET, VQ_SYNTHETIC
+from editmgt_jax.data.synthetic_edits import SYNTHETIC_VOCAB
+
+CODEBOOK = VQ_SYNTHETIC["num_vq_embeddings"]
+WIDTH = 64
+
+
+def get_config():
+    c = common.base()
+    c.task = "editor"
+    c.data.name = DATASET
+    c.data.data_dir = "workdirs/data"
+    c.data.resolution = 64
+    c.data.tokens_dir = "workdirs/tokens/train"
+    c.data.eval_tokens_dir = "workdirs/tokens/test"
+    c.optim.learning_rate = 1e-3
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 100
+    c.optim.decay_steps = 6000
+    c.optim.min_lr_ratio = 0.05
+    c.train.batch_size = 16
+    c.train.num_steps = 6000
+    c.train.log_every = 20
+    c.train.checkpoint_every = 500
+    c.train.eval_every = 500
+    c.train.sample_every = 1000
+    c.train.sample_steps = 8
+    c.editor.transformer = dict(
+        num_layers=2, num_single_layers=2, num_attention_heads=4, attention_head_dim=WIDTH // 4,
+        joint_attention_dim=WIDTH, pooled_projection_dim=WIDTH, axes_dims_rope=(4, 6, 6),
+        vocab_size=CODEBOOK + 1, codebook_size=CODEBOOK, downsample=False,
+    )
+    c.editor.text = dict(
+        kind="small", vocab_size=len(SYNTHETIC_VOCAB) + 2, max_length=24, width=WIDTH, num_layers=2,
+        num_heads=4,
+    )
+    c.editor.cond_dropout = 0.1
+    c.editor.timestep_convention = "mask_fraction"
+    c.editor.aesthetic = 6.0
+    c.editor.image_size = 64
+    c.editor.vq_checkpoint = "workdirs/vq_synthetic/model"
+    c.vq.model = dict(VQ_SYNTHETIC)
+    return c
