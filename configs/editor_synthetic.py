@@ -59,5 +59,9 @@ def get_config():
     c.editor.aesthetic = 6.0
     c.editor.image_size = 64
     c.editor.vq_checkpoint = "workdirs/vq_synthetic/model"
+    # Sampler settings the exported model recommends (Editor.edit / infer.edit defaults), chosen on
+    # the held-out split with `python -m infer.evaluate` (README, Evaluation).
+    c.editor.sampler_defaults = dict(steps=12, guidance_scale=3.0, reference_strength=1.0,
+                                     hold_threshold=0.3, consolidation_blocks=(0, 1, 2, 3))
     c.vq.model = dict(VQ_SYNTHETIC)
     return c

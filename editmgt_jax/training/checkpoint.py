@@ -188,6 +188,10 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
                                                float(config.editor.get("aesthetic", 6.0))],
             "timestep_convention": sampler_convention,
         }
+        # Recommended sampler settings for this model (steps, guidance_scale, hold_threshold,
+        # consolidation_blocks, ...): what Editor.edit and infer.edit use unless told otherwise.
+        for k, v in dict(config.editor.get("sampler_defaults", {}) or {}).items():
+            meta["sampler_defaults"][k] = list(v) if isinstance(v, tuple) else v
         meta["training"]["timestep_convention"] = config.editor.timestep_convention
         meta["timestep_convention"] = sampler_convention
     else:
