@@ -1,4 +1,4 @@
-"""The default model's VQ tokenizer: 64 px synthetic edits, x4 down-sampling (16x16 ids), 1024 codewords.
+"""The default model's VQ tokenizer: 64 px synthetic edits, x4 down-sampling (16x16 ids), 128 codewords.
 
     python -m train.build_dataset synthetic_edits --data-dir workdirs/data
     python -m train.main --config configs/vq_synthetic.py --workdir workdirs/vq_synthetic
@@ -10,7 +10,7 @@ Sized to train on two CPU cores in about 20 minutes (8 + 16 + 32 channels: ~8 GF
 from configs import common
 
 VQ_SYNTHETIC = dict(
-    block_out_channels=(8, 16, 32), layers_per_block=1, latent_channels=8, num_vq_embeddings=1024,
+    block_out_channels=(8, 16, 32), layers_per_block=1, latent_channels=8, num_vq_embeddings=128,
     norm_num_groups=4,
 )
 DATASET = "synthetic_edits/r128_n20000_t1000_s0"
