@@ -5,6 +5,10 @@
 
 Sized to train on two CPU cores in about 20 minutes (8 + 16 + 32 channels: ~8 GFLOP per step of
 16 images). The dataset is the 128 px `synthetic_edits` set, resized to 64 px by the pipeline.
+
+Codebook size: 128 codewords are 95% in use after 800 steps; with 1024 (same everything else) only
+7% were in use at step 700 and the reconstruction was no better, since nothing restarts dead
+codewords, so the smaller codebook carries as much information and gives the editor fewer classes.
 """
 
 from configs import common
