@@ -301,20 +301,27 @@ def load_module(path: str, name: str, cfg_dict: Mapping, *, dtype=jnp.float32) -
 
 
 class ReleaseTextSide:
-    """CLIP pooled vector + Gemma-2 penultimate hidden states, tokenised from the checkpoint's files."""
+    """CLIP pooled vector + Gemma-2 penultimate hidden states, tokenised from the checkpoint's files.
+
+    The encoding is ``editmgt_jax.models.text.release.ReleaseTextEncoder``, the module the trainer
+    runs frozen inside its step (``editor.text.kind = "release"``).
+    """
 
     def __init__(self, clip, gemma, tokenizer):
+        from editmgt_jax.models.text.release import ReleaseTextEncoder
+
         self.tokenizer = tokenizer
-        gd_c, self._sc = nnx.split(clip)
-        gd_g, self._sg = nnx.split(gemma)
-        self._clip = jax.jit(lambda st, ids: nnx.merge(gd_c, st)(ids)[0])
-        self._gemma = jax.jit(lambda st, ids: nnx.merge(gd_g, st)(ids))
+        gd, self._state = nnx.split(ReleaseTextEncoder(clip, gemma))
+        self._fn = jax.jit(lambda st, clip_ids, gemma_ids: nnx.merge(gd, st)(clip_ids, gemma_ids))
+
+    def encode_ids(self, clip_ids, gemma_ids):
+        """Token ids (``PromptTokenizer`` output) -> ``(states [B, L, D], pooled [B, P])`` numpy."""
+        states, pooled = self._fn(self._state, jnp.asarray(clip_ids), jnp.asarray(gemma_ids))
+        return np.asarray(states), np.asarray(pooled)
 
     def encode(self, prompts: Sequence[str], allow_empty: bool = False):
         ids = self.tokenizer(list(prompts), allow_empty=allow_empty)
-        pooled = self._clip(self._sc, jnp.asarray(ids["clip_ids"]))
-        states = self._gemma(self._sg, jnp.asarray(ids["gemma_ids"]))
-        return np.asarray(states), np.asarray(pooled)
+        return self.encode_ids(ids["clip_ids"], ids["gemma_ids"])
 
 
 class SmallTextSide:
@@ -342,13 +349,21 @@ def make_text_side(path: str, doc: Mapping, modules: Mapping):
         tok = WordTokenizer.load(os.path.join(path, "vocab.txt"))
         return SmallTextSide(modules["small_text"], tok)
     if "clip" in comps and "gemma" in comps:
-        from editmgt_jax.models.text.tokenize import PromptTokenizer
-
-        tok_dir, llm_dir = os.path.join(path, "tokenizer"), os.path.join(path, "llm_tokenizer")
-        if not (os.path.isdir(tok_dir) and os.path.isdir(llm_dir)):
-            raise checkpoints.CheckpointError(
-                f"{path}: the text encoders need tokenizer files in tokenizer/ and llm_tokenizer/ "
-                f"(the converter copies them from the release's tokenizer/ and llm_encoder/ folders)")
-        return ReleaseTextSide(modules["clip"], modules["gemma"], PromptTokenizer.from_dirs(tok_dir, llm_dir))
+        return ReleaseTextSide(modules["clip"], modules["gemma"], release_tokenizer(path))
     raise checkpoints.CheckpointError(f"{path}: checkpoint has no text encoder (clip + gemma, or small_text)")
 
+
+RELEASE_TOKENIZER_DIRS = ("tokenizer", "llm_tokenizer")
+
+
+def release_tokenizer(path: str):
+    """The ``PromptTokenizer`` of a checkpoint with ``clip`` + ``gemma`` components (its
+    ``tokenizer/`` and ``llm_tokenizer/`` folders)."""
+    from editmgt_jax.models.text.tokenize import PromptTokenizer
+
+    tok_dir, llm_dir = (os.path.join(path, d) for d in RELEASE_TOKENIZER_DIRS)
+    if not (os.path.isdir(tok_dir) and os.path.isdir(llm_dir)):
+        raise checkpoints.CheckpointError(
+            f"{path}: the text encoders need tokenizer files in tokenizer/ and llm_tokenizer/ "
+            f"(the converter copies them from the release's tokenizer/ and llm_encoder/ folders)")
+    return PromptTokenizer.from_dirs(tok_dir, llm_dir)

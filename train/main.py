@@ -7,7 +7,11 @@
     python -m train.main --config ... --workdir ... --coordinator_address=HOST:PORT \\
         --num_processes=N --process_id=I
 
-The task ('editor' or 'vq') comes from the config. The editor trains with the timestep convention
+The task ('editor' or 'vq') comes from the config. The editor's text side is
+``editor.text.kind``: "small" (a small encoder trained jointly), "precomputed" (text states in the
+batch) or "release" (the frozen CLIP + Gemma-2 encoders of ``editor.text.checkpoint``, default
+``init_from``, run inside the step on instructions tokenised by the checkpoint's tokenizers; see
+configs/editor_release_finetune.py). The editor trains with the timestep convention
 ``editor.timestep_convention`` (default "mask_fraction": the transformer's timestep is the fraction
 of masked target tokens; see editmgt_jax.training.losses), recorded in the exported model. The run
 resumes from the newest complete checkpoint in WORKDIR/checkpoints (state, config and data
@@ -100,9 +104,27 @@ def pipeline_config(config, split: str, process_count: int):
         read_threads=int(d.read_threads), read_buffer_size=int(d.read_buffer_size), with_ids=True)
 
 
+class ReleaseInstructionTokenizer:
+    """Instructions -> ``{"clip_ids": [B, 77], "gemma_ids": [B, 256]}`` int32 with the tokenizers of
+    a checkpoint's ``tokenizer/`` and ``llm_tokenizer/`` (the pipeline stores them as
+    ``instruction_clip_ids`` / ``instruction_gemma_ids``). An empty instruction is tokenised as the
+    empty prompt (the unconditional text) rather than stopping the run."""
+
+    def __init__(self, checkpoint: str):
+        from editmgt_jax.editor import release_tokenizer
+
+        self.checkpoint = checkpoint
+        self.prompt = release_tokenizer(checkpoint)
+
+    def __call__(self, texts) -> dict[str, np.ndarray]:
+        return self.prompt(list(texts), allow_empty=True)
+
+
 def make_tokenizer(config):
-    if config.task != "editor" or config.editor.text.kind != "small":
+    if config.task != "editor" or config.editor.text.kind not in ("small", "release"):
         return None
+    if config.editor.text.kind == "release":
+        return ReleaseInstructionTokenizer(release_text_checkpoint(config)[0])
     from editmgt_jax.data.synthetic_edits import SYNTHETIC_VOCAB
     from editmgt_jax.data.text import WordTokenizer
 
@@ -127,8 +149,15 @@ def prepare_batch(raw: Mapping[str, np.ndarray], config) -> dict[str, np.ndarray
         out["target_ids"] = raw["target_ids"].astype(np.int32)
     else:
         out["source"], out["target"] = raw["source"], raw["target"]
-    if config.editor.text.kind == "small":
+    kind = config.editor.text.kind
+    if kind == "small":
         out["instruction_ids"] = raw["instruction_ids"].astype(np.int32)
+    elif kind == "release":
+        if "instruction_clip_ids" not in raw:
+            raise KeyError("editor.text.kind='release' needs batches tokenised by "
+                           "ReleaseInstructionTokenizer (instruction_clip_ids / instruction_gemma_ids)")
+        out["clip_ids"] = raw["instruction_clip_ids"].astype(np.int32)
+        out["gemma_ids"] = raw["instruction_gemma_ids"].astype(np.int32)
     else:
         out["text_states"], out["pooled"] = raw["text_states"], raw["pooled"]
     if "original_size" in raw and "crop_top_left" in raw:
@@ -323,6 +352,121 @@ def load_uncond_text(config) -> dict:
         return {"uncond": (np.asarray(z["text_states"], np.float32), np.asarray(z["pooled"], np.float32))}
 
 
+def release_text_checkpoint(config) -> tuple[str, str]:
+    """``(folder, field)``: the model checkpoint whose CLIP + Gemma-2 encoders and tokenizers form
+    the ``editor.text.kind = "release"`` text side (``editor.text.checkpoint``, default
+    ``init_from``), checked for its ``clip`` / ``gemma`` components and tokenizer folders. ``field``
+    names the config field it came from, for error messages."""
+    from editmgt_jax import checkpoints
+    from editmgt_jax.editor import RELEASE_TOKENIZER_DIRS
+
+    path = config.editor.text.get("checkpoint", "") or ""
+    field = f"editor.text.checkpoint={path!r}"
+    if not path:
+        path = config.get("init_from", "") or ""
+        field = f"init_from={path!r} (editor.text.checkpoint is empty)"
+    if not path:
+        raise ValueError("editor.text.kind='release' needs editor.text.checkpoint (default: init_from): "
+                         "a model checkpoint folder with 'clip' and 'gemma' components and tokenizer/ + "
+                         "llm_tokenizer/ folders (python -m editmgt_jax.convert --official RELEASE "
+                         "--out CKPT); both fields are empty")
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        doc = checkpoints.read_config(path)
+    except checkpoints.CheckpointError as e:
+        raise checkpoints.CheckpointError(f"{field}: {e}") from e
+    missing = [n for n in ("clip", "gemma") if n not in doc.get("components", {})]
+    if missing:
+        raise checkpoints.CheckpointError(
+            f"{field}: the checkpoint has no {' / '.join(repr(m) for m in missing)} component(s) "
+            f"(it has {sorted(doc.get('components', {}))}); editor.text.kind='release' needs the "
+            "release's CLIP and Gemma-2 text encoders: convert the release with its text_encoder/ "
+            "and llm_encoder/ folders, or point editor.text.checkpoint at such a checkpoint")
+    absent = [d for d in RELEASE_TOKENIZER_DIRS if not os.path.isdir(os.path.join(path, d))]
+    if absent:
+        raise checkpoints.CheckpointError(
+            f"{field}: no {' / '.join(d + '/' for d in absent)} tokenizer folder(s) in {path} (the "
+            "converter copies them from the release's tokenizer/ and llm_encoder/ folders)")
+    return path, field
+
+
+def load_frozen_text(config, mesh, rules, compiler_options=None):
+    """The ``editor.text.kind = "release"`` text side, frozen: ``(ModelProgram of a
+    ReleaseTextEncoder, (params, rest), uncond, checkpoint)``.
+
+    The encoders' parameters (``clip`` and ``gemma`` components of the checkpoint) are restored
+    directly sharded by the logical-axis ``rules`` on ``mesh``; they go in ``aux["frozen"]["text"]``,
+    never in the train state. ``uncond`` = ``(text_states [1, L, D], pooled [1, P])`` float32: the
+    same encoders' output for the empty prompt (condition dropout, and the sample grids' negative
+    prompt), computed once here with the same module the step runs.
+    """
+    import jax
+    from editmgt_jax import checkpoints
+    from editmgt_jax.models.text.clip import CLIPTextConfig
+    from editmgt_jax.models.text.gemma2 import Gemma2Config
+    from editmgt_jax.parallel import replicated
+    from editmgt_jax.training.state import DTYPES, ModelProgram, release_text_builder, transformer_config
+
+    path, field = release_text_checkpoint(config)
+    comps = checkpoints.read_config(path)["components"]
+    try:
+        clip_cfg = CLIPTextConfig.from_dict(comps["clip"])
+        gemma_cfg = Gemma2Config.from_dict(comps["gemma"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise checkpoints.CheckpointError(f"{field}: clip/gemma config is not valid: {e}") from e
+    tcfg = transformer_config(config)
+    if (gemma_cfg.hidden_size, clip_cfg.projection_dim) != (tcfg.joint_attention_dim,
+                                                            tcfg.pooled_projection_dim):
+        raise ValueError(
+            f"{field}: the text encoders give states of width {gemma_cfg.hidden_size} (gemma) and "
+            f"pooled vectors of {clip_cfg.projection_dim} (clip), but editor.transformer expects "
+            f"joint_attention_dim={tcfg.joint_attention_dim}, "
+            f"pooled_projection_dim={tcfg.pooled_projection_dim}")
+    dtype = DTYPES[config.editor.text.get("compute_dtype", "float32")]
+    prog = ModelProgram.create(release_text_builder(clip_cfg, gemma_cfg, dtype), mesh, rules)
+    params = {name: checkpoints.load_component(path, name, prog.abstract_params[name],
+                                               prog.param_shardings[name])
+              for name in ("clip", "gemma")}
+    rest = jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), prog.abstract_rest),
+                          prog.rest_shardings)
+    logging.info("frozen CLIP + Gemma-2 text encoders from %s", path)
+
+    ids = ReleaseInstructionTokenizer(path).prompt([""], allow_empty=True)
+    rep = replicated(mesh)
+    encode = jax.jit(lambda p, r, c, g: prog.merge(p, r)(c, g),
+                     in_shardings=(prog.param_shardings, prog.rest_shardings, rep, rep),
+                     out_shardings=(rep, rep), compiler_options=compiler_options)
+    states, pooled = encode(params, rest, ids["clip_ids"], ids["gemma_ids"])
+    uncond = (np.asarray(jax.device_get(states), np.float32),
+              np.asarray(jax.device_get(pooled), np.float32))
+    return prog, (params, rest), uncond, path
+
+
+def add_release_text(model_dir: str, source: str) -> None:
+    """Copy the ``clip`` and ``gemma`` components and the tokenizer folders of ``source`` into an
+    exported model checkpoint, so ``Editor.load(model_dir)`` has the text side the editor was
+    fine-tuned with (the encoders are frozen: the files are exactly what training used)."""
+    import shutil
+
+    from editmgt_jax import checkpoints
+    from editmgt_jax.editor import RELEASE_TOKENIZER_DIRS
+
+    src_comps = checkpoints.read_config(source)["components"]
+    doc = checkpoints.read_config(model_dir)
+    comps = dict(doc.pop("components"))
+    for key in ("format", "version"):
+        doc.pop(key, None)
+    for name in ("clip", "gemma"):
+        dst = os.path.join(model_dir, "params", name)
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        shutil.copytree(os.path.join(source, "params", name), dst)
+        comps[name] = src_comps[name]
+    for d in RELEASE_TOKENIZER_DIRS:
+        shutil.copytree(os.path.join(source, d), os.path.join(model_dir, d), dirs_exist_ok=True)
+    checkpoints.write_config(model_dir, comps, doc)
+
+
 def load_init_params(config, program):
     """Parameters to fine-tune from ``config.init_from`` (a model checkpoint folder)."""
     from editmgt_jax import checkpoints
@@ -338,7 +482,8 @@ def load_init_params(config, program):
         comps = checkpoints.read_config(path).get("components", {})
         if "small_text" not in comps:
             raise checkpoints.CheckpointError(f"{path}: no 'small_text' component to initialise the "
-                                              "text encoder from (use editor.text.kind='precomputed')")
+                                              "text encoder from (use editor.text.kind='release' or "
+                                              "'precomputed')")
         out["text_encoder"] = checkpoints.load_component(path, "small_text", abstract["text_encoder"],
                                                          shard["text_encoder"])
     return out
@@ -399,6 +544,7 @@ class Sampler:
             return jax.jit(fn)
 
         vq_prog = self.frozen_programs["vq"]
+        text_prog = self.frozen_programs.get("text")
         guidance = 3.0 if float(cfg.editor.cond_dropout) > 0 else 1.0
         scfg = SamplerConfig(steps=int(cfg.train.sample_steps), guidance_scale=guidance,
                              reference_strength=1.0, greedy=True,
@@ -415,6 +561,10 @@ class Sampler:
                 states, pooled = model.text_encoder(batch["instruction_ids"])
                 empty = jnp.zeros((1, batch["instruction_ids"].shape[1]), jnp.int32)
                 nstates, npooled = model.text_encoder(empty)
+            elif text_prog is not None:    # the release's frozen encoders
+                text = text_prog.merge(*aux["frozen"]["text"])
+                states, pooled = text(batch["clip_ids"], batch["gemma_ids"])
+                nstates, npooled = aux["frozen"]["uncond"]
             else:
                 states, pooled = batch["text_states"], batch["pooled"]
                 nstates, npooled = aux["frozen"]["uncond"]
@@ -474,6 +624,12 @@ def train(config, workdir: str, *, compiler_options: Mapping[str, Any] | None = 
     aux: dict[str, Any] = {"frozen": {}}
     frozen_programs: dict[str, Any] = {}
     vq_cfg_dict = None
+    text_checkpoint = None
+    if config.task == "editor" and config.editor.text.kind == "release":
+        # The release's frozen CLIP + Gemma-2, run in the step (first: a bad checkpoint fails fast).
+        frozen_programs["text"], aux["frozen"]["text"], uncond, text_checkpoint = load_frozen_text(
+            config, mesh, rules, compiler_options)
+        aux["frozen"]["uncond"] = uncond
     needs_vq = config.task == "editor" and not config.data.tokens_dir
     if config.task == "editor" and (needs_vq or config.editor.get("vq_checkpoint", "")):
         frozen_programs["vq"], aux["frozen"]["vq"], vq_cfg_dict = load_frozen_vq(
@@ -638,12 +794,17 @@ def train(config, workdir: str, *, compiler_options: Mapping[str, Any] | None = 
             vq_params = (multihost_utils.process_allgather(vq_params, tiled=True)
                          if vq_params is not None else None)
         if lead:
+            training_meta = {"task": config.task, "step": final_step,
+                             "timestep_convention": config.editor.get(
+                                 "timestep_convention") if config.task == "editor" else None}
+            if text_checkpoint is not None:
+                training_meta.update(text_kind="release", text_checkpoint=text_checkpoint)
             model_dir = export_model(os.path.join(workdir, "model"), config, params,
-                                     vq_params=vq_params, vq_config=vq_cfg_dict, tokenizer=tokenizer,
-                                     overwrite=True, metadata={"training": {
-                                         "task": config.task, "step": final_step,
-                                         "timestep_convention": config.editor.get(
-                                             "timestep_convention") if config.task == "editor" else None}})
+                                     vq_params=vq_params, vq_config=vq_cfg_dict,
+                                     tokenizer=tokenizer if text_checkpoint is None else None,
+                                     overwrite=True, metadata={"training": training_meta})
+            if text_checkpoint is not None:
+                add_release_text(model_dir, text_checkpoint)
     return TrainResult(final_step=final_step, losses=losses, workdir=workdir, model_dir=model_dir)
 
 

@@ -32,6 +32,10 @@ from jax.sharding import Mesh
 from editmgt_jax.parallel import DEFAULT_RULES, replicated, replicated_fraction, state_shardings
 
 TASKS = ("editor", "vq")
+# editor.text.kind: "small" = a small encoder trained with the editor; "precomputed" = text states
+# and pooled vectors in the batch; "release" = the frozen CLIP + Gemma-2 encoders of a model
+# checkpoint, run inside the step on host-tokenised instructions (not trained, not in the state).
+TEXT_KINDS = ("small", "precomputed", "release")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -137,7 +141,8 @@ def _accepts(fn, name: str) -> bool:
 
 class EditorModel(nnx.Module):
     """The trainable part of the editor: the transformer and, when the text side is trained
-    (``editor.text.kind == "small"``), the small text encoder. Frozen parts live elsewhere."""
+    (``editor.text.kind == "small"``), the small text encoder. Frozen parts (the VQ tokenizer, the
+    release's text encoders) live elsewhere: see ``release_text_builder``."""
 
     def __init__(self, transformer_cfg, text_cfg=None, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: bool = False):
@@ -174,6 +179,16 @@ def small_text_config(config):
     return SmallTextConfig.from_dict(fields)
 
 
+def release_text_builder(clip_cfg, gemma_cfg, dtype=jnp.float32,
+                         param_dtype=jnp.float32) -> Callable[[nnx.Rngs], nnx.Module]:
+    """``rngs -> ReleaseTextEncoder`` (CLIP + Gemma-2), for a frozen ``ModelProgram`` of the
+    ``editor.text.kind = "release"`` text side; its parameters are ``{"clip": ..., "gemma": ...}``."""
+    from editmgt_jax.models.text.release import ReleaseTextEncoder
+
+    return lambda rngs: ReleaseTextEncoder.create(clip_cfg, gemma_cfg, rngs=rngs, dtype=dtype,
+                                                  param_dtype=param_dtype)
+
+
 def vq_config(config):
     from editmgt_jax.models.vq import VQConfig
 
@@ -199,9 +214,10 @@ def trainable_builder(config) -> Callable[[nnx.Rngs], nnx.Module]:
     if task == "editor":
         tcfg = transformer_config(config)
         kind = config.editor.text.kind
-        if kind not in ("small", "precomputed"):
-            raise ValueError(f"editor.text.kind={kind!r}: use 'small' (trained with the editor) or "
-                             "'precomputed' (frozen-encoder states in the batch)")
+        if kind not in TEXT_KINDS:
+            raise ValueError(f"editor.text.kind={kind!r}: use 'small' (trained with the editor), "
+                             "'precomputed' (frozen-encoder states in the batch) or 'release' (the "
+                             "frozen CLIP + Gemma-2 encoders of editor.text.checkpoint, run in the step)")
         text_cfg = small_text_config(config) if kind == "small" else None
         return lambda rngs: EditorModel(tcfg, text_cfg, rngs=rngs, dtype=dtype,
                                         param_dtype=param_dtype, remat=bool(config.remat))

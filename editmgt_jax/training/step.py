@@ -6,17 +6,22 @@ sees only arrays. Signatures::
 
     train_step(state: TrainState, batch: dict, aux: dict) -> (TrainState, metrics: dict)
     eval_step(params, batch: dict, aux: dict, key_data: [2] uint32) -> metrics: dict
+    grad_step(params, batch: dict, aux: dict, key_data: [2] uint32) -> ((loss, metrics), grads)
 
 ``aux`` holds what the step needs but does not train: the trained model's non-parameter variables
 (``rest``) and the frozen modules' arrays (``frozen``: e.g. the VQ tokenizer that turns pixels into
-tokens inside the step, or the unconditional text states of frozen encoders). ``state`` is donated.
+tokens inside the step, the release's CLIP + Gemma-2 text encoders, or the unconditional text
+states of frozen encoders). Frozen modules get no gradients and no optimizer state. ``state`` is
+donated.
 
 Batches (dicts of host arrays; the leading axis is the example axis, sharded over data x fsdp):
 
 * editor: ``source``/``target`` images [B, R, R, 3] (uint8 in [0, 255] or float in [0, 1]) — or
   pre-tokenised ``source_ids``/``target_ids`` [B, h, w] int32; ``instruction_ids`` [B, L] int32
-  (``editor.text.kind == "small"``) or ``text_states`` [B, L, D] + ``pooled`` [B, P] (frozen encoders
-  run by the data pipeline); optional ``micro_conds`` [B, 5] and ``index`` [B] (example ids).
+  (``editor.text.kind == "small"``), ``text_states`` [B, L, D] + ``pooled`` [B, P] (``"precomputed"``:
+  frozen encoders run beforehand) or ``clip_ids`` [B, 77] + ``gemma_ids`` [B, 256] int32
+  (``"release"``: the frozen encoders in ``aux["frozen"]["text"]`` run in the step); optional
+  ``micro_conds`` [B, 5] and ``index`` [B] (example ids).
 * vq: ``image`` [B, R, R, 3] (or ``target``).
 """
 
@@ -55,7 +60,7 @@ class EditorLoss:
     """Masked-token cross-entropy on target tokens given source tokens and the instruction."""
 
     mask_id: int
-    text_kind: str = "small"              # "small" | "precomputed"
+    text_kind: str = "small"              # "small" | "precomputed" | "release"
     cond_dropout: float = 0.1
     timestep_convention: str = "mask_fraction"
     aesthetic: float = 6.0
@@ -91,6 +96,17 @@ class EditorLoss:
             if self.cond_dropout > 0 and uncond is None:
                 raise KeyError("condition dropout with precomputed text states needs the "
                                "unconditional states (aux frozen['uncond'])")
+            return cond, uncond
+        if self.text_kind == "release":
+            if "text" not in frozen:
+                raise KeyError("editor.text.kind='release' needs the frozen text encoders "
+                               "(aux frozen['text'], a ReleaseTextEncoder program)")
+            # Frozen: aux is never differentiated (only state.params are); stop_gradient says so.
+            cond = jax.lax.stop_gradient(frozen["text"](batch["clip_ids"], batch["gemma_ids"]))
+            uncond = frozen.get("uncond")
+            if self.cond_dropout > 0 and uncond is None:
+                raise KeyError("condition dropout with the release text encoders needs the empty "
+                               "prompt's encoding (aux frozen['uncond'])")
             return cond, uncond
         raise ValueError(f"editor text kind {self.text_kind!r}")
 
@@ -218,6 +234,9 @@ class Steps:
     eval: Callable         # (params, batch, aux, key_data) -> metrics
     aux_shardings: Any
     batch_shardings: dict
+    # (params, batch, aux, key_data) -> ((loss, metrics), grads): the gradient the train step
+    # would apply (grads sharded like params); compiled only when called.
+    grads: Callable | None = None
 
 
 def aux_shardings(program: TrainProgram, frozen_programs: Mapping[str, ModelProgram], aux) -> dict:
@@ -249,8 +268,11 @@ def make_steps(program: TrainProgram, loss_fn: LossFn, frozen_programs: Mapping[
     stored sharding). Stated explicitly because, left to choose, the XLA SPMD partitioner (jax
     0.10.2) can produce wrong gradients for a chain of matmuls whose weights are sharded over both
     ``fsdp`` and ``tensor`` followed by a norm (openxla/xla#40034 describes the same class of bug);
-    the mesh-equivalence test catches it. ``compiler_options``: XLA options for both programs
+    the mesh-equivalence test catches it. ``compiler_options``: XLA options for the programs
     (e.g. ``{"xla_backend_optimization_level": 0}`` to compile faster in tests).
+
+    Besides ``train`` and ``eval``, ``Steps.grads`` is the loss and gradient of one batch without
+    the update (for checks and debugging; compiled on first use).
     """
     mesh = program.mesh
     model_prog = program.model
@@ -301,4 +323,13 @@ def make_steps(program: TrainProgram, loss_fn: LossFn, frozen_programs: Mapping[
                     donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
     evaluate = jax.jit(eval_step, in_shardings=(model_prog.param_shardings, b_shard, a_shard, rep),
                        out_shardings=rep, compiler_options=compiler_options)
-    return Steps(train=train, eval=evaluate, aux_shardings=a_shard, batch_shardings=b_shard)
+
+    def grad_step(params, batch, aux, key_data):
+        return jax.value_and_grad(compute_loss, has_aux=True)(
+            params, aux, batch, jax.random.wrap_key_data(key_data))
+
+    grads = jax.jit(grad_step, in_shardings=(model_prog.param_shardings, b_shard, a_shard, rep),
+                    out_shardings=((rep, rep), model_prog.param_shardings),
+                    compiler_options=compiler_options)
+    return Steps(train=train, eval=evaluate, aux_shardings=a_shard, batch_shardings=b_shard,
+                 grads=grads)
