@@ -7,7 +7,8 @@ Activations are channels-last (NHWC) throughout.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -94,3 +95,13 @@ def param_count(state) -> int:
     """Number of scalars in an NNX state (concrete or abstract)."""
     import numpy as np
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
+
+
+def checked_fields(cls, d: Mapping) -> dict:
+    """``d`` as a dict after checking that every key is a field of the dataclass ``cls`` (the
+    ``from_dict`` of the model configs: a checkpoint written for another version fails loudly)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+    return dict(d)

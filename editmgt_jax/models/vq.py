@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from editmgt_jax.models.layers import Conv2d, Linear, ones, partitioned, zeros
+from editmgt_jax.models.layers import Conv2d, Linear, checked_fields, ones, partitioned, zeros
 
 GROUP_NORM_EPS = 1e-6       # diffusers Encoder/Decoder/ResnetBlock2D/mid-block attention all use 1e-6
 DEFAULT_BETA = 0.25         # diffusers VQModel builds its VectorQuantizer with beta=0.25
@@ -162,11 +162,7 @@ class VQConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "VQConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"VQConfig: unknown field(s) {sorted(unknown)}")
-        return cls(**dict(d))
+        return cls(**checked_fields(cls, d))
 
 
 # ----------------------------------------------------------------------------- layers

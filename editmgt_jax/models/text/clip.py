@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from editmgt_jax.models.layers import Linear, ones, partitioned, zeros
+from editmgt_jax.models.layers import Linear, checked_fields, ones, partitioned, zeros
 
 # transformers ACT2FN names -> activation. "gelu" is the exact (erf) form.
 _ACTIVATIONS = {
@@ -80,11 +80,7 @@ class CLIPTextConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "CLIPTextConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"CLIPTextConfig: unknown field(s) {sorted(unknown)}")
-        return cls(**dict(d))
+        return cls(**checked_fields(cls, d))
 
 
 class LayerNorm(nnx.Module):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from editmgt_jax.models.layers import Linear, RMSNorm, partitioned
+from editmgt_jax.models.layers import Linear, RMSNorm, checked_fields, partitioned
 
 _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -143,11 +143,7 @@ class Gemma2Config:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Gemma2Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"Gemma2Config: unknown field(s) {sorted(unknown)}")
-        d = dict(d)
+        d = checked_fields(cls, d)
         if d.get("layer_types") is not None:
             d["layer_types"] = tuple(d["layer_types"])
         return cls(**d)

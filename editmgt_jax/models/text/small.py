@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from editmgt_jax.models.layers import Linear, RMSNorm, gelu_tanh, partitioned
+from editmgt_jax.models.layers import Linear, RMSNorm, checked_fields, gelu_tanh, partitioned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +48,7 @@ class SmallTextConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "SmallTextConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"SmallTextConfig: unknown field(s) {sorted(unknown)}")
-        return cls(**dict(d))
+        return cls(**checked_fields(cls, d))
 
 
 class SmallTextAttention(nnx.Module):
