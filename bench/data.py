@@ -23,7 +23,8 @@ import time
 
 import numpy as np
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+from bench.results import RESULTS, append_to_section
+
 HEADING = "## Data pipeline"
 
 
@@ -112,19 +113,6 @@ def measure(spec_kwargs: dict, resolution: int, batch_size: int, batches: int, w
   return rate, first
 
 
-def _append_results(text: str) -> None:
-  existing = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-  if HEADING not in existing:
-    existing = existing.rstrip("\n") + f"\n\n{HEADING}\n"
-  head, _, rest = existing.partition(HEADING)
-  # Insert at the end of this section: before the next "## " heading, if any.
-  cut = rest.find("\n## ")
-  section, tail = (rest, "") if cut < 0 else (rest[: cut + 1], rest[cut + 1 :])
-  new = head + HEADING + section.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n" + ("\n" + tail if tail else "")
-  with open(RESULTS, "w") as f:
-    f.write(new)
-
-
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m bench.data", description=__doc__.split("\n\n")[0])
   p.add_argument("--data-dir", default="/tmp/editmgt_bench_data", help="where benchmark datasets are built")
@@ -167,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
   table = "\n".join(lines)
   print("\n" + table)
   if not args.no_record:
-    _append_results(table)
+    append_to_section(HEADING, table)
     print(f"\nappended to {RESULTS}")
   return 0
 

@@ -46,9 +46,10 @@ from typing import Any
 
 import numpy as np
 
+from bench.results import RESULTS, append_to_section
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, "RESULTS.md")
 HEADING = "## Sampler"
 CONFIGS = {
     "tiny": os.path.join(ROOT, "tests", "fixtures", "editmgt-tiny-v1", "transformer_config.json"),
@@ -455,18 +456,6 @@ def results_text(reports: list[dict[str, Any]], command: str, load: tuple[tuple,
     return "\n".join(lines)
 
 
-def _append_results(text: str) -> None:
-    existing = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    if HEADING not in existing:
-        existing = existing.rstrip("\n") + f"\n\n{HEADING}\n"
-    head, _, rest = existing.partition(HEADING)
-    cut = rest.find("\n## ")  # the end of this section: the next "## " heading, if any
-    section, tail = (rest, "") if cut < 0 else (rest[: cut + 1], rest[cut + 1:])
-    new = head + HEADING + section.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n" + ("\n" + tail if tail else "")
-    with open(RESULTS, "w") as fh:
-        fh.write(new)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sampler", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=("tiny", "medium", "both"), default="both")
@@ -496,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     text = results_text(reports, command.strip(), (load0, os.getloadavg()))
     print("\n" + text)
     if not args.no_record:
-        _append_results(text)
+        append_to_section(HEADING, text)
         print(f"\nappended to {RESULTS}")
     return 0
 

@@ -37,8 +37,9 @@ import subprocess
 import sys
 import time
 
+from bench.results import RESULTS, append_to_section
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "bench", "RESULTS.md")
 
 
 def _config(name: str):
@@ -207,15 +208,7 @@ def _record(rows: list[dict], command: str) -> None:
     text = (f"\n`{command}` ({datetime.date.today().isoformat()}; {rows[0]['platform']} device "
             f"{dev!r}, {os.cpu_count()} CPUs, 1-min load average {load:.1f} at the end; "
             f"Python {platform.python_version()})\n\n" + _table(rows))
-    existing = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    if "## Training" not in existing:
-        existing = existing.rstrip("\n") + "\n\n## Training\n\n" + _NOTES + "\n"
-    # Newest figures go right under the section's notes, before the next section.
-    head, _, tail = existing.partition("## Training")
-    nxt = tail.find("\n## ", 1)
-    body, rest = (tail, "") if nxt < 0 else (tail[:nxt], tail[nxt:])
-    with open(RESULTS, "w") as fh:
-        fh.write(head + "## Training" + body.rstrip("\n") + "\n" + text + rest)
+    append_to_section("## Training", text, intro=_NOTES)
 
 
 _NOTES = """The real train step (masking, condition dropout, text encoder, transformer, AdamW + clipping) on

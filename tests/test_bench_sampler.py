@@ -31,3 +31,15 @@ def test_results_text_names_the_command(tiny_report):
     text = sampler.results_text([tiny_report], "python -m bench.sampler --config tiny", ((1.0,) * 3, (1.0,) * 3))
     assert text.startswith("`python -m bench.sampler --config tiny`")
     assert "| ratio (b) / (a)" in text and "compiled loop faster" in text
+
+
+def test_results_go_to_the_end_of_their_section(tmp_path):
+    from bench.results import append_to_section
+
+    path = tmp_path / "R.md"
+    path.write_text("# Benchmark results\n\n## A\n\nold a\n\n## B\n\nold b\n")
+    append_to_section("## A", "new a", path=str(path))
+    append_to_section("## C", "new c", intro="about c", path=str(path))
+    append_to_section("## B", "new b", path=str(path))
+    assert path.read_text() == ("# Benchmark results\n\n## A\n\nold a\n\nnew a\n\n## B\n\nold b\n\nnew b\n\n"
+                                "## C\n\nabout c\n\nnew c\n")
