@@ -32,7 +32,7 @@ RELEASE_NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distort
                            "text, jpeg artifacts, signature, sketch, duplicate, ugly, identifying mark")
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "checkpoints", "editmgt-synthetic-128")
+                                  "checkpoints", "editmgt-synthetic-64")
 
 
 class EditError(ValueError):
