@@ -72,7 +72,7 @@ def test_region_hold_keeps_the_rest_of_the_image(editor, items):
     texts = [e["instruction"] for e in local]
     held = editor.edit(sources, texts, seed=0)                        # the model's defaults: hold on
     free = editor.edit(sources, texts, seed=0, hold_threshold=0.0)    # same map, nothing held
-    recon = editor.reconstruct(held.sources)
+    recon = editor.reconstruct(list(held.sources))
     size = held.images.shape[1]
     outside = [np.asarray(Image.fromarray(e["edit_mask"]).resize((size, size), Image.NEAREST)) <= 127
                for e in local]

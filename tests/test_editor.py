@@ -144,4 +144,7 @@ def test_data_parallel_mesh_gives_the_same_tokens(tiny_ckpt, photo):
     sharded_editor = Editor.load(tiny_ckpt, mesh_shape={"data": 8})
     sharded = sharded_editor.edit(imgs, texts, **kw)   # batch 4 padded to 8 devices
     np.testing.assert_array_equal(single.tokens, sharded.tokens)
-    np.testing.assert_array_equal(single.images, sharded.images)
+    # same tokens, same decoder; the decode's float32 sums are blocked differently on 8 devices, which
+    # can move a pixel that sits on a rounding boundary by one level
+    diff = np.abs(single.images.astype(int) - sharded.images.astype(int))
+    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3, (diff.max(), np.mean(diff > 0))
