@@ -5,7 +5,7 @@
     # 2. tokenizer
     python -m train.main --config configs/vq_synthetic.py --workdir workdirs/vq_synthetic
     # 3. token ids of both splits, once (the VQ is frozen from here on)
-    python -m train.pretokenize --dataset synthetic_edits/r128_n20000_t1000_s0 --data-dir workdirs/data \\
+    python -m train.pretokenize --dataset synthetic_edits/default --data-dir workdirs/data \\
         --split train --out workdirs/tokens/train --resolution 64 \\
         --vq-loader editmgt_jax.training.checkpoint:load_vq --vq-checkpoint workdirs/vq_synthetic/model
     (same with --split test --out workdirs/tokens/test)

@@ -17,7 +17,7 @@ VQ_SYNTHETIC = dict(
     block_out_channels=(8, 16, 32), layers_per_block=1, latent_channels=8, num_vq_embeddings=128,
     norm_num_groups=4,
 )
-DATASET = "synthetic_edits/r128_n20000_t1000_s0"
+DATASET = "synthetic_edits/default"
 
 
 def get_config():

@@ -1,0 +1,46 @@
+"""Edit success and changed-token accuracy on hand-made cases."""
+
+import numpy as np
+import pytest
+
+from editmgt_jax.evaluation import metrics
+
+
+def test_edit_success_on_known_cases():
+    src = np.zeros((8, 8, 3), np.uint8)
+    tgt = src.copy()
+    mask = np.zeros((8, 8), bool)
+    mask[2:6, 2:6] = True
+    tgt[mask] = (200, 0, 0)
+    # Returning the source fails by construction; returning the target succeeds.
+    assert metrics.edit_success(src, tgt, src, mask) is False
+    assert metrics.edit_success(tgt, tgt, src, mask) is True
+    # Distances are mean Euclidean RGB inside the mask: halfway (100 of 200) is not below half.
+    half = src.copy()
+    half[mask] = (100, 0, 0)
+    assert metrics.edit_distances(half, tgt, src, mask) == pytest.approx((100.0, 200.0))
+    assert metrics.edit_success(half, tgt, src, mask) is False
+    near = src.copy()
+    near[mask] = (120, 60, 0)   # distance sqrt(80^2 + 60^2) = 100: still not below half
+    assert metrics.edit_success(near, tgt, src, mask) is False
+    near[mask] = (130, 0, 0)    # 70 < 100
+    assert metrics.edit_success(near, tgt, src, mask) is True
+    # Pixels outside the mask do not count.
+    noisy = tgt.copy()
+    noisy[~mask] = 255
+    assert metrics.edit_success(noisy, tgt, src, mask) is True
+    # Undefined: empty mask, or nothing to change inside it.
+    assert metrics.edit_success(tgt, tgt, src, np.zeros((8, 8), bool)) is None
+    assert metrics.edit_success(src, src, src, mask) is None
+
+
+def test_changed_token_accuracy():
+    src = np.array([[1, 2, 3, 4]])
+    tgt = np.array([[1, 5, 6, 4]])
+    assert metrics.changed_token_accuracy(src, tgt, src) == 0.0        # copying the source
+    assert metrics.changed_token_accuracy(tgt, tgt, src) == 1.0
+    assert metrics.changed_token_accuracy(np.array([[9, 5, 3, 9]]), tgt, src) == 0.5  # unchanged positions ignored
+    assert metrics.changed_token_counts(np.array([[9, 5, 3, 9]]), tgt, src) == (1, 2)
+    assert metrics.changed_token_accuracy(src, src, src) is None
+    with pytest.raises(ValueError, match="shape"):
+        metrics.changed_token_accuracy(src[:, :2], tgt, src)
