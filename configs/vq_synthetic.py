@@ -14,8 +14,8 @@ codewords, so the smaller codebook carries as much information and gives the edi
 from configs import common
 
 VQ_SYNTHETIC = dict(
-    block_out_channels=(8, 16, 32), layers_per_block=1, latent_channels=8, num_vq_embeddings=128,
-    norm_num_groups=4,
+    block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=8, norm_num_groups=8,
+    quantizer="fsq", fsq_levels=(8, 5, 5, 5), num_vq_embeddings=1000,
 )
 DATASET = "synthetic_edits/default"
 
@@ -29,16 +29,16 @@ def get_config():
     c.optim.learning_rate = 2e-3
     c.optim.schedule = "cosine"
     c.optim.warmup_steps = 50
-    c.optim.decay_steps = 2000
+    c.optim.decay_steps = 1600
     c.optim.min_lr_ratio = 0.05
     c.train.batch_size = 8             # 16 images a step: source and target of each edit
-    c.train.num_steps = 2000
+    c.train.num_steps = 1600
     c.train.log_every = 20
-    c.train.checkpoint_every = 500
+    c.train.checkpoint_every = 250
     c.train.sample_every = 500
     c.vq.model = dict(VQ_SYNTHETIC)
     c.vq.l1_weight = 1.0
     c.vq.l2_weight = 1.0               # squared error sharpens colours (PSNR is what we report)
-    c.vq.codebook_weight = 1.0
-    c.vq.commitment_weight = 1.0       # see configs/vq_tiny.py
+    c.vq.codebook_weight = 0.0         # FSQ has no codebook and needs no commitment term
+    c.vq.commitment_weight = 0.0
     return c

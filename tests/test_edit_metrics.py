@@ -44,3 +44,23 @@ def test_changed_token_accuracy():
     assert metrics.changed_token_accuracy(src, src, src) is None
     with pytest.raises(ValueError, match="shape"):
         metrics.changed_token_accuracy(src[:, :2], tgt, src)
+
+
+def test_training_edit_eval_scoring():
+    from editmgt_jax.training import edit_eval
+
+    assert edit_eval.balanced_indices(["a", "b", "a", "a", "b", "c"], 2) == [0, 1, 2, 4, 5]
+    src = np.zeros((2, 8, 8, 3), np.uint8)
+    tgt = src.copy()
+    mask = np.zeros((8, 8), bool)
+    mask[:4] = True
+    tgt[:, :4] = 200
+    items = [dict(source=src[i], target=tgt[i], mask=mask, category=c) for i, c in enumerate(["color", "add"])]
+    edits = np.stack([tgt[0], src[1]])                   # the first edit succeeds, the second copies
+    src_ids = np.array([[[1, 2], [3, 4]], [[1, 2], [3, 4]]])
+    tgt_ids = np.array([[[5, 2], [3, 4]], [[6, 7], [3, 4]]])
+    pred = np.array([[[5, 2], [3, 4]], [[1, 2], [3, 4]]])
+    out = edit_eval.score(items, edits, pred, src_ids, tgt_ids)
+    assert out["edit_success"] == 0.5
+    assert out["edit_success/color"] == 1.0 and out["edit_success/add"] == 0.0
+    assert out["changed_token_accuracy"] == pytest.approx(1 / 3)
