@@ -455,7 +455,7 @@ def test_config_dict_is_accepted(syn_dir):
 
 
 def test_pretokenize_round_trip(syn_dir, tmp_path):
-  from train import pretokenize  # pylint: disable=g-import-not-at-top
+  from editmgt_jax.data import pretokenize  # pylint: disable=g-import-not-at-top
 
   encode = pretokenize.avgpool_encode_fn(factor=8)
   meta = pretokenize.pretokenize(
@@ -486,7 +486,7 @@ def test_pretokenize_plugs_in_the_vq_model():
   vq = pytest.importorskip("editmgt_jax.models.vq")
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from train import pretokenize  # pylint: disable=g-import-not-at-top
+  from editmgt_jax.data import pretokenize  # pylint: disable=g-import-not-at-top
 
   cfg = vq.VQConfig(block_out_channels=(8, 8), layers_per_block=1, latent_channels=4,
                     num_vq_embeddings=16, norm_num_groups=4)
