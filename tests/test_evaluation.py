@@ -266,13 +266,12 @@ def test_spec_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def syn_dir(tmp_path_factory):
+def syn_dir(tmp_path_factory, cli):
     """synthetic_edits with 2 train / 4 held-out examples at 64 px."""
-    from train import build_dataset
-
     data_dir = tmp_path_factory.mktemp("tfds")
-    assert build_dataset.main(["synthetic_edits", "--data-dir", str(data_dir), "--num-examples", "2",
-                               "--num-test", "4", "--resolution", "64"]) == 0
+    proc = cli("train.build_dataset", "synthetic_edits", "--data-dir", data_dir, "--num-examples", "2",
+               "--num-test", "4", "--resolution", "64")
+    assert proc.returncode == 0, proc.stderr
     return data_dir
 
 
@@ -300,15 +299,14 @@ def test_synthetic_split_is_read_with_exact_masks(syn_dir):
         datasets.open_eval_set(f"synthetic_edits:{syn_dir}:validation")
 
 
-def test_several_builds_must_be_named(syn_dir, tmp_path):
+def test_several_builds_must_be_named(syn_dir, tmp_path, cli):
     import shutil
-
-    from train import build_dataset
 
     d = tmp_path / "tfds"
     shutil.copytree(syn_dir, d)
-    assert build_dataset.main(["synthetic_edits", "--data-dir", str(d), "--num-examples", "1",
-                               "--num-test", "1", "--resolution", "32"]) == 0
+    proc = cli("train.build_dataset", "synthetic_edits", "--data-dir", d, "--num-examples", "1",
+               "--num-test", "1", "--resolution", "32")
+    assert proc.returncode == 0, proc.stderr
     with pytest.raises(datasets.EvalDataError, match="several builds .*choose one with synthetic_edits/CONFIG"):
         datasets.open_eval_set(f"synthetic_edits:{d}")
     assert len(datasets.open_eval_set(f"synthetic_edits/r32_n1_t1_s0:{d}")) == 1
