@@ -24,7 +24,7 @@ from configs.vq_synthetic import DATASET, VQ_SYNTHETIC
 from editmgt_jax.data.synthetic_edits import SYNTHETIC_VOCAB
 
 CODEBOOK = VQ_SYNTHETIC["num_vq_embeddings"]
-WIDTH = 96
+WIDTH = 64
 HEADS = 4
 
 
@@ -40,18 +40,22 @@ def get_config():
     c.optim.learning_rate = 1.5e-3
     c.optim.schedule = "cosine"
     c.optim.warmup_steps = 100
-    c.optim.decay_steps = 3200
+    c.optim.decay_steps = 1800
     c.optim.min_lr_ratio = 0.05
     c.train.batch_size = 16
-    c.train.num_steps = 3200
+    c.train.num_steps = 1800
     c.train.log_every = 20
-    c.train.checkpoint_every = 500
-    c.train.eval_every = 500
-    c.train.sample_every = 1000
+    c.train.checkpoint_every = 200
+    c.train.keep_checkpoints = 20
+    c.train.eval_every = 300
+    c.train.eval_batches = 2
+    c.train.edit_eval_every = 300      # held-out sampled edits: 10 per category
+    c.train.edit_eval_per_category = 10
+    c.train.sample_every = 0
     c.train.sample_steps = 8
     c.editor.transformer = dict(
         num_layers=2, num_single_layers=2, num_attention_heads=HEADS, attention_head_dim=WIDTH // HEADS,
-        joint_attention_dim=WIDTH, pooled_projection_dim=WIDTH, axes_dims_rope=(4, 10, 10),
+        joint_attention_dim=WIDTH, pooled_projection_dim=WIDTH, axes_dims_rope=(4, 6, 6),
         vocab_size=CODEBOOK + 1, codebook_size=CODEBOOK, downsample=False,
     )
     c.editor.text = dict(
