@@ -64,3 +64,16 @@ def test_training_edit_eval_scoring():
     assert out["edit_success"] == 0.5
     assert out["edit_success/color"] == 1.0 and out["edit_success/add"] == 0.0
     assert out["changed_token_accuracy"] == pytest.approx(1 / 3)
+
+
+def test_changed_region():
+    src = np.zeros((4, 4), int)
+    tok = src.copy()
+    tok[1, 1] = 7
+    r = metrics.changed_region(tok, src, (8, 8))
+    assert r.sum() == 4 and r[2:4, 2:4].all()
+    d = metrics.changed_region(tok, src, (8, 8), dilate=1)
+    assert d.sum() == 36 and d[0:6, 0:6].all()
+    assert not metrics.changed_region(src, src, (8, 8)).any()
+    with pytest.raises(ValueError, match="multiple"):
+        metrics.changed_region(tok, src, (6, 8))

@@ -330,6 +330,25 @@ def changed_token_accuracy(pred_ids, target_ids, source_ids) -> float | None:
     return hits / changed if changed else None
 
 
+def changed_region(tokens, source_tokens, shape: tuple[int, int], *, dilate: int = 0) -> np.ndarray:
+    """``[H, W]`` bool: the pixels of the token cells whose final id differs from the source's,
+    optionally dilated by ``dilate`` cells (8-neighbourhood), upsampled by nearest neighbour."""
+    t, s = np.asarray(tokens), np.asarray(source_tokens)
+    if t.shape != s.shape or t.ndim != 2:
+        raise ValueError(f"token grids must be equal 2-D shapes, got {t.shape} and {s.shape}")
+    grid = t != s
+    for _ in range(int(dilate)):
+        p = np.pad(grid, 1)
+        grid = np.zeros_like(grid)
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                grid |= p[dy:dy + t.shape[0], dx:dx + t.shape[1]]
+    h, w = shape
+    if h % t.shape[0] or w % t.shape[1]:
+        raise ValueError(f"image {shape} is not a multiple of the token grid {t.shape}")
+    return np.repeat(np.repeat(grid, h // t.shape[0], 0), w // t.shape[1], 1)
+
+
 def map_metrics(score, mask, *, threshold: float, upsample: str = "bilinear") -> dict:
     """IoU (two threshold rules) and AUROC of a token-grid score map against a pixel mask.
 

@@ -20,6 +20,8 @@ METRIC_DOC = {
     "leak_l1_rec": "L1 of edit vs the VQ reconstruction of the source, outside the mask",
     "leak_psnr_rec": "PSNR (dB) of edit vs the VQ reconstruction of the source, outside the mask",
     "iou_topk": "IoU of the top-k pixels of the upsampled consolidated map (k = mask area) with the mask",
+    "iou_changed": "IoU with the mask of the token cells whose final id differs from the source's",
+    "iou_changed_dilated": "the same region dilated by one token cell (8-neighbourhood)",
     "iou_fixed": "IoU of {upsampled consolidated map >= threshold} with the mask (threshold per run)",
     "auroc": "AUROC of the upsampled consolidated map for the mask pixels (rank-based, ties count half)",
 }
@@ -55,7 +57,8 @@ def fmt(x, key: str = "") -> str:
 TABLE_COLUMNS = (("edit_success", "edit success"), ("changed_token_acc", "changed-token acc"), ("l1", "L1"), ("psnr", "PSNR"), ("ssim", "SSIM"), ("psnr_in", "PSNR in mask"),
                  ("leak_psnr_src", "leak PSNR vs src"), ("leak_l1_src", "leak L1 vs src"),
                  ("leak_psnr_rec", "leak PSNR vs VQ rec"), ("leak_l1_rec", "leak L1 vs VQ rec"),
-                 ("iou_topk", "IoU top-k"), ("iou_fixed", "IoU fixed"), ("auroc", "AUROC"))
+                 ("iou_topk", "IoU top-k"), ("iou_fixed", "IoU fixed"), ("auroc", "AUROC"),
+                 ("iou_changed", "IoU changed tokens"), ("iou_changed_dilated", "IoU changed +1"))
 
 
 def _table(rows: list[tuple[str, dict, float | None]], extra_first: str = "run") -> list[str]:
@@ -130,7 +133,8 @@ def write_markdown(path: str, report: dict, grids: dict) -> None:
                  fmt(g(idc, "psnr"), "psnr"), fmt(g(vqc, "psnr"), "psnr"),
                  fmt(m["psnr"]["mean"], "psnr"), fmt(m["l1"]["mean"], "l1"), fmt(m["ssim"]["mean"]),
                  fmt(m["leak_psnr_src"]["mean"], "psnr"), fmt(g(vqc, "leak_psnr_src"), "psnr"),
-                 fmt(m["iou_topk"]["mean"]), fmt(m["iou_fixed"]["mean"]), fmt(m["auroc"]["mean"])]
+                 fmt(m["iou_topk"]["mean"]), fmt(m["iou_fixed"]["mean"]), fmt(m["auroc"]["mean"]),
+                 fmt(m["iou_changed"]["mean"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if grids.get("categories"):

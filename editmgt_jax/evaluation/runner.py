@@ -25,7 +25,10 @@ from editmgt_jax.evaluation.report import METRIC_DOC, plain, write_markdown
 EDIT_KEYS = ("edit_success", "changed_token_acc", "l1", "psnr", "ssim", "psnr_in", "leak_l1_src",
              "leak_psnr_src", "leak_l1_rec", "leak_psnr_rec")
 MAP_KEYS = ("iou_topk", "iou_fixed", "auroc")
-METRIC_KEYS = EDIT_KEYS + MAP_KEYS
+# IoU with the ground-truth mask of the cells whose final token differs from the source's (the
+# region the edit actually changed), as is and dilated by one cell.
+CHANGED_KEYS = ("iou_changed", "iou_changed_dilated")
+METRIC_KEYS = EDIT_KEYS + MAP_KEYS + CHANGED_KEYS
 
 
 @dataclasses.dataclass
@@ -142,13 +145,18 @@ class Evaluation:
         from editmgt_jax.evaluation import metrics
 
         it = self.items[i]
-        row = {"edit_success": None, "changed_token_acc": None}
+        row = {"edit_success": None, "changed_token_acc": None, "iou_changed": None, "iou_changed_dilated": None}
         if it["mask"] is not None:
             ok = metrics.edit_success(edit, it["target"], it["source"], it["mask"])
             row["edit_success"] = None if ok is None else float(ok)
         if tokens is not None and self.target_ids[i] is not None and np.shape(tokens) == np.shape(self.target_ids[i]):
             row["changed_token_acc"] = metrics.changed_token_accuracy(tokens, self.target_ids[i],
                                                                       self.source_ids[i])
+            m = it["mask"]
+            if m is not None and m.any() and not m.all():
+                for key, d in (("iou_changed", 0), ("iou_changed_dilated", 1)):
+                    row[key] = metrics.mask_iou(metrics.changed_region(tokens, self.source_ids[i], m.shape,
+                                                                       dilate=d), m)
         row.update(metrics.edit_metrics(edit, it["target"], it["source"], recon=self.recon[i], mask=it["mask"]))
         if heatmap is not None and it["mask"] is not None:
             row.update(metrics.map_metrics(heatmap, it["mask"], threshold=threshold, upsample=self.upsample))
