@@ -158,8 +158,9 @@ def region_map(token_mask: np.ndarray, pl: Placement, feather: float | None = No
     r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     right = m @ b[c0:c1].T                                                 # [gh, cols]
     for s0, s1 in _strips(r1 - r0, c1 - c0):
-        out[ry0 + r0 + s0:ry0 + r0 + s1, rx0 + c0:rx0 + c1] = a[r0 + s0:r0 + s1] @ right
-    np.clip(out, 0.0, 1.0, out=out)
+        block = out[ry0 + r0 + s0:ry0 + r0 + s1, rx0 + c0:rx0 + c1]
+        np.matmul(a[r0 + s0:r0 + s1], right, out=block)
+        np.clip(block, 0.0, 1.0, out=block)
     return out
 
 
@@ -189,12 +190,15 @@ def _work_box(pl: Placement, hw, ry0, ry1, rx0, rx1) -> tuple[float, float, floa
 
 def _upsample_rows(chans, pl: Placement, ry0: int, ry1: int, rx0: int, rx1: int) -> np.ndarray:
     """Bicubic resample of the working image (as three Pillow ``F`` images) onto input pixels
-    ``[ry0, ry1) x [rx0, rx1)``: ``[rows, cols, 3] float32`` clipped to [0, 255]."""
+    ``[ry0, ry1) x [rx0, rx1)``: ``[rows, cols, 3] float32``, clipped to [0, 255] and rounded."""
     from PIL import Image
 
     box = _work_box(pl, pl.work_hw, ry0, ry1, rx0, rx1)
-    out = np.stack([np.asarray(c.resize((rx1 - rx0, ry1 - ry0), Image.BICUBIC, box=box)) for c in chans], -1)
-    return np.clip(out, 0.0, 255.0)
+    out = np.empty((ry1 - ry0, rx1 - rx0, 3), np.float32)
+    for k, c in enumerate(chans):
+        out[..., k] = np.asarray(c.resize((rx1 - rx0, ry1 - ry0), Image.BICUBIC, box=box))
+    np.clip(out, 0.0, 255.0, out=out)
+    return np.rint(out, out=out)
 
 
 def _channels(raw: np.ndarray):
@@ -211,7 +215,7 @@ def upsample(raw: np.ndarray, pl: Placement) -> np.ndarray:
     ry0, ry1, rx0, rx1 = pl.pixel_range
     chans = _channels(raw)
     for s0, s1 in _strips(ry1 - ry0, rx1 - rx0):
-        out[ry0 + s0:ry0 + s1, rx0:rx1] = np.rint(_upsample_rows(chans, pl, ry0 + s0, ry0 + s1, rx0, rx1))
+        out[ry0 + s0:ry0 + s1, rx0:rx1] = _upsample_rows(chans, pl, ry0 + s0, ry0 + s1, rx0, rx1)
     return out
 
 
@@ -236,7 +240,11 @@ def blend(original: np.ndarray, raw: np.ndarray, region: np.ndarray, pl: Placeme
         if not np.any(m > 0):
             continue
         chans = chans or _channels(raw)
-        up = np.rint(_upsample_rows(chans, pl, y0, y1, rx0, rx1))
+        up = _upsample_rows(chans, pl, y0, y1, rx0, rx1)
         src = original[y0:y1, rx0:rx1].astype(np.float32)
-        out[y0:y1, rx0:rx1] = np.rint(m * up + (np.float32(1) - m) * src).astype(np.uint8)
+        # m * up + (1 - m) * src: exactly src where m == 0 and exactly up where m == 1
+        up *= m
+        src *= np.float32(1) - m
+        up += src
+        out[y0:y1, rx0:rx1] = np.rint(up, out=up)
     return out
