@@ -25,21 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
-
-def parse_blocks(text: str) -> tuple[int, ...]:
-    """'28-36', '2,3,4', '2+3' or '' -> block indices."""
-    out: list[int] = []
-    for part in filter(None, (p.strip() for p in re.split(r"[,+]", text))):
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out += list(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
-    return tuple(out)
+from editmgt_jax.cli_flags import add_sampler_flags, sampler_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,13 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--out-dir", metavar="DIR", default="edits", help="folder for batch outputs")
     bat.add_argument("--batch-size", type=int, default=4, help="edits per compiled call (default 4)")
     s = p.add_argument_group("sampler (defaults come from the checkpoint)")
-    s.add_argument("--steps", type=int, help="decoding steps (release demo: 36)")
-    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
-    s.add_argument("--strength", type=float, help="reference strength: >1 pulls attention to the source")
-    s.add_argument("--hold-threshold", type=float, help="region-hold lambda (0 = off)")
-    s.add_argument("--consolidation-blocks", type=parse_blocks, metavar="LIST",
-                   help="blocks whose attention forms the edit-region map, e.g. '28-36' or '2,3,4'")
-    s.add_argument("--greedy", action="store_true", help="deterministic decoding (argmax, no Gumbel noise)")
+    add_sampler_flags(s)
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--size", type=int, help="working resolution in pixels (default: the checkpoint's)")
     s.add_argument("--resize", choices=["fit", "crop"], default="fit",
@@ -82,12 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--mesh", default=None, metavar="SPEC",
                    help="data-parallel batch editing over devices, e.g. 'data=8'")
     return p
-
-
-def _sampler_overrides(args) -> dict:
-    return dict(steps=args.steps, guidance_scale=args.guidance, reference_strength=args.strength,
-                hold_threshold=args.hold_threshold, consolidation_blocks=args.consolidation_blocks,
-                greedy=True if args.greedy else None)
 
 
 def _save_outputs(result, i: int, out_path: str, heatmap: bool) -> list[str]:
@@ -149,7 +126,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         editor = Editor.load(args.checkpoint, mesh_shape=mesh)
         print(f"loaded {editor.path} in {time.time() - t0:.1f}s", file=sys.stderr)
-        over = _sampler_overrides(args)
+        over = sampler_overrides(args)
         common = dict(seed=args.seed, size=args.size, policy=args.resize, negative_prompt=args.negative_prompt,
                       composite=args.composite, **over)
         if not args.batch:

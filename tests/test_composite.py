@@ -156,14 +156,12 @@ def test_modes_none_and_map(editor, wide, mixed):
         editor.edit(wide, TEXT, composite="map", consolidation_blocks=(), hold_threshold=0.0)
 
 
-def test_cli_no_composite_writes_the_raw_output(tmp_path, wide):
+def test_cli_no_composite_writes_the_raw_output(tmp_path, wide, cli):
     """The composited CLI output at the input's size: test_default_model's README command."""
-    from infer.edit import main as edit_main
-
     src = tmp_path / "wide.png"
     Image.fromarray(wide).save(src)
     raw = tmp_path / "raw.png"
-    assert edit_main(["--image", str(src), "--instruction", TEXT, "--no-composite", "--save-heatmap",
-                      "--out", str(raw)]) == 0
+    proc = cli("infer.edit", "--image", src, "--instruction", TEXT, "--no-composite", "--save-heatmap", "--out", raw)
+    assert proc.returncode == 0, proc.stderr
     assert Image.open(raw).size == (64, 44)                                  # the working size
     assert Image.open(tmp_path / "raw_heatmap.png").size == (600, 400)      # over the input
