@@ -3,13 +3,21 @@
     from editmgt_jax.editor import Editor
     editor = Editor.load("ckpt/editmgt-1024")            # or Editor.load() for the shipped model
     result = editor.edit([img1, img2], ["make the sky pink", "remove the cat"])
-    result.images        # [B, H, W, 3] uint8
+    result.images        # each [H, W, 3] uint8 at its input's own size: the source with the edit blended in
+    result.raw_images    # each [h, w, 3] uint8: the model's output at the working size
+    result.region_maps   # each [H, W] float32 in [0, 1]: where the edit was blended in
     result.heatmaps      # [B, gh, gw] float32 consolidated edit-region scores (when consolidation is on)
 
+The model works on an aspect-preserving resize of each input to a multiple of its grid (the long
+side at the working size, ``imageio.fit_to_grid``); the edited pixels are upsampled and blended into
+the original source through a feathered region map (``editmgt_jax.composite``), so every pixel
+outside the region is the source's own. ``composite="none"`` returns the raw model output instead.
+
 Everything per edit is one compiled program (VQ encode -> region-hold sampling loop -> VQ decode),
-compiled once per (image shape, batch size, sampler settings) and cached. Parameters enter as jit
-arguments (graphdef/state split), replicated over the mesh; the batch is sharded over its
-``data`` axis (``Editor.load(..., mesh_shape={"data": 8})``).
+compiled once per (working image shape, batch size, sampler settings) and cached; a batch of
+images of different sizes runs one program per working shape, and the compositing runs per image
+on the host. Parameters enter as jit arguments (graphdef/state split), replicated over the mesh;
+the batch is sharded over its ``data`` axis (``Editor.load(..., mesh_shape={"data": 8})``).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from editmgt_jax import checkpoints, imageio, parallel
+from editmgt_jax import checkpoints, composite as compositing, imageio, parallel
 from editmgt_jax.convert.registry import COMPONENTS
 from editmgt_jax.sampling.region_hold import TIMESTEP_CONVENTIONS, SamplerConfig, sample
 
@@ -41,11 +49,28 @@ class EditError(ValueError):
 
 @dataclasses.dataclass
 class EditResult:
-    images: np.ndarray              # [B, H, W, 3] uint8 edited images
-    sources: np.ndarray             # [B, H, W, 3] uint8 sources as the model saw them (after resizing)
-    tokens: np.ndarray              # [B, h, w] int32 final token ids
-    source_tokens: np.ndarray       # [B, h, w] int32 token ids of the sources
-    heatmaps: np.ndarray | None     # [B, gh, gw] float32 consolidated edit-region score, or None
+    """What ``Editor.edit`` returns. Per-image fields are one ``[B, ...]`` array when every image of
+    the batch has the same shape there, else a list of per-image arrays (inputs of different sizes)."""
+
+    images: np.ndarray | list       # [B, H, W, 3] uint8 edited images: at each input's own size, the
+                                    # source with the edit blended in; the raw output with composite='none'
+    sources: np.ndarray | list      # [B, h, w, 3] uint8 sources as the model saw them (working size)
+    tokens: np.ndarray | list       # [B, h', w'] int32 final token ids
+    source_tokens: np.ndarray | list  # [B, h', w'] int32 token ids of the sources
+    heatmaps: np.ndarray | list | None  # [B, gh, gw] float32 consolidated edit-region score, or None
+    raw_images: np.ndarray | list | None = None   # [B, h, w, 3] uint8 the model's output (working size)
+    region_maps: np.ndarray | list | None = None  # [B, H, W] float32 in [0, 1]: the blend weight of the
+                                                  # model output (input size); None with composite='none'
+    originals: np.ndarray | list | None = None    # [B, H, W, 3] uint8 the inputs at their own size
+    placements: list | None = None  # per image: composite.Placement (working image <-> input pixels)
+    composite: str = "changed"      # the region rule used: 'changed', 'map' or 'none'
+
+
+def _stack(arrays: list):
+    """One array when the shapes agree, else the list (images of different sizes)."""
+    if any(a is None for a in arrays):
+        return None
+    return np.stack(arrays) if len({a.shape for a in arrays}) == 1 else list(arrays)
 
 
 def _check_instructions(instructions: Sequence[str]) -> list[str]:
@@ -124,8 +149,15 @@ class Editor:
     def default_size(self) -> int:
         return int(self.defaults.get("resolution", 1024))
 
-    def prepare(self, image, *, size: int | None = None, policy: str = "crop", name: str | None = None) -> np.ndarray:
-        """Path / bytes / PIL image / array -> ``[H, W, 3] uint8`` at a size the grid takes."""
+    def prepare(self, image, *, size: int | None = None, policy: str = "fit", name: str | None = None) -> np.ndarray:
+        """Path / bytes / PIL image / array -> ``[H, W, 3] uint8`` at a size the grid takes
+        (``policy``: 'fit' keeps the aspect ratio, 'crop' takes the centre square; ``imageio``)."""
+        arr = self.load_rgb(image, name=name)
+        return imageio.fit_to_grid(arr, size or self.default_size, self.pixel_granularity, policy)
+
+    @staticmethod
+    def load_rgb(image, *, name: str | None = None) -> np.ndarray:
+        """Path / bytes / PIL image / array -> ``[H, W, 3] uint8`` at its own size."""
         if isinstance(image, (str, os.PathLike)):
             arr = imageio.load_image(image, name=f"{name} ({os.fspath(image)})" if name else None)
         elif isinstance(image, (bytes, bytearray)):
@@ -144,7 +176,7 @@ class Editor:
                 else:
                     arr = np.clip(arr, 0, 255).astype(np.uint8)
             arr = arr[..., :3]
-        return imageio.fit_to_grid(arr, size or self.default_size, self.pixel_granularity, policy)
+        return arr
 
     # ------------------------------------------------------------------ editing
     def sampler_config(self, **overrides) -> SamplerConfig:
@@ -159,12 +191,20 @@ class Editor:
         return SamplerConfig(**base)
 
     def edit(self, images, instructions: Sequence[str] | str, *, seed: int = 0, masks=None,
-             negative_prompt: str | None = None, size: int | None = None, policy: str = "crop",
-             **sampler_overrides) -> EditResult:
-        """Edit a batch. ``images``: a list (or one) of paths / PIL images / ``[H, W, 3]`` arrays;
-        ``instructions``: one per image. ``masks``: optional ``[H, W]`` bool arrays (True = may change)
-        for inpainting mode. Sampler settings (``steps``, ``guidance_scale``, ``reference_strength``,
-        ``hold_threshold``, ``consolidation_blocks``, ``greedy``, ...) override the checkpoint's."""
+             negative_prompt: str | None = None, size: int | None = None, policy: str = "fit",
+             composite: str = "changed", feather: float | None = None, **sampler_overrides) -> EditResult:
+        """Edit a batch. ``images``: a list (or one) of paths / PIL images / ``[H, W, 3]`` arrays, of
+        any sizes; ``instructions``: one per image. ``masks``: optional ``[H, W]`` bool arrays (True =
+        may change; at the input's or the working size) for inpainting mode. Sampler settings
+        (``steps``, ``guidance_scale``, ``reference_strength``, ``hold_threshold``,
+        ``consolidation_blocks``, ``greedy``, ...) override the checkpoint's.
+
+        The model edits each image at ``size`` (default: the checkpoint's) under ``policy`` ('fit':
+        long side at ``size``, aspect kept; 'crop': the centre square). ``composite`` says which
+        pixels of the input take the model's output (``editmgt_jax.composite``): 'changed' (the tokens
+        that changed, dilated by one token), 'map' (the edit-region map, which needs consolidation),
+        or 'none' (``images`` are then the raw model output at the working size). ``feather``: width
+        of the soft seam in input pixels (default: a quarter of a token, at least 3 px)."""
         if isinstance(instructions, str):
             instructions = [instructions]
         if not isinstance(images, (list, tuple)):
@@ -174,28 +214,62 @@ class Editor:
             raise EditError(f"{len(images)} image(s) but {len(instructions)} instruction(s)")
         if masks is not None and len(masks) != len(images):
             raise EditError(f"{len(images)} image(s) but {len(masks)} mask(s)")
+        if composite not in compositing.MODES:
+            raise EditError(f"composite={composite!r}: choose from {compositing.MODES}")
+        if feather is not None and not feather >= 0:
+            raise EditError(f"feather={feather!r}: expected a width in pixels >= 0")
         cfg = self.sampler_config(**sampler_overrides)
-        srcs = [self.prepare(im, size=size, policy=policy, name=f"image {i}") for i, im in enumerate(images)]
-        shapes = {s.shape for s in srcs}
-        if len(shapes) > 1:
-            raise EditError(f"images of one batch must share a size after resizing, got {sorted(shapes)}; "
-                            f"use policy='crop' or edit them in separate calls")
-        src = np.stack(srcs)
+        if composite == "map" and not cfg.captures:
+            raise EditError("composite='map' needs the edit-region map: give consolidation_blocks")
+        size = size or self.default_size
+        gran = self.pixel_granularity
+        originals = [self.load_rgb(im, name=f"image {i}") for i, im in enumerate(images)]
+        placements = [compositing.placement(o.shape[0], o.shape[1], size, gran, policy) for o in originals]
+        srcs = [imageio.fit_to_grid(o, size, gran, policy) for o in originals]
         neg = negative_prompt if negative_prompt is not None else self.defaults.get("negative_prompt", "")
         txt, pooled = self.text.encode(instructions)
         ntxt, npooled = self.text.encode([neg] * len(instructions), allow_empty=True)
-        gh, gw = src.shape[1] // self.vq_cfg.downsample_factor, src.shape[2] // self.vq_cfg.downsample_factor
-        inpaint = None
-        if masks is not None:
-            inpaint = np.stack([self._mask_to_grid(m, src.shape[1:3], (gh, gw), i) for i, m in enumerate(masks)])
-        micro = np.tile(np.array([[src.shape[2], src.shape[1], 0, 0,
-                                   float(self.defaults.get("aesthetic_score", 6.0))]], np.float32), (len(src), 1))
-        key = jax.random.key(seed)
-        out = self._run(cfg, src, txt, pooled, ntxt, npooled, micro, key, inpaint)
-        return EditResult(images=out["image"], sources=src, tokens=out["tokens"], source_tokens=out["ref_ids"],
-                          heatmaps=out.get("heatmap"))
+        keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), len(srcs))))
+        f = self.vq_cfg.downsample_factor
+        # one compiled program per working shape; results go back to the callers' order
+        outs: list = [None] * len(srcs)
+        groups: dict[tuple, list[int]] = {}
+        for i, s_ in enumerate(srcs):
+            groups.setdefault(s_.shape, []).append(i)
+        for shape, idx in groups.items():
+            src = np.stack([srcs[i] for i in idx])
+            gh, gw = shape[0] // f, shape[1] // f
+            inpaint = None
+            if masks is not None:
+                inpaint = np.stack([self._mask_to_grid(self._mask_to_work(masks[i], originals[i], size, policy),
+                                                       shape[:2], (gh, gw), i) for i in idx])
+            micro = np.tile(np.array([[shape[1], shape[0], 0, 0, float(self.defaults.get("aesthetic_score", 6.0))]],
+                                     np.float32), (len(idx), 1))
+            out = self._run(cfg, src, txt[idx], pooled[idx], ntxt[idx], npooled[idx], micro, keys[idx], inpaint)
+            for k, i in enumerate(idx):
+                outs[i] = {name: v[k] for name, v in out.items()}
+        raw = [o["image"] for o in outs]
+        heat = [o.get("heatmap") for o in outs]
+        region_maps = finals = None
+        if composite == "none":
+            finals = raw
+        else:
+            region_maps, finals = [], []
+            threshold = cfg.hold_threshold if cfg.holds else 0.5
+            for i, o in enumerate(outs):
+                if composite == "changed":
+                    tok_mask = compositing.changed_tokens(o["tokens"], o["ref_ids"])
+                else:
+                    tok_mask = compositing.map_tokens(o["heatmap"], o["tokens"].shape, threshold)
+                region = compositing.region_map(tok_mask, placements[i], feather)
+                region_maps.append(region)
+                finals.append(compositing.blend(originals[i], raw[i], region, placements[i]))
+        return EditResult(images=_stack(finals), sources=_stack(srcs), tokens=_stack([o["tokens"] for o in outs]),
+                          source_tokens=_stack([o["ref_ids"] for o in outs]), heatmaps=_stack(heat),
+                          raw_images=_stack(raw), region_maps=None if region_maps is None else _stack(region_maps),
+                          originals=_stack(originals), placements=placements, composite=composite)
 
-    def reconstruct(self, images, *, size: int | None = None, policy: str = "crop") -> np.ndarray:
+    def reconstruct(self, images, *, size: int | None = None, policy: str = "fit") -> np.ndarray:
         """VQ round trip of the sources (encode, then decode the same ids): ``[B, H, W, 3] uint8``.
 
         The image an edit that keeps every source token decodes to: the ceiling for how close an
@@ -221,6 +295,16 @@ class Editor:
             prog = self._programs[sig] = jax.jit(program)
         return np.asarray(prog(self.states["vq"], src))
 
+    def _mask_to_work(self, mask, original, size, policy) -> np.ndarray:
+        """A mask at the input's size goes through the image's own resize (crop included); other
+        sizes are left to ``_mask_to_grid``."""
+        m = np.asarray(mask)
+        m = m[..., 0] if m.ndim == 3 else m
+        if m.shape != original.shape[:2]:
+            return m
+        rgb = np.repeat(((m > 0) * 255).astype(np.uint8)[..., None], 3, axis=-1)
+        return imageio.fit_to_grid(rgb, size, self.pixel_granularity, policy)[..., 0] > 127
+
     @staticmethod
     def _mask_to_grid(mask, hw, grid, i) -> np.ndarray:
         m = np.asarray(mask)
@@ -237,13 +321,17 @@ class Editor:
             raise EditError(f"mask {i}: selects no pixels")
         return g
 
-    def _run(self, cfg, src, txt, pooled, ntxt, npooled, micro, key, inpaint):
+    def _run(self, cfg, src, txt, pooled, ntxt, npooled, micro, keys, inpaint):
+        """``keys``: ``[b, 2] uint32`` raw PRNG keys, one per image (so an image's draw does not depend on
+        the other images of the call or on padding)."""
         n_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         b = len(src)
         pad = (-b) % n_dev
         arrays = [src, txt, pooled, ntxt, npooled, micro] + ([inpaint] if inpaint is not None else [])
         if pad:
             arrays = [np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) for a in arrays]
+            keys = np.concatenate([keys, np.repeat(keys[-1:], pad, axis=0)])
+        key = jax.device_put(keys, parallel.replicated(self.mesh))
         sig = (cfg, tuple(a.shape for a in arrays), inpaint is not None)
         prog = self._programs.get(sig)
         if prog is None:
