@@ -77,3 +77,18 @@ def test_changed_region():
     assert not metrics.changed_region(src, src, (8, 8)).any()
     with pytest.raises(ValueError, match="multiple"):
         metrics.changed_region(tok, src, (6, 8))
+
+
+def test_composite_ablation_runs():
+    from editmgt_jax.evaluation import ablations
+    from editmgt_jax.sampling.region_hold import SamplerConfig
+
+    runs = ablations.expand_runs(ablations.parse_ablations("composite"), SamplerConfig(),
+                                 ablations.block_presets(4))
+    assert [r.name for r in runs] == ["composite=changed", "composite=map", "composite=none"]
+    assert runs[0].overrides == {"composite": "changed"}
+    # the map needs consolidation: the 'late' preset is added when the base has none
+    assert runs[1].overrides == {"composite": "map", "consolidation_blocks": (3,)}
+    with pytest.raises(ablations.UsageError, match="composite"):
+        ablations.expand_runs(ablations.parse_ablations("composite=mask"), SamplerConfig(),
+                              ablations.block_presets(4))

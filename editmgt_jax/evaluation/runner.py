@@ -323,8 +323,8 @@ def evaluate(args: EvalOptions, editor=None) -> dict:
     done: dict[tuple, str] = {}
     for spec in specs:
         kwargs = {**sampler_common, **spec.overrides}
-        cfg = editor.sampler_config(**kwargs)
-        key = (cfg, spec.inpaint)
+        cfg = editor.sampler_config(**{k: v for k, v in kwargs.items() if k != "composite"})
+        key = (cfg, spec.inpaint, kwargs.get("composite"))
         entry = {"group": spec.group, "overrides": dict(spec.overrides), "inpaint": spec.inpaint,
                  "sampler": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "micro_conds"}}
         if spec.note:
