@@ -27,9 +27,8 @@ from editmgt_jax import checkpoints, imageio, parallel
 from editmgt_jax.convert.registry import COMPONENTS
 from editmgt_jax.sampling.region_hold import TIMESTEP_CONVENTIONS, SamplerConfig, sample
 
-# Defaults of the official demo for the released 1024 px model.
-RELEASE_NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distortion, watermark, logo, signature, "
-                           "text, jpeg artifacts, signature, sketch, duplicate, ugly, identifying mark")
+# The official demo's negative prompt (owned by the checkpoint conventions; kept here for imports).
+RELEASE_NEGATIVE_PROMPT = checkpoints.RELEASE_NEGATIVE_PROMPT
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   "checkpoints", "editmgt-synthetic-64")
@@ -75,22 +74,33 @@ class Editor:
         self.states = jax.device_put(states, rep)
         self.vq_cfg = modules["vq"].cfg
         self.tr_cfg = modules["transformer"].cfg
-        self.defaults = dict(defaults or {})
-        # The timestep the transformer was trained for (see SamplerConfig.timestep_convention).
-        convention = self.defaults.get("timestep_convention", self.doc.get("timestep_convention",
-                                                                           "step_index"))
-        if convention not in TIMESTEP_CONVENTIONS:
+        # How this model must be driven (mask id, timestep convention, micro-conditions, negative
+        # prompt, recommended sampler settings): the checkpoint's conventions record, the one source.
+        try:
+            self.conventions = checkpoints.read_conventions(self.doc)
+        except checkpoints.CheckpointError as e:
+            raise checkpoints.CheckpointError(f"{path}: {e}") from None
+        conv = self.conventions
+        self.defaults = {**conv.sampler_settings(), "resolution": conv.resolution,
+                         "negative_prompt": conv.negative_prompt, "aesthetic_score": conv.aesthetic_score,
+                         **dict(defaults or {})}
+        if self.defaults["timestep_convention"] not in TIMESTEP_CONVENTIONS:
             raise checkpoints.CheckpointError(
-                f"{path}: config.json timestep_convention={convention!r}; expected one of "
+                f"{path}: timestep_convention={self.defaults['timestep_convention']!r}; expected one of "
                 f"{TIMESTEP_CONVENTIONS}")
-        self.defaults["timestep_convention"] = convention
         self._programs: dict = {}
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, *, mesh_shape: Mapping[str, int] | None = None,
              dtype=jnp.float32) -> "Editor":
-        """Load a model checkpoint folder (as written by the converter or exported by training)."""
+        """Load a model checkpoint folder (as written by the converter or exported by training).
+
+        ``dtype``: ``jnp.float32`` (default; parity with the official float32 pipeline) or
+        ``jnp.bfloat16`` for accelerators: parameters are stored in bf16 and the matmuls run in bf16,
+        while normalisation statistics, attention softmax, RoPE, timestep sinusoids and the logits
+        stay float32 as in the official bf16 pipeline, and the sampler's probabilities are float32.
+        """
         if path is None:
             path = DEFAULT_CHECKPOINT
             if not os.path.isfile(os.path.join(path, "config.json")):
@@ -111,8 +121,7 @@ class Editor:
             modules[name] = load_module(path, name, cfg_dict, dtype=dtype)
         text = make_text_side(path, doc, modules)
         mesh = parallel.make_mesh(mesh_shape) if mesh_shape else None
-        return cls(doc, {k: modules[k] for k in ("vq", "transformer")}, text, mesh=mesh,
-                   defaults=doc.get("sampler_defaults", {}), path=path)
+        return cls(doc, {k: modules[k] for k in ("vq", "transformer")}, text, mesh=mesh, path=path)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -255,7 +264,7 @@ class Editor:
 
     def _compile(self, cfg: SamplerConfig, arrays, has_mask: bool):
         graphdefs = self.graphdefs
-        mask_id = self.tr_cfg.vocab_size - 1
+        mask_id = cfg.mask_token_id          # the checkpoint's conventions (sampler_config)
         n_codes = self.vq_cfg.num_vq_embeddings
 
         def program(states, key, src, txt, pooled, ntxt, npooled, micro, *maybe_mask):
@@ -266,6 +275,8 @@ class Editor:
             res = sample(tr, ref_ids, txt, pooled, ntxt, npooled, cfg, key=key, micro_conds=micro,
                          inpaint_mask=maybe_mask[0] if maybe_mask else None)
             tokens = res["tokens"]
+            # leftover mask ids (and anything outside the codebook) decode as code 0, as the official
+            # pipeline's decode does
             safe = jnp.where((tokens >= n_codes) | (tokens == mask_id), 0, tokens)
             img = jnp.clip(vq.decode_ids(safe), 0.0, 1.0)
             out = {"image": jnp.round(img * 255.0).astype(jnp.uint8), "tokens": tokens, "ref_ids": ref_ids}
@@ -280,12 +291,20 @@ class Editor:
 
 # ---------------------------------------------------------------------- components
 def load_module(path: str, name: str, cfg_dict: Mapping, *, dtype=jnp.float32) -> nnx.Module:
-    """Build component ``name`` from its config and restore its parameters from ``path``."""
+    """Build component ``name`` from its config and restore its parameters from ``path``.
+
+    ``dtype`` is both the parameter and the compute dtype (stored float32 parameters are cast on
+    restore); float32 statistics and softmax are the modules' own business.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
     if name == "small_text":
         from editmgt_jax.models.text.small import SmallTextConfig, SmallTextEncoder
 
         cfg = SmallTextConfig.from_dict(cfg_dict)
-        abstract = nnx.eval_shape(lambda: SmallTextEncoder(cfg, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: SmallTextEncoder(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                                           param_dtype=dtype))
     else:
         comp = COMPONENTS[name]
         config_cls, model_cls = comp.classes()
@@ -293,7 +312,7 @@ def load_module(path: str, name: str, cfg_dict: Mapping, *, dtype=jnp.float32) -
             cfg = config_cls.from_dict(cfg_dict)
         except (TypeError, ValueError, KeyError) as e:
             raise checkpoints.CheckpointError(f"{path}: config of component {name!r} is not valid: {e}") from e
-        abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+        abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
     graphdef, state = nnx.split(abstract)
     params = checkpoints.load_component(path, name, state.to_pure_dict())
     nnx.replace_by_pure_dict(state, params)

@@ -194,6 +194,10 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
             meta["sampler_defaults"][k] = list(v) if isinstance(v, tuple) else v
         meta["training"]["timestep_convention"] = config.editor.timestep_convention
         meta["timestep_convention"] = sampler_convention
+        from editmgt_jax.training.step import mask_token_id
+        meta["conventions"] = checkpoints.legacy_conventions(
+            {"components": cfgs, **meta}, mask_token_id=mask_token_id(config),
+            source="the training config (editor.transformer / init_from)")
     else:
         comps["vq"] = params
         cfgs["vq"] = state_lib.vq_config(config).to_dict()
