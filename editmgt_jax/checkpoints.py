@@ -250,10 +250,34 @@ def save_model(path: str | os.PathLike, params: Mapping[str, Mapping], configs: 
     return path
 
 
+# Bytes in flight while Orbax copies a component's arrays for writing: without a limit it copies
+# the whole component first, doubling the peak memory of a conversion.
+SAVE_CONCURRENT_GB = 1
+
+
 def save_component(path: str, name: str, tree: Mapping) -> None:
-    ckptr = _checkpointer()
-    ckptr.save(os.path.join(os.path.abspath(path), "params", name), dict(tree))
-    ckptr.wait_until_finished()
+    """Write one component's parameters (nested dicts of numpy or jax arrays).
+
+    Numpy leaves of mutable dicts are replaced in place, one at a time, by host (CPU) jax arrays, and
+    Orbax copies at most :data:`SAVE_CONCURRENT_GB` of them at once, so a component converted in
+    host memory is never held twice (peak: the component plus about one tensor)."""
+    import orbax.checkpoint as ocp
+
+    tree = _host_arrays(tree, jax.devices("cpu")[0])
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=SAVE_CONCURRENT_GB))
+    ckptr.save(os.path.join(os.path.abspath(path), "params", name), args=ocp.args.PyTreeSave(tree))
+
+
+def _host_arrays(tree, device):
+    out = tree if isinstance(tree, dict) else dict(tree)
+    for k in list(out):
+        v = out[k]
+        if isinstance(v, Mapping):
+            out[k] = _host_arrays(v, device)
+        elif isinstance(v, np.ndarray) or np.isscalar(v):
+            out[k] = jax.device_put(np.asarray(v), device)
+            del v
+    return out
 
 
 def write_config(path: str, configs: Mapping[str, Mapping], metadata: Mapping | None = None,
