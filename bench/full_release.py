@@ -1,7 +1,8 @@
 """The released-size model on this machine: convert it, then edit at 1024 px on CPU.
 
     python -m bench.full_release all --workdir /work/main/workdirs/release/full [--dtype float32]
-        [--steps 2] [--keep] [--no-record]
+        [--convert-dtype bfloat16] [--edit-dtype bfloat16] [--steps 2] [--reuse-release] [--keep]
+        [--no-record]
 
 Stages (each its own process, so each peak RSS is that stage's own ``ru_maxrss``):
 
@@ -296,7 +297,7 @@ def stage_write(release: str, dtype_name: str, log) -> dict:
 
 
 # ----------------------------------------------------------------------------- edit
-def stage_edit(ckpt: str, steps: int, log) -> dict:
+def stage_edit(ckpt: str, steps: int, log, dtype_name: str = "float32") -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -305,7 +306,8 @@ def stage_edit(ckpt: str, steps: int, log) -> dict:
     from editmgt_jax.editor import Editor, ReleaseTextSide, load_module, release_tokenizer
 
     peaks = PeakSampler()
-    out = {}
+    out = {"dtype": dtype_name}
+    dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
     doc = checkpoints.read_config(ckpt)
     comps = doc["components"]
     conv = checkpoints.read_conventions(doc)
@@ -313,8 +315,8 @@ def stage_edit(ckpt: str, steps: int, log) -> dict:
 
     peaks.phase("text")
     t0 = time.time()
-    clip = load_module(ckpt, "clip", comps["clip"])
-    gemma = load_module(ckpt, "gemma", comps["gemma"])
+    clip = load_module(ckpt, "clip", comps["clip"], dtype=dtype)
+    gemma = load_module(ckpt, "gemma", comps["gemma"], dtype=dtype)
     out["text_load_s"] = time.time() - t0
     t0 = time.time()
     text = ReleaseTextSide(clip, gemma, release_tokenizer(ckpt))
@@ -334,7 +336,7 @@ def stage_edit(ckpt: str, steps: int, log) -> dict:
 
     peaks.phase("edit")
     t0 = time.time()
-    modules = {name: load_module(ckpt, name, comps[name]) for name in ("vq", "transformer")}
+    modules = {name: load_module(ckpt, name, comps[name], dtype=dtype) for name in ("vq", "transformer")}
     editor = Editor(doc, modules, Precomputed(), path=ckpt)
     del modules
     out["edit_load_s"] = time.time() - t0
@@ -345,13 +347,14 @@ def stage_edit(ckpt: str, steps: int, log) -> dict:
         res = editor.edit([image], [prompt], size=1024, steps=steps, seed=0)
         out[f"edit_{run}_s"] = time.time() - t0
         log(f"edit ({run} call): {out[f'edit_{run}_s']:.1f}s")
+        if out["edit_first_s"] > 300:   # a slow machine: the compiled-only time is not worth the wait
+            break
     out["tokens_shape"] = list(res.tokens.shape)
     out["tokens_finite"] = bool(np.all(res.tokens < editor.vq_cfg.num_vq_embeddings))
     out["mask_token_id"] = editor.sampler_config().mask_token_id
     out["guidance_scale"] = editor.sampler_config().guidance_scale
     out["peaks"] = peaks.stop()
     out["jax"] = jax.__version__
-    del jnp
     return out
 
 
@@ -382,7 +385,13 @@ def main(argv=None) -> int:
     p.add_argument("stage", choices=["all", "write", "convert", "edit"])
     p.add_argument("--workdir", required=True, help="folder for the release and the checkpoint (big)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="dtype of the written release weights and of the converted checkpoint")
+                   help="dtype of the written release weights")
+    p.add_argument("--convert-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="dtype of the converted checkpoint (default: --dtype)")
+    p.add_argument("--edit-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="Editor.load dtype of the 1024 px edit")
+    p.add_argument("--reuse-release", action="store_true",
+                   help="use the release already written under --workdir (skip the write stage)")
     p.add_argument("--steps", type=int, default=2, help="decoding steps of the 1024 px edit")
     p.add_argument("--min-available-gb", type=float, default=2.0)
     p.add_argument("--keep", action="store_true", help="keep the release and checkpoint folders")
@@ -404,39 +413,47 @@ def main(argv=None) -> int:
         dump(stage_write(release, args.dtype, log))
         return 0
     if args.stage == "edit":
-        dump(stage_edit(ckpt, args.steps, log))
+        dump(stage_edit(ckpt, args.steps, log, args.edit_dtype))
         return 0
     if args.stage == "convert":
         raise SystemExit("run 'all' (the convert stage is timed by the driver)")
 
     os.makedirs(args.workdir, exist_ok=True)
     min_avail = args.min_available_gb * GIB
-    nums: dict = {"avail_start": available_bytes(), "dtype": args.dtype, "steps": args.steps}
+    convert_dtype = args.convert_dtype or args.dtype
+    nums: dict = {"avail_start": available_bytes(), "dtype": args.dtype, "convert_dtype": convert_dtype,
+                  "edit_dtype": args.edit_dtype, "steps": args.steps}
     me = [sys.executable, "-m", "bench.full_release"]
-    common = ["--workdir", args.workdir, "--dtype", args.dtype, "--steps", str(args.steps)]
+    common = ["--workdir", args.workdir, "--dtype", args.dtype, "--steps", str(args.steps),
+              "--edit-dtype", args.edit_dtype]
     try:
         jw = os.path.join(args.workdir, "write.json")
-        r = run_watched(me + ["write", "--json", jw] + common, min_avail, log)
+        if args.reuse_release and os.path.isfile(jw):
+            r = {"rc": 0, "wall_s": None, "reused": True}
+        else:
+            r = run_watched(me + ["write", "--json", jw] + common, min_avail, log)
         if r["rc"] != 0:
             raise RuntimeError(f"write stage failed ({r})")
         nums["write"] = {**r, "sizes": json.load(open(jw))}
-        log(f"write: {r['wall_s']:.0f}s, sizes (GiB) "
+        log(f"write: {r['wall_s']}s, sizes (GiB) "
             + ", ".join(f"{k} {v / GIB:.2f}" for k, v in nums["write"]["sizes"].items()))
 
         if os.path.exists(ckpt):
             shutil.rmtree(ckpt)
         r = run_watched([sys.executable, "-m", "editmgt_jax.convert", "--official", release, "--out", ckpt,
-                         "--dtype", args.dtype], min_avail, log)
+                         "--dtype", convert_dtype], min_avail, log)
         nums["convert"] = r
         if r["rc"] != 0:
             raise RuntimeError(f"convert failed ({r})")
         counts = component_bytes(ckpt)
-        itemsize = 2 if args.dtype == "bfloat16" else 4
+        itemsize = 2 if convert_dtype == "bfloat16" else 4
         nums["component_bytes"] = {k: v * itemsize for k, v in counts.items()}
         nums["component_params"] = counts
         largest = max(nums["component_bytes"].items(), key=lambda kv: kv[1])
         nums["largest"] = largest
         nums["convert_ratio"] = r["peak_rss"] / largest[1]
+        src_largest = max(nums["write"]["sizes"].values())
+        nums["convert_ratio_source"] = r["peak_rss"] / src_largest
         log(f"convert: {r['wall_s']:.0f}s, peak RSS {_gib(r['peak_rss'])} GiB = "
             f"{nums['convert_ratio']:.2f}x the largest component ({largest[0]}, {_gib(largest[1])} GiB)")
 
@@ -450,8 +467,11 @@ def main(argv=None) -> int:
         with open(os.path.join(args.workdir, "numbers.json"), "w") as fh:
             json.dump(nums, fh, indent=2, default=str)
         if not args.keep:
-            for d in (release, ckpt):
-                shutil.rmtree(d, ignore_errors=True)
+            for d in (release, ckpt, jw):
+                if os.path.isfile(d):
+                    os.remove(d)
+                else:
+                    shutil.rmtree(d, ignore_errors=True)
             log("deleted the release and checkpoint folders")
     if not args.no_record and "edit" in nums:
         record(nums, argv if argv is not None else sys.argv[1:])
@@ -463,24 +483,30 @@ def record(n: dict, argv) -> None:
     peaks = e.get("peaks", {})
     load = os.getloadavg()[0]
     cmd = "python -m bench.full_release " + " ".join(shlex.quote(a) for a in argv)
-    rows = "\n".join(f"| {k} | {n['component_params'][k] / 1e6:,.1f}M | {_gib(v)} |"
+    folder = {comp: f for f, (comp, _, _) in FOLDERS.items()}
+    rows = "\n".join(f"| {k} | {n['component_params'][k] / 1e6:,.1f}M | {_gib(w['sizes'].get(folder[k]))} | {_gib(v)} |"
                      for k, v in n["component_bytes"].items())
+    compiled = (f", **{e['edit_second_s']:.0f} s** compiled" if "edit_second_s" in e
+                else " (one call: the compiled-only time was not measured)")
+    w_s = "reused from an earlier write stage" if w.get("wall_s") is None else f"{w['wall_s']:.0f} s"
     text = f"""`{cmd}` ({datetime.date.today()}; {platform.machine()}, {os.cpu_count()} CPUs shared, 1-min load
-average {load:.1f} at the end; {_gib(n['avail_start'])} GiB available at the start; weights {n['dtype']})
+average {load:.1f} at the end; {_gib(n['avail_start'])} GiB available at the start; release weights
+{n['dtype']}, converted to {n['convert_dtype']}, edit in {n['edit_dtype']})
 
-| component | parameters | size (GiB, {n['dtype']}) |
-|---|---|---|
+| component | parameters | release files (GiB, {n['dtype']}) | converted (GiB, {n['convert_dtype']}) |
+|---|---|---|---|
 {rows}
 
-- write (random weights, release layout: sharded safetensors + index): {w['wall_s']:.0f} s
-- convert (`python -m editmgt_jax.convert`): **{c['wall_s']:.0f} s**, peak RSS **{_gib(c['peak_rss'])} GiB = {n['convert_ratio']:.2f}x**
-  the largest component ({n['largest'][0]}, {_gib(n['largest'][1])} GiB); target < 1.5x
-- {n['steps']}-step 1024 px edit, guidance {e.get('guidance_scale')} (model batch 2), mask id {e.get('mask_token_id')}:
-  text encoders load {e.get('text_load_s', 0):.0f} s + encode {e.get('text_encode_s', 0):.0f} s (peak RSS
-  {_gib(peaks.get('text'))} GiB), freed; VQ + transformer load {e.get('edit_load_s', 0):.0f} s; edit
-  {e.get('edit_first_s', 0):.0f} s with compilation, **{e.get('edit_second_s', 0):.0f} s** compiled (peak RSS of the edit
-  phase {_gib(peaks.get('edit'))} GiB); process peak RSS **{_gib(e['peak_rss'])} GiB**, lowest available memory on the
-  machine during the edit {_gib(e['lowest_available'])} GiB
+- write (random weights, release layout: sharded safetensors + index): {w_s}
+- convert (`python -m editmgt_jax.convert --dtype {n['convert_dtype']}`): **{c['wall_s']:.0f} s**, peak RSS
+  **{_gib(c['peak_rss'])} GiB = {n['convert_ratio']:.2f}x** the largest converted component ({n['largest'][0]},
+  {_gib(n['largest'][1])} GiB; {n['convert_ratio_source']:.2f}x its release files); target < 1.5x
+- {n['steps']}-step 1024 px edit ({n['edit_dtype']}), guidance {e.get('guidance_scale')} (model batch 2), mask id
+  {e.get('mask_token_id')}: text encoders load {e.get('text_load_s', 0):.0f} s + encode {e.get('text_encode_s', 0):.0f} s
+  (peak RSS {_gib(peaks.get('text'))} GiB), freed; VQ + transformer load {e.get('edit_load_s', 0):.0f} s; edit
+  **{e.get('edit_first_s', 0):.0f} s** with compilation{compiled} (peak RSS of the edit phase
+  {_gib(peaks.get('edit'))} GiB); process peak RSS **{_gib(e.get('peak_rss'))} GiB**, lowest available
+  memory on the machine during the edit {_gib(e.get('lowest_available'))} GiB
 """
     intro = ("Random weights at the released configuration, written in the release's layout, converted\n"
              "with the converter CLI and edited at 1024 px on CPU (the point is that it fits, not its speed).\n"

@@ -33,8 +33,17 @@ from typing import Any
 import jax
 import numpy as np
 
+from editmgt_jax.sampling.region_hold import TIMESTEP_CONVENTIONS
+
 FORMAT = "editmgt-jax/model"
 VERSION = 1
+
+# Layout of a model checkpoint folder.
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+WORD_VOCAB_FILE = "vocab.txt"                      # the small text encoder's word tokenizer
+TOKENIZER_DIRS = ("tokenizer", "llm_tokenizer")    # the release's CLIP and Gemma-2 tokenizer files
+SMALL_TEXT = "small_text"                          # component name of the small text encoder
 
 
 class CheckpointError(ValueError):
@@ -51,7 +60,6 @@ RELEASE_NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distort
 # the pipeline's temperature schedule (2, 0)). Region hold is off unless asked for.
 RELEASE_SAMPLER = {"steps": 36, "guidance_scale": 6.0, "reference_strength": 1.1,
                    "temperature_start": 2.0, "temperature_end": 0.0}
-TIMESTEP_CONVENTIONS = ("step_index", "mask_fraction")
 # Sampler settings a conventions record may recommend (``SamplerConfig`` fields).
 SAMPLER_KEYS = ("steps", "guidance_scale", "reference_strength", "hold_threshold", "consolidation_blocks",
                 "capture_mode", "greedy", "freeze_held", "temperature_start", "temperature_end", "score_grid")
@@ -318,6 +326,102 @@ def read_config(path: str | os.PathLike) -> dict:
     if doc.get("format") != FORMAT:
         raise CheckpointError(f"{f}: format {doc.get('format')!r}, expected {FORMAT!r}")
     return doc
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules: the one eval_shape -> load -> merge
+
+
+def component_classes(name: str):
+    """``(config class, module class)`` of a checkpoint component (``vq``, ``transformer``,
+    ``clip``, ``gemma`` or ``small_text``)."""
+    if name == SMALL_TEXT:
+        from editmgt_jax.models.text.small import SmallTextConfig, SmallTextEncoder
+
+        return SmallTextConfig, SmallTextEncoder
+    from editmgt_jax.convert.registry import COMPONENTS
+
+    if name not in COMPONENTS:
+        raise CheckpointError(f"unknown component {name!r}; known: {sorted(COMPONENTS) + [SMALL_TEXT]}")
+    return COMPONENTS[name].classes()
+
+
+def component_config(name: str, cfg, where: str = ""):
+    """The config object of component ``name`` from its ``config.json`` dict (or the object itself)."""
+    config_cls, _ = component_classes(name)
+    if isinstance(cfg, config_cls):
+        return cfg
+    try:
+        return config_cls.from_dict(dict(cfg))
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{where or 'checkpoint'}: config of component {name!r} is not valid: {e}") from e
+
+
+def abstract_module(name: str, cfg, *, dtype=None, **kwargs):
+    """Component ``name`` built abstractly (``nnx.eval_shape``: shapes only, nothing allocated).
+
+    ``dtype`` is the parameter and the compute dtype (default float32)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    _, model_cls = component_classes(name)
+    cfg = component_config(name, cfg)
+    dt = jnp.dtype(dtype or jnp.float32)
+    return nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt, **kwargs))
+
+
+def merge_params(abstract, params: Mapping):
+    """A concrete module from an abstract one and its parameters (nested dicts of arrays)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    return nnx.merge(graphdef, state)
+
+
+def load_module(path: str | os.PathLike, name: str, cfg_dict: Mapping | None = None, *, dtype=None,
+                shardings=None):
+    """Component ``name`` of the checkpoint at ``path`` as a module: built from its config (from
+    ``config.json`` unless ``cfg_dict`` is given), parameters restored (and cast to ``dtype``:
+    ``float32`` default or ``bfloat16``; ``shardings`` places them)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    path = os.fspath(path)
+    dt = jnp.dtype(dtype or jnp.float32)
+    if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dt}")
+    if cfg_dict is None:
+        comps = read_config(path).get("components", {})
+        if name not in comps:
+            raise CheckpointError(f"{path}: no {name!r} component (it has {sorted(comps)})")
+        cfg_dict = comps[name]
+    abstract = abstract_module(name, component_config(name, cfg_dict, path), dtype=dt)
+    graphdef, state = nnx.split(abstract)
+    params = load_component(path, name, state.to_pure_dict(), shardings)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def release_tokenizer(path: str | os.PathLike):
+    """The ``PromptTokenizer`` of a checkpoint with ``clip`` + ``gemma`` components (its
+    ``tokenizer/`` and ``llm_tokenizer/`` folders)."""
+    from editmgt_jax.models.text.tokenize import PromptTokenizer
+
+    tok_dir, llm_dir = (os.path.join(os.fspath(path), d) for d in TOKENIZER_DIRS)
+    if not (os.path.isdir(tok_dir) and os.path.isdir(llm_dir)):
+        raise CheckpointError(
+            f"{path}: the text encoders need tokenizer files in tokenizer/ and llm_tokenizer/ "
+            f"(the converter copies them from the release's tokenizer/ and llm_encoder/ folders)")
+    return PromptTokenizer.from_dirs(tok_dir, llm_dir)
+
+
+def word_tokenizer(path: str | os.PathLike):
+    """The small text encoder's word tokenizer (``vocab.txt``)."""
+    from editmgt_jax.data.text import WordTokenizer
+
+    return WordTokenizer.load(os.path.join(os.fspath(path), WORD_VOCAB_FILE))
 
 
 def load_component(path: str | os.PathLike, name: str, abstract: Mapping | None = None,

@@ -294,29 +294,10 @@ def load_module(path: str, name: str, cfg_dict: Mapping, *, dtype=jnp.float32) -
     """Build component ``name`` from its config and restore its parameters from ``path``.
 
     ``dtype`` is both the parameter and the compute dtype (stored float32 parameters are cast on
-    restore); float32 statistics and softmax are the modules' own business.
+    restore); float32 statistics and softmax are the modules' own business. See
+    :func:`editmgt_jax.checkpoints.load_module`.
     """
-    dtype = jnp.dtype(dtype)
-    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
-    if name == "small_text":
-        from editmgt_jax.models.text.small import SmallTextConfig, SmallTextEncoder
-
-        cfg = SmallTextConfig.from_dict(cfg_dict)
-        abstract = nnx.eval_shape(lambda: SmallTextEncoder(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                                           param_dtype=dtype))
-    else:
-        comp = COMPONENTS[name]
-        config_cls, model_cls = comp.classes()
-        try:
-            cfg = config_cls.from_dict(cfg_dict)
-        except (TypeError, ValueError, KeyError) as e:
-            raise checkpoints.CheckpointError(f"{path}: config of component {name!r} is not valid: {e}") from e
-        abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
-    graphdef, state = nnx.split(abstract)
-    params = checkpoints.load_component(path, name, state.to_pure_dict())
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    return checkpoints.load_module(path, name, cfg_dict, dtype=dtype)
 
 
 class ReleaseTextSide:
@@ -362,27 +343,12 @@ class SmallTextSide:
 
 def make_text_side(path: str, doc: Mapping, modules: Mapping):
     comps = doc.get("components", {})
-    if "small_text" in comps:
-        from editmgt_jax.data.text import WordTokenizer
-
-        tok = WordTokenizer.load(os.path.join(path, "vocab.txt"))
-        return SmallTextSide(modules["small_text"], tok)
+    if checkpoints.SMALL_TEXT in comps:
+        return SmallTextSide(modules[checkpoints.SMALL_TEXT], checkpoints.word_tokenizer(path))
     if "clip" in comps and "gemma" in comps:
         return ReleaseTextSide(modules["clip"], modules["gemma"], release_tokenizer(path))
     raise checkpoints.CheckpointError(f"{path}: checkpoint has no text encoder (clip + gemma, or small_text)")
 
 
-RELEASE_TOKENIZER_DIRS = ("tokenizer", "llm_tokenizer")
-
-
-def release_tokenizer(path: str):
-    """The ``PromptTokenizer`` of a checkpoint with ``clip`` + ``gemma`` components (its
-    ``tokenizer/`` and ``llm_tokenizer/`` folders)."""
-    from editmgt_jax.models.text.tokenize import PromptTokenizer
-
-    tok_dir, llm_dir = (os.path.join(path, d) for d in RELEASE_TOKENIZER_DIRS)
-    if not (os.path.isdir(tok_dir) and os.path.isdir(llm_dir)):
-        raise checkpoints.CheckpointError(
-            f"{path}: the text encoders need tokenizer files in tokenizer/ and llm_tokenizer/ "
-            f"(the converter copies them from the release's tokenizer/ and llm_encoder/ folders)")
-    return PromptTokenizer.from_dirs(tok_dir, llm_dir)
+RELEASE_TOKENIZER_DIRS = checkpoints.TOKENIZER_DIRS
+release_tokenizer = checkpoints.release_tokenizer

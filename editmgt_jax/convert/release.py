@@ -81,6 +81,7 @@ def convert_release(official_dir: str, out_dir: str, *, components: Sequence[str
         log(f"[convert] {n}: {len(source)} tensors from {d}, "
             f"{sum(int(np.prod(x.shape)) for x in _leaves(params)):,} parameters")
         del params
+        _release_freed_memory()
     for dest, srcs in TOKENIZER_DIRS.items():
         for s in srcs:
             src = os.path.join(official_dir, s)
@@ -96,6 +97,19 @@ def convert_release(official_dir: str, out_dir: str, *, components: Sequence[str
                              conventions=conventions)
     log(f"[convert] wrote {out_dir}")
     return out_dir
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory of a written component back to the system before the next one: its many
+    small tensors were freed into the allocator's heap, which otherwise keeps them resident."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: nothing to trim
+        pass
 
 
 # vocab_size / codebook_size of an official transformer config.json that leaves them out.
