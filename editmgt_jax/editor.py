@@ -35,9 +35,8 @@ from editmgt_jax import checkpoints, composite as compositing, imageio, parallel
 from editmgt_jax.convert.registry import COMPONENTS
 from editmgt_jax.sampling.region_hold import TIMESTEP_CONVENTIONS, SamplerConfig, sample
 
-# Defaults of the official demo for the released 1024 px model.
-RELEASE_NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distortion, watermark, logo, signature, "
-                           "text, jpeg artifacts, signature, sketch, duplicate, ugly, identifying mark")
+# The official demo's negative prompt (owned by the checkpoint conventions; kept here for imports).
+RELEASE_NEGATIVE_PROMPT = checkpoints.RELEASE_NEGATIVE_PROMPT
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   "checkpoints", "editmgt-synthetic-64")
@@ -100,22 +99,33 @@ class Editor:
         self.states = jax.device_put(states, rep)
         self.vq_cfg = modules["vq"].cfg
         self.tr_cfg = modules["transformer"].cfg
-        self.defaults = dict(defaults or {})
-        # The timestep the transformer was trained for (see SamplerConfig.timestep_convention).
-        convention = self.defaults.get("timestep_convention", self.doc.get("timestep_convention",
-                                                                           "step_index"))
-        if convention not in TIMESTEP_CONVENTIONS:
+        # How this model must be driven (mask id, timestep convention, micro-conditions, negative
+        # prompt, recommended sampler settings): the checkpoint's conventions record, the one source.
+        try:
+            self.conventions = checkpoints.read_conventions(self.doc)
+        except checkpoints.CheckpointError as e:
+            raise checkpoints.CheckpointError(f"{path}: {e}") from None
+        conv = self.conventions
+        self.defaults = {**conv.sampler_settings(), "resolution": conv.resolution,
+                         "negative_prompt": conv.negative_prompt, "aesthetic_score": conv.aesthetic_score,
+                         **dict(defaults or {})}
+        if self.defaults["timestep_convention"] not in TIMESTEP_CONVENTIONS:
             raise checkpoints.CheckpointError(
-                f"{path}: config.json timestep_convention={convention!r}; expected one of "
+                f"{path}: timestep_convention={self.defaults['timestep_convention']!r}; expected one of "
                 f"{TIMESTEP_CONVENTIONS}")
-        self.defaults["timestep_convention"] = convention
         self._programs: dict = {}
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, *, mesh_shape: Mapping[str, int] | None = None,
              dtype=jnp.float32) -> "Editor":
-        """Load a model checkpoint folder (as written by the converter or exported by training)."""
+        """Load a model checkpoint folder (as written by the converter or exported by training).
+
+        ``dtype``: ``jnp.float32`` (default; parity with the official float32 pipeline) or
+        ``jnp.bfloat16`` for accelerators: parameters are stored in bf16 and the matmuls run in bf16,
+        while normalisation statistics, attention softmax, RoPE, timestep sinusoids and the logits
+        stay float32 as in the official bf16 pipeline, and the sampler's probabilities are float32.
+        """
         if path is None:
             path = DEFAULT_CHECKPOINT
             if not os.path.isfile(os.path.join(path, "config.json")):
@@ -136,8 +146,7 @@ class Editor:
             modules[name] = load_module(path, name, cfg_dict, dtype=dtype)
         text = make_text_side(path, doc, modules)
         mesh = parallel.make_mesh(mesh_shape) if mesh_shape else None
-        return cls(doc, {k: modules[k] for k in ("vq", "transformer")}, text, mesh=mesh,
-                   defaults=doc.get("sampler_defaults", {}), path=path)
+        return cls(doc, {k: modules[k] for k in ("vq", "transformer")}, text, mesh=mesh, path=path)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -343,7 +352,7 @@ class Editor:
 
     def _compile(self, cfg: SamplerConfig, arrays, has_mask: bool):
         graphdefs = self.graphdefs
-        mask_id = self.tr_cfg.vocab_size - 1
+        mask_id = cfg.mask_token_id          # the checkpoint's conventions (sampler_config)
         n_codes = self.vq_cfg.num_vq_embeddings
 
         def program(states, key, src, txt, pooled, ntxt, npooled, micro, *maybe_mask):
@@ -354,6 +363,8 @@ class Editor:
             res = sample(tr, ref_ids, txt, pooled, ntxt, npooled, cfg, key=key, micro_conds=micro,
                          inpaint_mask=maybe_mask[0] if maybe_mask else None)
             tokens = res["tokens"]
+            # leftover mask ids (and anything outside the codebook) decode as code 0, as the official
+            # pipeline's decode does
             safe = jnp.where((tokens >= n_codes) | (tokens == mask_id), 0, tokens)
             img = jnp.clip(vq.decode_ids(safe), 0.0, 1.0)
             out = {"image": jnp.round(img * 255.0).astype(jnp.uint8), "tokens": tokens, "ref_ids": ref_ids}
@@ -368,24 +379,13 @@ class Editor:
 
 # ---------------------------------------------------------------------- components
 def load_module(path: str, name: str, cfg_dict: Mapping, *, dtype=jnp.float32) -> nnx.Module:
-    """Build component ``name`` from its config and restore its parameters from ``path``."""
-    if name == "small_text":
-        from editmgt_jax.models.text.small import SmallTextConfig, SmallTextEncoder
+    """Build component ``name`` from its config and restore its parameters from ``path``.
 
-        cfg = SmallTextConfig.from_dict(cfg_dict)
-        abstract = nnx.eval_shape(lambda: SmallTextEncoder(cfg, rngs=nnx.Rngs(0)))
-    else:
-        comp = COMPONENTS[name]
-        config_cls, model_cls = comp.classes()
-        try:
-            cfg = config_cls.from_dict(cfg_dict)
-        except (TypeError, ValueError, KeyError) as e:
-            raise checkpoints.CheckpointError(f"{path}: config of component {name!r} is not valid: {e}") from e
-        abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0), dtype=dtype))
-    graphdef, state = nnx.split(abstract)
-    params = checkpoints.load_component(path, name, state.to_pure_dict())
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    ``dtype`` is both the parameter and the compute dtype (stored float32 parameters are cast on
+    restore); float32 statistics and softmax are the modules' own business. See
+    :func:`editmgt_jax.checkpoints.load_module`.
+    """
+    return checkpoints.load_module(path, name, cfg_dict, dtype=dtype)
 
 
 class ReleaseTextSide:
@@ -431,27 +431,12 @@ class SmallTextSide:
 
 def make_text_side(path: str, doc: Mapping, modules: Mapping):
     comps = doc.get("components", {})
-    if "small_text" in comps:
-        from editmgt_jax.data.text import WordTokenizer
-
-        tok = WordTokenizer.load(os.path.join(path, "vocab.txt"))
-        return SmallTextSide(modules["small_text"], tok)
+    if checkpoints.SMALL_TEXT in comps:
+        return SmallTextSide(modules[checkpoints.SMALL_TEXT], checkpoints.word_tokenizer(path))
     if "clip" in comps and "gemma" in comps:
         return ReleaseTextSide(modules["clip"], modules["gemma"], release_tokenizer(path))
     raise checkpoints.CheckpointError(f"{path}: checkpoint has no text encoder (clip + gemma, or small_text)")
 
 
-RELEASE_TOKENIZER_DIRS = ("tokenizer", "llm_tokenizer")
-
-
-def release_tokenizer(path: str):
-    """The ``PromptTokenizer`` of a checkpoint with ``clip`` + ``gemma`` components (its
-    ``tokenizer/`` and ``llm_tokenizer/`` folders)."""
-    from editmgt_jax.models.text.tokenize import PromptTokenizer
-
-    tok_dir, llm_dir = (os.path.join(path, d) for d in RELEASE_TOKENIZER_DIRS)
-    if not (os.path.isdir(tok_dir) and os.path.isdir(llm_dir)):
-        raise checkpoints.CheckpointError(
-            f"{path}: the text encoders need tokenizer files in tokenizer/ and llm_tokenizer/ "
-            f"(the converter copies them from the release's tokenizer/ and llm_encoder/ folders)")
-    return PromptTokenizer.from_dirs(tok_dir, llm_dir)
+RELEASE_TOKENIZER_DIRS = checkpoints.TOKENIZER_DIRS
+release_tokenizer = checkpoints.release_tokenizer

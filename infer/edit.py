@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write <out>_heatmap.png: the consolidated edit-region map over the source")
     o.add_argument("--mesh", default=None, metavar="SPEC",
                    help="data-parallel batch editing over devices, e.g. 'data=8'")
+    o.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="parameter and matmul dtype: fp32 (default, matches the official float32 "
+                        "pipeline) or bf16 (accelerators; softmax, norms and logits stay float32)")
     return p
 
 
@@ -124,7 +127,10 @@ def main(argv=None) -> int:
     try:
         mesh = parallel.parse_mesh_flag(args.mesh) if args.mesh else None
         t0 = time.time()
-        editor = Editor.load(args.checkpoint, mesh_shape=mesh)
+        import jax.numpy as jnp
+
+        editor = Editor.load(args.checkpoint, mesh_shape=mesh,
+                             dtype=jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
         print(f"loaded {editor.path} in {time.time() - t0:.1f}s", file=sys.stderr)
         over = sampler_overrides(args)
         common = dict(seed=args.seed, size=args.size, policy=args.resize, negative_prompt=args.negative_prompt,
