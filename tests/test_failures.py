@@ -72,3 +72,47 @@ def test_conversion_is_atomic_and_overwrite_replaces_only_checkpoints(release, t
     assert convert_main(args + ["--overwrite"]) == 0
     assert checkpoints.read_config(out)["source"] == os.path.abspath(release)
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+
+
+# ------------------------------------------------------------------------ 9: damaged checkpoints
+def _subprocess_env():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def test_damaged_model_checkpoints_are_named_in_one_line(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from editmgt_jax.editor import Editor
+    from infer.edit import main as edit_main
+
+    flags = ["--image", os.path.join(REPO, "examples", "shapes.png"), "--instruction", "paint it cyan",
+             "--out", str(tmp_path / "o.png")]
+    bad_json = tmp_path / "bad_json"
+    shutil.copytree(SHIPPED, bad_json)
+    (bad_json / "config.json").write_text('{"format": "editmgt-jax/model",\n')
+    assert edit_main(["--checkpoint", str(bad_json)] + flags) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(bad_json / "config.json") in line and "not valid JSON" in line
+    # An emptied index is damage, not "saved for another configuration".
+    no_index = tmp_path / "no_index"
+    shutil.copytree(SHIPPED, no_index)
+    (no_index / "params" / "transformer" / "manifest.ocdbt").write_bytes(b"")
+    with pytest.raises(checkpoints.CheckpointError, match=r"transformer: the parameter index .* damaged"):
+        Editor.load(no_index)
+    # A truncated data file: one line and no 'Event loop is closed' tracebacks from reads still in
+    # flight (a subprocess: they print at the process level).
+    truncated = tmp_path / "truncated"
+    shutil.copytree(SHIPPED, truncated)
+    data = truncated / "params" / "transformer" / "ocdbt.process_0" / "d"
+    biggest = max(data.iterdir(), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:100])
+    proc = subprocess.run([sys.executable, "-m", "infer.edit", "--checkpoint", str(truncated)] + flags,
+                          cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Event loop is closed" not in proc.stderr
+    line = _one_error_line(proc.stderr)
+    assert "params/transformer" in line and "damaged, truncated or missing" in line
+    assert not (tmp_path / "o.png").exists()
