@@ -1,11 +1,19 @@
 """Edit images with an instruction.
 
 One edit (the shipped default model when --checkpoint is not given):
-  python -m infer.edit --image examples/scene.png --instruction "make the red circle blue" --out edited.png
+  python -m infer.edit --image examples/shapes.png --instruction "paint the orange circle at the top cyan" --out edited.png
 
 Many edits, one compiled program per image shape, with a progress bar:
   python -m infer.edit --checkpoint CKPT --batch edits.jsonl --out-dir results/
   where each line of edits.jsonl is {"image": PATH, "instruction": TEXT, "out": NAME.png, "mask": PATH?}
+Every line is checked (JSON, fields, images and masks readable, output names) before the model is
+loaded. Lines that fail are skipped and listed, one line each, the rest are edited, and the exit
+status is 2; when no line can be run nothing is loaded or written.
+
+Inputs and outputs are checked before any work: a bad flag value, an unreadable image, an image over
+100 megapixels, or an --out that cannot be written (no image extension, a directory) stops with one
+line naming it and exit status 2. An existing --out file is replaced. Edits whose sampling takes
+more than a few seconds show a progress bar over the steps.
 
 Region hold: positions whose consolidated text-to-image attention score stays below
 --hold-threshold keep the source's tokens (0 turns it off; a value above every upsampled score,
@@ -27,12 +35,44 @@ def parse_blocks(text: str) -> tuple[int, ...]:
     """'28-36', '2,3,4', '2+3' or '' -> block indices."""
     out: list[int] = []
     for part in filter(None, (p.strip() for p in re.split(r"[,+]", text))):
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out += list(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise argparse.ArgumentTypeError(f"{part!r}: expected block indices like '28-36' or '2,3,4'")
+        out += list(range(int(m[1]), int(m[2] or m[1]) + 1))
     return tuple(out)
+
+
+SAMPLER_FLAGS = {"steps": ("--steps", "steps"), "guidance_scale": ("--guidance", "guidance"),
+                 "reference_strength": ("--strength", "strength"),
+                 "hold_threshold": ("--hold-threshold", "hold_threshold")}
+
+
+def check_flags(args) -> None:
+    """Flag values the edit cannot use -> ``ValueError`` naming the flag (before anything loads)."""
+    from editmgt_jax import imageio
+    from editmgt_jax.sampling.region_hold import check_setting
+
+    for name, (flag, attr) in SAMPLER_FLAGS.items():
+        value = getattr(args, attr)
+        if value is not None:
+            try:
+                check_setting(name, value)
+            except ValueError as e:
+                raise ValueError(f"{flag} {value}: {str(e).split(': ', 1)[-1]}") from None
+    if args.size is not None and args.size < 1:
+        raise ValueError(f"--size {args.size}: must be a positive number of pixels")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.batch:
+        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            raise ValueError(f"--out-dir {args.out_dir}: is a file, not a folder")
+    else:
+        if not args.instruction.strip():
+            raise ValueError("--instruction: empty instruction")
+        imageio.check_output_path(args.out, "--out")
+        imageio.load_image(args.image, name=f"--image {args.image}")
+        if args.mask:
+            imageio.load_image(args.mask, name=f"--mask {args.mask}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_argument_group("one edit")
     src.add_argument("--image", metavar="PATH", help="source image (any PIL-readable format)")
     src.add_argument("--instruction", metavar="TEXT", help="what to change, in words")
-    src.add_argument("--out", metavar="PATH", default="edited.png", help="where to write the edited image")
+    src.add_argument("--out", metavar="PATH", default="edited.png",
+                     help="where to write the edited image (an image extension; replaced if it exists)")
     src.add_argument("--mask", metavar="PATH", default=None,
                      help="inpainting mode: image whose non-zero pixels may change; the rest is kept")
     bat = p.add_argument_group("batch mode")
@@ -93,28 +134,59 @@ def _save_outputs(result, i: int, out_path: str, heatmap: bool) -> list[str]:
     return written
 
 
-def _read_batch(path: str) -> list[dict]:
-    items = []
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+def read_batch(path: str, out_dir: str) -> tuple[list[dict], list[str]]:
+    """Read and check an edits file: ``(runnable edits, one line per skipped edit)``.
+
+    Every line is checked before anything is compiled: valid JSON object, ``image`` and a non-empty
+    ``instruction``, the image (and mask) readable, ``out`` a writable image name used once."""
+    from editmgt_jax import imageio
+
+    try:
+        with open(path) as fh:
+            lines = fh.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--batch {path}: cannot read ({e})") from None
+    base = os.path.dirname(os.path.abspath(path))
+    items, skipped, outs = [], [], {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
             try:
                 d = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                raise ValueError(f"not valid JSON ({e})") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"expected a JSON object, got {type(d).__name__}")
             for k in ("image", "instruction"):
                 if k not in d:
-                    raise ValueError(f"{path}:{n}: missing field {k!r}")
+                    raise ValueError(f"missing field {k!r}")
+            if not isinstance(d["instruction"], str) or not d["instruction"].strip():
+                raise ValueError("empty instruction")
             d.setdefault("out", f"{n:05d}.png")
-            base = os.path.dirname(os.path.abspath(path))
+            for k in ("image", "mask", "out"):
+                if d.get(k) is not None and not isinstance(d[k], str):
+                    raise ValueError(f"field {k!r} must be a string")
             for k in ("image", "mask"):
                 if d.get(k) and not os.path.isabs(d[k]):
                     d[k] = os.path.join(base, d[k])
-            items.append(d)
-    if not items:
-        raise ValueError(f"{path}: no edits in file")
-    return items
+            out = os.path.join(out_dir, d["out"])
+            imageio.check_output_path(out, "out")
+            if os.path.abspath(out) in outs:
+                raise ValueError(f"out {d['out']!r} is also line {outs[os.path.abspath(out)]}'s output")
+            imageio.load_image(d["image"], name=f"image {d['image']}")
+            if d.get("mask"):
+                imageio.load_image(d["mask"], name=f"mask {d['mask']}")
+        except ValueError as e:
+            skipped.append(f"{where}: {e}")
+            continue
+        outs[os.path.abspath(out)] = n
+        d["line"] = n
+        items.append(d)
+    if not items and not skipped:
+        raise ValueError(f"--batch {path}: no edits in file")
+    return items, skipped
 
 
 def main(argv=None) -> int:
@@ -128,12 +200,27 @@ def main(argv=None) -> int:
     from editmgt_jax.editor import EditError, Editor
 
     try:
+        check_flags(args)
+        skipped: list[str] = []
+        if args.batch:
+            items, skipped = read_batch(args.batch, args.out_dir)
+            for line in skipped:
+                print(f"skipped {line}", file=sys.stderr)
+            if not items:
+                print(f"error: --batch {args.batch}: none of its {len(skipped)} edit(s) can be run "
+                      f"(listed above); nothing written", file=sys.stderr)
+                return 2
         mesh = parallel.parse_mesh_flag(args.mesh) if args.mesh else None
         t0 = time.time()
         editor = Editor.load(args.checkpoint, mesh_shape=mesh)
         print(f"loaded {editor.path} in {time.time() - t0:.1f}s", file=sys.stderr)
         over = _sampler_overrides(args)
-        common = dict(seed=args.seed, size=args.size, policy=args.resize, negative_prompt=args.negative_prompt, **over)
+        common = dict(seed=args.seed, size=args.size, policy=args.resize, negative_prompt=args.negative_prompt,
+                      progress=True, **over)
+        try:   # settings this model cannot take fail before any compile
+            editor.sampler_config(**over)
+        except ValueError as e:
+            raise ValueError(re.sub(r"^consolidation_blocks", "--consolidation-blocks", str(e))) from None
         if not args.batch:
             masks = [imageio.load_image(args.mask)] if args.mask else None
             t0 = time.time()
@@ -144,7 +231,6 @@ def main(argv=None) -> int:
             return 0
         from tqdm import tqdm
 
-        items = _read_batch(args.batch)
         os.makedirs(args.out_dir, exist_ok=True)
         bar = tqdm(total=len(items), desc="editing", unit="edit")
         for start in range(0, len(items), args.batch_size):
@@ -159,8 +245,9 @@ def main(argv=None) -> int:
                     _save_outputs(res, i, os.path.join(args.out_dir, c["out"]), args.save_heatmap)
                 bar.update(len(g))
         bar.close()
-        print(f"wrote {len(items)} edit(s) to {args.out_dir}", file=sys.stderr)
-        return 0
+        print(f"wrote {len(items)} edit(s) to {args.out_dir}"
+              + (f"; skipped {len(skipped)} (listed above)" if skipped else ""), file=sys.stderr)
+        return 2 if skipped else 0
     except (EditError, imageio.ImageError, checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -116,3 +116,190 @@ def test_damaged_model_checkpoints_are_named_in_one_line(tmp_path, capsys):
     line = _one_error_line(proc.stderr)
     assert "params/transformer" in line and "damaged, truncated or missing" in line
     assert not (tmp_path / "o.png").exists()
+
+
+# ------------------------------------------------------------------- 5: sampler settings, 12: blocks
+def test_sampler_settings_must_be_finite_and_in_range(capsys):
+    from editmgt_jax.sampling.region_hold import SamplerConfig
+    from infer.edit import main as edit_main
+
+    for field, value, message in [("guidance_scale", -5.0, ">= 0"), ("guidance_scale", float("nan"), "finite"),
+                                  ("reference_strength", 0.0, "> 0"), ("hold_threshold", float("inf"), "finite"),
+                                  ("steps", 0, "integer >= 1"), ("steps", 2.5, "integer"),
+                                  ("temperature_start", -1.0, ">= 0"), ("temperature_end", float("nan"), "finite"),
+                                  ("micro_conds", (1.0, 1.0, 0.0, 0.0, float("nan")), "finite"),
+                                  ("consolidation_blocks", (-1, 2), ">= 0")]:
+        with pytest.raises(ValueError, match=f"{field}=.*{message}"):
+            SamplerConfig(**{field: value})
+    SamplerConfig(guidance_scale=0.0, temperature_start=0.0, steps=1)   # the lowest allowed values
+    # The command line names the flag, before anything is loaded.
+    shapes = os.path.join(REPO, "examples", "shapes.png")
+    for flags, message in [(["--guidance", "-5"], "--guidance -5.0: must be finite and >= 0"),
+                           (["--guidance", "nan"], "--guidance nan: must be finite"),
+                           (["--strength", "0"], "--strength 0.0: must be finite and > 0"),
+                           (["--steps", "0"], "--steps 0: must be an integer >= 1"),
+                           (["--size", "-64"], "--size -64: must be a positive")]:
+        assert edit_main(["--image", shapes, "--instruction", "x", *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in _one_error_line(err) and "loaded" not in err
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from editmgt_jax.editor import Editor
+
+    return Editor.load(SHIPPED)
+
+
+def test_consolidation_blocks_out_of_range_states_the_valid_range(shipped):
+    from editmgt_jax.editor import EditError
+    from infer.edit import parse_blocks
+
+    assert parse_blocks("2-4,7") == (2, 3, 4, 7)
+    for bad in ("5-2", "a-b", "3-"):
+        with pytest.raises(Exception, match="expected block indices"):
+            parse_blocks(bad)
+    with pytest.raises(EditError) as e:
+        shipped.sampler_config(consolidation_blocks=parse_blocks("99-200"))
+    assert str(e.value) == ("consolidation_blocks 99-200 out of range: this model's blocks are 0-3 "
+                            "(2 dual-stream, then single-stream)")
+
+
+# ------------------------------------------------------------------ 7: --out checked before the edit
+def test_out_is_checked_before_the_edit(tmp_path, capsys):
+    from infer.edit import main as edit_main
+
+    shapes = os.path.join(REPO, "examples", "shapes.png")
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    for out, message in [(tmp_path / "noext", "no file extension"), (tmp_path, "is a directory"),
+                         (tmp_path / "x.xyz", "cannot write images of type '.xyz'"),
+                         (afile / "sub" / "o.png", f"{afile} is a file, not a folder")]:
+        assert edit_main(["--image", shapes, "--instruction", "paint it cyan", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}: {message}" in _one_error_line(err) and "loaded" not in err
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+# ------------------------------------------------------------------------------ 8: the pixel limit
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` (no pixel data: the size check comes first)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_images_over_the_pixel_limit_are_refused_by_name(tmp_path):
+    import warnings
+
+    from editmgt_jax import imageio
+
+    assert imageio.MAX_PIXELS == 100_000_000
+    for side in ((14000, 14000), (10001, 10000), (10000, 10001)):
+        p = tmp_path / f"big_{side[0]}x{side[1]}.png"
+        p.write_bytes(_png_header(*side))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")          # no raw Pillow warning on the way
+            with pytest.raises(imageio.ImageError) as e:
+                imageio.load_image(p)
+        assert str(p) in str(e.value) and "limit is 100 megapixels" in str(e.value)
+    # At the limit the size check passes; this file then fails on its (absent) pixel data.
+    p = tmp_path / "edge.png"
+    p.write_bytes(_png_header(10000, 10000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(imageio.ImageError, match="corrupt or truncated"):
+            imageio.load_image(p)
+
+
+# ------------------------------------------------------------- 6: batch inputs checked up front
+def test_batch_skips_bad_lines_with_a_report_and_edits_the_rest(tmp_path, capsys):
+    from PIL import Image
+
+    from infer.edit import main as edit_main
+
+    shapes = os.path.join(REPO, "examples", "shapes.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    lines = [json.dumps({"image": shapes, "instruction": "paint the orange circle at the top cyan", "out": "a.png"}),
+             json.dumps({"image": "broken.png", "instruction": "paint it red", "out": "b.png"}),
+             "{not json",
+             json.dumps({"image": shapes, "instruction": "  "}),
+             json.dumps({"image": shapes, "instruction": "x", "out": "a.png"}),
+             json.dumps({"image": shapes, "instruction": "x", "out": "c"}),
+             json.dumps({"image": shapes, "instruction": "make the background blue"})]
+    batch = tmp_path / "edits.jsonl"
+    batch.write_text("\n".join(lines) + "\n")
+    out_dir = tmp_path / "res"
+    rc = edit_main(["--batch", str(batch), "--out-dir", str(out_dir), "--steps", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    skipped = [ln for ln in err.splitlines() if ln.startswith("skipped ")]
+    assert [ln.split(": ", 1)[0] for ln in skipped] == [f"skipped {batch}:{n}" for n in (2, 3, 4, 5, 6)]
+    assert "broken.png" in skipped[0] and "not valid JSON" in skipped[1] and "empty instruction" in skipped[2]
+    assert "line 1's output" in skipped[3] and "no file extension" in skipped[4]
+    assert "wrote 2 edit(s)" in err and "skipped 5" in err
+    assert sorted(os.listdir(out_dir)) == ["00007.png", "a.png"]
+    assert Image.open(out_dir / "a.png").size == (64, 64)
+    # Nothing runnable: refused before the model is loaded, nothing written.
+    batch.write_text("\n".join(lines[1:4]) + "\n")
+    rc = edit_main(["--batch", str(batch), "--out-dir", str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "loaded" not in err and not (tmp_path / "none").exists()
+    assert "none of its 3 edit(s) can be run" in _one_error_line(err)
+
+
+# ----------------------------------------------- 13: progress over the steps, 14: unread words
+def test_progress_bar_only_for_long_sampling_and_same_result(shipped):
+    import io
+
+    from editmgt_jax.editor import StepProgress
+
+    kw = dict(size=64, steps=3, seed=1)
+    plain = shipped.edit(os.path.join(REPO, "examples", "shapes.png"), "paint the orange circle at the top cyan",
+                         **kw)
+    for after_s, shown in ((0.0, True), (60.0, False)):
+        stream = io.StringIO()
+        shipped.progress = StepProgress(after_s=after_s, stream=stream)
+        res = shipped.edit(os.path.join(REPO, "examples", "shapes.png"), "paint the orange circle at the top cyan",
+                           progress=True, **kw)
+        np.testing.assert_array_equal(res.tokens, plain.tokens)     # a host callback: same numbers
+        assert shipped.progress.calls == kw["steps"]
+        assert ("sampling:" in stream.getvalue()) == shown, stream.getvalue()
+        assert ("3/3" in stream.getvalue()) == shown or "2/3" in stream.getvalue()
+    shipped.progress = StepProgress()
+
+
+def test_words_the_model_cannot_read_are_named_once(shipped):
+    from editmgt_jax.editor import InstructionWarning
+
+    shapes = os.path.join(REPO, "examples", "shapes.png")
+    with pytest.warns(InstructionWarning) as record:
+        shipped.edit(shapes, "paint the zebra circle quokka cyan", size=64, steps=3, seed=1)
+        shipped.edit(shapes, "paint the zebra circle quokka cyan", size=64, steps=3, seed=1)
+    messages = [str(w.message) for w in record]
+    assert messages == ["instruction 0: words outside the model's vocabulary carry no meaning and are read as "
+                        "unknown: quokka, zebra"]
+    long = " ".join(["paint the circle cyan"] * 7)       # 28 words, the model reads 24
+    with pytest.warns(InstructionWarning, match="28 words, the model reads the first 24; dropped: paint the "
+                                                "circle cyan"):
+        shipped.edit(shapes, long, size=64, steps=3, seed=1)
+
+
+# -------------------------------------------------------------------------- 15: documented paths
+def test_documented_example_paths_exist_and_outputs_do_not_collide():
+    import re
+
+    import infer.edit
+
+    for path in re.findall(r"examples/[\w./-]+\.png", infer.edit.__doc__):
+        assert os.path.isfile(os.path.join(REPO, path)), path
+    readme = open(os.path.join(REPO, "README.md")).read()
+    quick = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    outs = re.findall(r"--out (\S+)", quick)
+    assert outs and "edited.png" in outs
+    assert len(outs) == len(set(outs)), outs
