@@ -250,6 +250,30 @@ def test_crispedit_bad_shard_fails_naming_file_and_column(crisp_raw, tmp_path, c
   assert not list((tmp_path / "cli").rglob("*.array_record*"))
 
 
+def test_crispedit_cli_empty_input_and_all_rows_bad_are_one_report(tmp_path, capsys):
+  from train import build_dataset  # pylint: disable=g-import-not-at-top
+
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert build_dataset.main(["crispedit", "--data-dir", str(tmp_path / "a"), "--manual-dir", str(empty)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and f"--manual-dir {empty} holds no parquet shards" in err
+  # Every row unusable: the per-reason report is written and printed, not lost in TFDS's error.
+  raw = tmp_path / "raw"
+  (raw / "data").mkdir(parents=True)
+  rows = [_row(i, "add", src=b"\x89PNG\r\n\x1a\n truncated") for i in range(3)]
+  rows.append(_row(3, "add", instruction=" "))
+  _write_shard(raw / "data" / "add_00000.parquet", rows)
+  out = tmp_path / "b"
+  assert build_dataset.main(["crispedit", "--data-dir", str(out), "--manual-dir", str(raw)]) == 2
+  err = capsys.readouterr().err
+  assert "Traceback" not in err and "all 4 rows read were skipped" in err
+  assert "3 x source image undecodable" in err and "1 x empty instruction" in err
+  report = json.loads((out / "crispedit" / "default" / "skipped_rows.json").read_text())
+  assert report["skipped"] == 4 and report["skipped_by_reason"]["empty instruction"] == 1
+  assert not list(out.rglob("*.array_record*"))
+
+
 # ------------------------------------------------------------------------------------ pipeline
 
 
