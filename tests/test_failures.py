@@ -303,3 +303,35 @@ def test_documented_example_paths_exist_and_outputs_do_not_collide():
     outs = re.findall(r"--out (\S+)", quick)
     assert outs and "edited.png" in outs
     assert len(outs) == len(set(outs)), outs
+
+
+# ---------------------------------------------------------------------- 16: the tested versions
+def test_constraints_pin_every_dependency_within_setup_ranges_and_ci_runs_the_readme_command():
+    import configparser
+    import re
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in open(os.path.join(REPO, "constraints.txt")):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, "setup.cfg"))
+    declared = [ln.strip() for ln in (cfg["options"]["install_requires"] + cfg["options.extras_require"]["test"])
+                .splitlines() if ln.strip()]
+    for text in declared:
+        req = Requirement(text)
+        assert canonicalize_name(req.name) in pins, f"constraints.txt does not pin {req.name}"
+        assert req.specifier.contains(pins[canonicalize_name(req.name)]), (text, pins[canonicalize_name(req.name)])
+    readme = open(os.path.join(REPO, "README.md")).read()
+    test_cmd = re.search(r"Run the tests:\n\n```bash\n(.+)\n```", readme)[1]
+    assert "-c constraints.txt" in test_cmd
+    ci = [ln for ln in open(os.path.join(REPO, ".ci", "run")).read().splitlines()
+          if ln and not ln.startswith(("#", "set ", "cd "))]
+    assert ci == [test_cmd]
+    commands = re.findall(r"^pip install[^\n&]*", readme, flags=re.M)     # commands, not prose
+    assert len(commands) >= 2 and all("-c constraints.txt" in c for c in commands)
