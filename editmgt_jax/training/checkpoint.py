@@ -18,7 +18,9 @@ shardings (``TrainProgram.abstract_state``), so a checkpoint restores onto any m
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +30,10 @@ import numpy as np
 from editmgt_jax.training.state import TrainState
 
 STATE_FIELDS = ("step", "params", "opt_state", "rng")
+
+
+class CheckpointDamagedError(RuntimeError):
+    """No training checkpoint of a run can be read back."""
 
 
 def _state_tree(state: TrainState) -> dict:
@@ -123,6 +129,50 @@ class TrainCheckpointer:
         state = TrainState(**{f: tree[f] for f in STATE_FIELDS})
         config = out["config"] if "config" in saved else None
         return state, config
+
+    def restore_latest(self, abstract_state: TrainState, data_iterator=None
+                       ) -> tuple[int, TrainState, dict | None] | None:
+        """Restore the newest checkpoint that reads back completely: ``(step, state, config)``, or
+        None when there is no checkpoint.
+
+        Restoring reads every byte, so a damaged newest checkpoint (a truncated or missing file, an
+        unreadable index or config) fails here; it is then moved aside to
+        ``<directory>/damaged-<step>-<time>/`` (kept for inspection, out of the step numbering so
+        the step can be written again) and the next older one is tried. Each skip is logged and
+        recorded in ``self.skipped`` as ``(step, reason)``. (With several processes the damaged
+        folder is left in place.)
+        """
+        self.skipped: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, config = self.restore(abstract_state, step, data_iterator=data_iterator)
+            except Exception as e:  # noqa: BLE001  (any read failure means: not usable)
+                from editmgt_jax.checkpoints import _quiet_orphaned_reads
+
+                _quiet_orphaned_reads()
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                aside = self._move_aside(step)
+                self.skipped.append((step, reason))
+                logging.warning("checkpoint step %d skipped, it cannot be read back (%s); %s",
+                                step, reason, f"moved to {aside}" if aside else "left in place")
+                continue
+            return step, state, config
+        if self.skipped:
+            raise CheckpointDamagedError(
+                f"{self.directory}: no checkpoint reads back completely (skipped steps "
+                f"{', '.join(str(s) for s, _ in self.skipped)}); the damaged ones are kept as damaged-*/")
+        return None
+
+    def _move_aside(self, step: int) -> str | None:
+        import jax
+
+        if jax.process_count() > 1:   # several processes share the folder: leave it where it is
+            return None
+        self.manager.wait_until_finished()
+        aside = os.path.join(self.directory, f"damaged-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(os.path.join(self.directory, str(step)), aside)
+        self.manager.reload()
+        return aside
 
     def _item_names(self, step: int) -> set[str]:
         path = os.path.join(self.directory, str(step))
