@@ -335,3 +335,40 @@ def test_constraints_pin_every_dependency_within_setup_ranges_and_ci_runs_the_re
     assert ci == [test_cmd]
     commands = re.findall(r"^pip install[^\n&]*", readme, flags=re.M)     # commands, not prose
     assert len(commands) >= 2 and all("-c constraints.txt" in c for c in commands)
+
+
+# ------------------------------------------------------- 4: one run per workdir, metrics after resume
+def test_workdir_lock_names_the_holder_and_dies_with_it(tmp_path):
+    import subprocess
+    import sys
+
+    from editmgt_jax.training.workdir import WorkdirBusyError, WorkdirLock
+
+    # The module alone (no JAX import): a holder that starts in a fraction of a second.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import importlib.util as u, sys, time; "
+         "s = u.spec_from_file_location('w', sys.argv[2]); m = u.module_from_spec(s); s.loader.exec_module(m); "
+         "lock = m.WorkdirLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(60)",
+         str(tmp_path), os.path.join(REPO, "editmgt_jax", "training", "workdir.py")],
+        cwd=REPO, env=_subprocess_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WorkdirBusyError, match=f"is in use by pid {holder.pid} on .*started"):
+            WorkdirLock(str(tmp_path)).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    with WorkdirLock(str(tmp_path)):            # a killed holder leaves no stale lock
+        pass
+
+
+def test_metrics_rows_after_the_resumed_checkpoint_are_dropped(tmp_path):
+    from editmgt_jax.training.workdir import trim_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 8)] + [{"step": 4, "eval_loss": 0.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "lo')   # killed mid-line
+    assert trim_metrics(str(path), 5) == 3
+    back = [json.loads(ln) for ln in path.read_text().splitlines()]
+    assert [r["step"] for r in back] == [1, 2, 3, 4, 5, 4]
+    assert trim_metrics(str(path), 5) == 0 and trim_metrics(str(tmp_path / "none.jsonl"), 1) == 0
