@@ -372,3 +372,14 @@ def test_metrics_rows_after_the_resumed_checkpoint_are_dropped(tmp_path):
     back = [json.loads(ln) for ln in path.read_text().splitlines()]
     assert [r["step"] for r in back] == [1, 2, 3, 4, 5, 4]
     assert trim_metrics(str(path), 5) == 0 and trim_metrics(str(tmp_path / "none.jsonl"), 1) == 0
+
+
+def test_the_build_hint_names_the_config():
+    from editmgt_jax.data.pipeline import DatasetSpec, build_command
+
+    assert build_command(DatasetSpec(name="synthetic_edits/small", data_dir="d")) == \
+        "python -m train.build_dataset synthetic_edits/small --data-dir d"
+    assert build_command(DatasetSpec(name="synthetic_edits/r128_n20000_t1000_s0", data_dir="d")) == (
+        "python -m train.build_dataset synthetic_edits --data-dir d --resolution 128 --num-examples 20000 "
+        "--num-test 1000 --seed 0")
+    assert build_command(DatasetSpec(name="crispedit/holdout")).endswith("--data-dir DIR --manual-dir RAW")
