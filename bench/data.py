@@ -63,7 +63,7 @@ def prepare(data_dir: str, synthetic_examples: int, crispedit_rows: int) -> dict
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   from editmgt_jax.data import crispedit, synthetic_edits  # pylint: disable=g-import-not-at-top
-  from train import pretokenize  # pylint: disable=g-import-not-at-top
+  from editmgt_jax.data import pretokenize  # pylint: disable=g-import-not-at-top
 
   name = synthetic_edits.config_name(128, synthetic_examples, 0, 0)
   syn = synthetic_edits.SyntheticEdits(

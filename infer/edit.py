@@ -26,39 +26,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
-
-def parse_blocks(text: str) -> tuple[int, ...]:
-    """'28-36', '2,3,4', '2+3' or '' -> block indices."""
-    out: list[int] = []
-    for part in filter(None, (p.strip() for p in re.split(r"[,+]", text))):
-        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
-        if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
-            raise argparse.ArgumentTypeError(f"{part!r}: expected block indices like '28-36' or '2,3,4'")
-        out += list(range(int(m[1]), int(m[2] or m[1]) + 1))
-    return tuple(out)
-
-
-SAMPLER_FLAGS = {"steps": ("--steps", "steps"), "guidance_scale": ("--guidance", "guidance"),
-                 "reference_strength": ("--strength", "strength"),
-                 "hold_threshold": ("--hold-threshold", "hold_threshold")}
+from editmgt_jax.cli_flags import add_sampler_flags, check_sampler_flags, sampler_overrides
+from editmgt_jax.edit_batch import read_batch
 
 
 def check_flags(args) -> None:
     """Flag values the edit cannot use -> ``ValueError`` naming the flag (before anything loads)."""
     from editmgt_jax import imageio
-    from editmgt_jax.sampling.region_hold import check_setting
 
-    for name, (flag, attr) in SAMPLER_FLAGS.items():
-        value = getattr(args, attr)
-        if value is not None:
-            try:
-                check_setting(name, value)
-            except ValueError as e:
-                raise ValueError(f"{flag} {value}: {str(e).split(': ', 1)[-1]}") from None
+    check_sampler_flags(args)
     if args.size is not None and args.size < 1:
         raise ValueError(f"--size {args.size}: must be a positive number of pixels")
     if args.batch_size < 1:
@@ -92,13 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--out-dir", metavar="DIR", default="edits", help="folder for batch outputs")
     bat.add_argument("--batch-size", type=int, default=4, help="edits per compiled call (default 4)")
     s = p.add_argument_group("sampler (defaults come from the checkpoint)")
-    s.add_argument("--steps", type=int, help="decoding steps (release demo: 36)")
-    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
-    s.add_argument("--strength", type=float, help="reference strength: >1 pulls attention to the source")
-    s.add_argument("--hold-threshold", type=float, help="region-hold lambda (0 = off)")
-    s.add_argument("--consolidation-blocks", type=parse_blocks, metavar="LIST",
-                   help="blocks whose attention forms the edit-region map, e.g. '28-36' or '2,3,4'")
-    s.add_argument("--greedy", action="store_true", help="deterministic decoding (argmax, no Gumbel noise)")
+    add_sampler_flags(s)
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--size", type=int, help="working resolution in pixels (default: the checkpoint's)")
     s.add_argument("--resize", choices=["crop", "fit"], default="crop",
@@ -110,12 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--mesh", default=None, metavar="SPEC",
                    help="data-parallel batch editing over devices, e.g. 'data=8'")
     return p
-
-
-def _sampler_overrides(args) -> dict:
-    return dict(steps=args.steps, guidance_scale=args.guidance, reference_strength=args.strength,
-                hold_threshold=args.hold_threshold, consolidation_blocks=args.consolidation_blocks,
-                greedy=True if args.greedy else None)
 
 
 def _save_outputs(result, i: int, out_path: str, heatmap: bool) -> list[str]:
@@ -132,61 +99,6 @@ def _save_outputs(result, i: int, out_path: str, heatmap: bool) -> list[str]:
             imageio.save_image(hp, imageio.heatmap_overlay(result.sources[i], result.heatmaps[i]))
             written.append(hp)
     return written
-
-
-def read_batch(path: str, out_dir: str) -> tuple[list[dict], list[str]]:
-    """Read and check an edits file: ``(runnable edits, one line per skipped edit)``.
-
-    Every line is checked before anything is compiled: valid JSON object, ``image`` and a non-empty
-    ``instruction``, the image (and mask) readable, ``out`` a writable image name used once."""
-    from editmgt_jax import imageio
-
-    try:
-        with open(path) as fh:
-            lines = fh.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--batch {path}: cannot read ({e})") from None
-    base = os.path.dirname(os.path.abspath(path))
-    items, skipped, outs = [], [], {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"not valid JSON ({e})") from None
-            if not isinstance(d, dict):
-                raise ValueError(f"expected a JSON object, got {type(d).__name__}")
-            for k in ("image", "instruction"):
-                if k not in d:
-                    raise ValueError(f"missing field {k!r}")
-            if not isinstance(d["instruction"], str) or not d["instruction"].strip():
-                raise ValueError("empty instruction")
-            d.setdefault("out", f"{n:05d}.png")
-            for k in ("image", "mask", "out"):
-                if d.get(k) is not None and not isinstance(d[k], str):
-                    raise ValueError(f"field {k!r} must be a string")
-            for k in ("image", "mask"):
-                if d.get(k) and not os.path.isabs(d[k]):
-                    d[k] = os.path.join(base, d[k])
-            out = os.path.join(out_dir, d["out"])
-            imageio.check_output_path(out, "out")
-            if os.path.abspath(out) in outs:
-                raise ValueError(f"out {d['out']!r} is also line {outs[os.path.abspath(out)]}'s output")
-            imageio.load_image(d["image"], name=f"image {d['image']}")
-            if d.get("mask"):
-                imageio.load_image(d["mask"], name=f"mask {d['mask']}")
-        except ValueError as e:
-            skipped.append(f"{where}: {e}")
-            continue
-        outs[os.path.abspath(out)] = n
-        d["line"] = n
-        items.append(d)
-    if not items and not skipped:
-        raise ValueError(f"--batch {path}: no edits in file")
-    return items, skipped
 
 
 def main(argv=None) -> int:
@@ -214,13 +126,13 @@ def main(argv=None) -> int:
         t0 = time.time()
         editor = Editor.load(args.checkpoint, mesh_shape=mesh)
         print(f"loaded {editor.path} in {time.time() - t0:.1f}s", file=sys.stderr)
-        over = _sampler_overrides(args)
+        over = sampler_overrides(args)
         common = dict(seed=args.seed, size=args.size, policy=args.resize, negative_prompt=args.negative_prompt,
                       progress=True, **over)
         try:   # settings this model cannot take fail before any compile
             editor.sampler_config(**over)
         except ValueError as e:
-            raise ValueError(re.sub(r"^consolidation_blocks", "--consolidation-blocks", str(e))) from None
+            raise ValueError(str(e).replace("consolidation_blocks", "--consolidation-blocks", 1)) from None
         if not args.batch:
             masks = [imageio.load_image(args.mask)] if args.mask else None
             t0 = time.time()

@@ -153,7 +153,7 @@ def _command(workdir, tokens_dir, steps):
 
 
 def _losses(workdir):
-    from train.main import read_losses
+    from editmgt_jax.training.metrics_log import read_losses
 
     return read_losses(str(workdir))
 
@@ -205,7 +205,7 @@ def test_fine_tuning_starts_from_a_converted_release(tmp_path):
     from editmgt_jax.convert import convert_release
     from editmgt_jax.models.transformer import TransformerConfig
     from editmgt_jax.tools.tiny_release import make_release
-    from train.main import load_init_params
+    from editmgt_jax.training.frozen import load_init_params
     from configs import editor_tiny, tiny
 
     release = make_release(os.path.join(REPO, "tests", "fixtures", "editmgt-tiny-v1"), str(tmp_path / "rel"))

@@ -85,13 +85,10 @@ def test_region_hold_keeps_the_rest_of_the_image(editor, items):
     assert with_hold > without + 0.5, (with_hold, without)    # 70 edits: +2.0 dB
 
 
-def test_readme_main_command(tmp_path):
-    from infer.edit import main as edit_main
-
+def test_readme_main_command(tmp_path, cli):
     out = tmp_path / "edited.png"
-    rc = edit_main(["--image", os.path.join(REPO, "examples", "shapes.png"),
-                    "--instruction", "paint the orange circle at the top cyan", "--save-heatmap",
-                    "--out", str(out)])
-    assert rc == 0
+    proc = cli("infer.edit", "--image", os.path.join(REPO, "examples", "shapes.png"),
+               "--instruction", "paint the orange circle at the top cyan", "--save-heatmap", "--out", out)
+    assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size == (64, 64)
     assert (tmp_path / "edited_heatmap.png").is_file()

@@ -15,7 +15,6 @@ from editmgt_jax import checkpoints
 from editmgt_jax.convert.__main__ import main as convert_main
 from editmgt_jax.editor import EditError, Editor
 from editmgt_jax.tools.tiny_release import make_release
-from infer.edit import main as edit_main
 
 SIZE = 64  # tiny model: 32 px granularity (VQ x16, transformer x2); 64 px -> 4x4 ids
 
@@ -108,12 +107,12 @@ def test_checkpoint_of_another_config_is_rejected(tiny_ckpt, tmp_path):
         Editor.load(other)
 
 
-def test_cli_single_and_batch(tiny_ckpt, photo, tmp_path, capsys):
+def test_cli_single_and_batch(tiny_ckpt, photo, tmp_path, cli):
     out = tmp_path / "edited.png"
-    rc = edit_main(["--checkpoint", str(tiny_ckpt), "--image", str(photo), "--instruction", "make the suit red",
-                    "--out", str(out), "--steps", "2", "--size", str(SIZE), "--hold-threshold", "0.3",
-                    "--consolidation-blocks", "2-4", "--save-heatmap"])
-    assert rc == 0
+    proc = cli("infer.edit", "--checkpoint", tiny_ckpt, "--image", photo, "--instruction", "make the suit red",
+               "--out", out, "--steps", "2", "--size", SIZE, "--hold-threshold", "0.3",
+               "--consolidation-blocks", "2-4", "--save-heatmap")
+    assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size == (SIZE, SIZE)
     assert (tmp_path / "edited_heatmap.png").is_file()
     lines = [{"image": str(photo), "instruction": "remove the flag", "out": "a.png"},
@@ -121,16 +120,14 @@ def test_cli_single_and_batch(tiny_ckpt, photo, tmp_path, capsys):
              {"image": str(photo), "instruction": "add a hat"}]
     batch = tmp_path / "edits.jsonl"
     batch.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    rc = edit_main(["--checkpoint", str(tiny_ckpt), "--batch", str(batch), "--out-dir", str(tmp_path / "res"),
-                    "--steps", "2", "--size", str(SIZE), "--batch-size", "2"])
-    assert rc == 0
+    proc = cli("infer.edit", "--checkpoint", tiny_ckpt, "--batch", batch, "--out-dir", tmp_path / "res",
+               "--steps", "2", "--size", SIZE, "--batch-size", "2")
+    assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(tmp_path / "res")) == ["00003.png", "a.png", "b.png"]
     # Errors are one clear line and a non-zero exit, not a traceback.
-    rc = edit_main(["--checkpoint", str(tiny_ckpt), "--image", str(tmp_path / "nope.png"), "--instruction", "x",
-                    "--size", str(SIZE)])
-    assert rc == 2 and "nope.png" in capsys.readouterr().err
-    rc = edit_main(["--checkpoint", str(tiny_ckpt), "--image", str(photo), "--instruction", "", "--size", str(SIZE)])
-    assert rc == 2 and "empty instruction" in capsys.readouterr().err
+    proc = cli("infer.edit", "--checkpoint", tiny_ckpt, "--image", tmp_path / "nope.png", "--instruction", "x",
+               "--size", SIZE)
+    assert proc.returncode == 2 and "nope.png" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_data_parallel_mesh_gives_the_same_tokens(tiny_ckpt, photo):

@@ -1,4 +1,4 @@
-"""Evaluation harness: metrics on hand-made cases, evaluation-set loaders, and `infer.evaluate` runs."""
+"""Evaluation harness: metrics on hand-made cases, evaluation-set loaders, runs and the `infer.evaluate` CLI."""
 
 import json
 import math
@@ -11,7 +11,7 @@ from PIL import Image
 from editmgt_jax.editor import EditResult
 from editmgt_jax.evaluation import datasets, metrics
 from editmgt_jax.sampling.region_hold import SamplerConfig
-from infer import evaluate as ev
+from editmgt_jax.evaluation import ablations, runner
 
 RNG = np.random.default_rng(0)
 
@@ -266,13 +266,12 @@ def test_spec_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def syn_dir(tmp_path_factory):
+def syn_dir(tmp_path_factory, cli):
     """synthetic_edits with 2 train / 4 held-out examples at 64 px."""
-    from train import build_dataset
-
     data_dir = tmp_path_factory.mktemp("tfds")
-    assert build_dataset.main(["synthetic_edits", "--data-dir", str(data_dir), "--num-examples", "2",
-                               "--num-test", "4", "--resolution", "64"]) == 0
+    proc = cli("train.build_dataset", "synthetic_edits", "--data-dir", data_dir, "--num-examples", "2",
+               "--num-test", "4", "--resolution", "64")
+    assert proc.returncode == 0, proc.stderr
     return data_dir
 
 
@@ -300,15 +299,14 @@ def test_synthetic_split_is_read_with_exact_masks(syn_dir):
         datasets.open_eval_set(f"synthetic_edits:{syn_dir}:validation")
 
 
-def test_several_builds_must_be_named(syn_dir, tmp_path):
+def test_several_builds_must_be_named(syn_dir, tmp_path, cli):
     import shutil
-
-    from train import build_dataset
 
     d = tmp_path / "tfds"
     shutil.copytree(syn_dir, d)
-    assert build_dataset.main(["synthetic_edits", "--data-dir", str(d), "--num-examples", "1",
-                               "--num-test", "1", "--resolution", "32"]) == 0
+    proc = cli("train.build_dataset", "synthetic_edits", "--data-dir", d, "--num-examples", "1",
+               "--num-test", "1", "--resolution", "32")
+    assert proc.returncode == 0, proc.stderr
     with pytest.raises(datasets.EvalDataError, match="several builds .*choose one with synthetic_edits/CONFIG"):
         datasets.open_eval_set(f"synthetic_edits:{d}")
     assert len(datasets.open_eval_set(f"synthetic_edits/r32_n1_t1_s0:{d}")) == 1
@@ -316,26 +314,26 @@ def test_several_builds_must_be_named(syn_dir, tmp_path):
 
 # ------------------------------------------------------------------------------ ablation plan
 def test_ablation_plan():
-    presets = ev.block_presets(42)
+    presets = ablations.block_presets(42)
     assert presets["early"] == tuple(range(14)) and presets["late"] == tuple(range(28, 42))
-    assert ev.block_presets(5) == {"none": (), "early": (0, 1), "late": (3, 4), "all": (0, 1, 2, 3, 4)}
-    groups = ev.parse_ablations("hold, lambda=0.1/0.4 ,consolidation=none/late/1-2,inpaint")
+    assert ablations.block_presets(5) == {"none": (), "early": (0, 1), "late": (3, 4), "all": (0, 1, 2, 3, 4)}
+    groups = ablations.parse_ablations("hold, lambda=0.1/0.4 ,consolidation=none/late/1-2,inpaint")
     assert groups == [("hold", ("on", "off")), ("lambda", ("0.1", "0.4")),
                       ("blocks", ("none", "late", "1-2")), ("inpaint", ("gt",))]
-    runs = ev.expand_runs(groups, SamplerConfig(), ev.block_presets(5))  # base: no hold, no blocks
+    runs = ablations.expand_runs(groups, SamplerConfig(), ablations.block_presets(5))  # base: no hold, no blocks
     by = {r.name: r for r in runs}
-    assert by["hold=on"].overrides == {"consolidation_blocks": (3, 4), "hold_threshold": ev.FALLBACK_LAMBDA}
+    assert by["hold=on"].overrides == {"consolidation_blocks": (3, 4), "hold_threshold": ablations.FALLBACK_LAMBDA}
     assert by["hold=off"].overrides == {"consolidation_blocks": (3, 4), "hold_threshold": 0.0}
     assert by["lambda=0.4"].overrides["hold_threshold"] == 0.4
     assert by["blocks=none"].overrides == {"consolidation_blocks": (), "hold_threshold": 0.0}
     assert by["blocks=1-2"].overrides["consolidation_blocks"] == (1, 2)
     assert by["inpaint=gt"].inpaint
-    assert [n for n, _ in ev.parse_ablations("all")] == list(ev.DEFAULT_VALUES)
-    assert ev.parse_ablations("none") == []
+    assert [n for n, _ in ablations.parse_ablations("all")] == list(ablations.DEFAULT_VALUES)
+    assert ablations.parse_ablations("none") == []
     for bad, msg in (("holdx", "unknown group 'holdx'"), ("steps=0", "out of range"), ("cfg=x", "not a float"),
                      ("hold=maybe", "on/off"), ("blocks=9", "outside 0..4")):
-        with pytest.raises(ev.UsageError, match=msg):
-            ev.expand_runs(ev.parse_ablations(bad), SamplerConfig(), ev.block_presets(5))
+        with pytest.raises(ablations.UsageError, match=msg):
+            ablations.expand_runs(ablations.parse_ablations(bad), SamplerConfig(), ablations.block_presets(5))
 
 
 # ------------------------------------------------------------------------------ harness, fake editor
@@ -405,11 +403,9 @@ def test_harness_with_a_fake_editor(tmp_path):
     (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     fake = FakeEditor(lookup)
     out = tmp_path / "out"
-    args = ev.build_parser().parse_args([
-        "--data", str(root), "--out", str(out), "--batch-size", "4", "--seed", "7",
-        "--consolidation-blocks", "4-5", "--hold-threshold", "0.5", "--ablations", "hold,inpaint",
-        "--heatmap-upsample", "nearest"])
-    report = ev.evaluate(args, editor=fake)
+    options = runner.EvalOptions(data=str(root), out=str(out), batch_size=4, seed=7, consolidation_blocks=(4, 5),
+                                 hold_threshold=0.5, ablations="hold,inpaint", heatmap_upsample="nearest")
+    report = runner.evaluate(options, editor=fake)
 
     # batches of 4 (the short last one padded), seeds 7 and 8 in every run; inpainting skips e5
     assert [c["n"] for c in fake.calls] == [4, 4, 4, 4, 4, 4]  # base, hold=off, inpaint (hold=on reused)
@@ -444,11 +440,39 @@ def test_harness_with_a_fake_editor(tmp_path):
     assert (out / "grids" / "odd.png").is_file()
 
 
-def test_cli_errors_exit_2(tmp_path, capsys):
-    assert ev.main(["--data", f"folder:{tmp_path}", "--out", str(tmp_path / "o")]) == 2
-    assert "no evaluation items found" in capsys.readouterr().err
-    assert ev.main(["--data", "x", "--out", "o", "--ablations", "nope"]) == 2
-    assert "unknown group 'nope'" in capsys.readouterr().err
+def test_bad_options_are_named(tmp_path):
+    with pytest.raises(datasets.EvalDataError, match="no evaluation items found"):
+        runner.evaluate(runner.EvalOptions(data=f"folder:{tmp_path}", out=str(tmp_path / "o")))
+    with pytest.raises(ablations.UsageError, match="unknown group 'nope'"):
+        runner.evaluate(runner.EvalOptions(data="x", out="o", ablations="nope"))
+    with pytest.raises(ablations.UsageError, match="--batch-size must be >= 1"):
+        runner.evaluate(runner.EvalOptions(data="x", out="o", batch_size=0))
+
+
+def test_options_match_the_command_line():
+    import argparse
+
+    from editmgt_jax.cli_flags import add_sampler_flags, sampler_overrides
+
+    p = argparse.ArgumentParser()
+    add_sampler_flags(p)
+    args = p.parse_args(["--steps", "3", "--consolidation-blocks", "2-4,7", "--greedy"])
+    assert sampler_overrides(args) == dict(steps=3, guidance_scale=None, reference_strength=None, hold_threshold=None,
+                                           consolidation_blocks=(2, 3, 4, 7), greedy=True)
+    opts = runner.EvalOptions(data="d", out="o", steps=3)
+    assert sampler_overrides(opts)["steps"] == 3 and sampler_overrides(opts)["greedy"] is None
+
+
+def test_cli_errors_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "infer.evaluate", "--data", f"folder:{tmp_path}", "--out",
+                           str(tmp_path / "o"), "--ablations", "nope"], cwd=repo, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "error: --ablations: unknown group 'nope' in 'nope'; groups: hold, blocks, lambda, steps, cfg, inpaint, "
+        "all, none")
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -460,10 +484,9 @@ def test_evaluate_end_to_end_on_the_tiny_model(tiny_dir, syn_dir, tmp_path):
     release = make_release(str(tiny_dir), str(tmp_path / "release"))
     convert_release(release, str(tmp_path / "ckpt"))
     out = tmp_path / "eval"
-    rc = ev.main(["--checkpoint", str(tmp_path / "ckpt"), "--data", f"synthetic_edits:{syn_dir}",
-                  "--out", str(out), "--size", "64", "--batch-size", "4", "--steps", "2",
-                  "--consolidation-blocks", "2-4", "--hold-threshold", "0.3", "--ablations", "hold"])
-    assert rc == 0
+    runner.evaluate(runner.EvalOptions(checkpoint=str(tmp_path / "ckpt"), data=f"synthetic_edits:{syn_dir}",
+                                       out=str(out), size=64, batch_size=4, steps=2, consolidation_blocks=(2, 3, 4),
+                                       hold_threshold=0.3, ablations="hold"))
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["num_evaluated"] == 4 and report["data"]["split"] == "test"
     assert set(report["runs"]) == {"base", "hold=on", "hold=off"}
@@ -471,7 +494,7 @@ def test_evaluate_end_to_end_on_the_tiny_model(tiny_dir, syn_dir, tmp_path):
     for name in ("base", "hold=off"):
         run = report["runs"][name]
         assert run["seeds"] == [0] and run["timing"]["edits_per_s"] > 0
-        assert set(run["metrics"]) == set(ev.METRIC_KEYS)
+        assert set(run["metrics"]) == set(runner.METRIC_KEYS)
         for k in ("l1", "psnr", "ssim"):
             assert run["metrics"][k]["n"] == 4 and run["metrics"][k]["mean"] is not None
         if run["has_heatmap"]:

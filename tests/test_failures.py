@@ -75,27 +75,15 @@ def test_conversion_is_atomic_and_overwrite_replaces_only_checkpoints(release, t
 
 
 # ------------------------------------------------------------------------ 9: damaged checkpoints
-def _subprocess_env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    env.pop("XLA_FLAGS", None)
-    return env
-
-
-def test_damaged_model_checkpoints_are_named_in_one_line(tmp_path, capsys):
-    import subprocess
-    import sys
-
+def test_damaged_model_checkpoints_are_named_in_one_line(tmp_path, cli):
     from editmgt_jax.editor import Editor
-    from infer.edit import main as edit_main
 
-    flags = ["--image", os.path.join(REPO, "examples", "shapes.png"), "--instruction", "paint it cyan",
-             "--out", str(tmp_path / "o.png")]
     bad_json = tmp_path / "bad_json"
     shutil.copytree(SHIPPED, bad_json)
     (bad_json / "config.json").write_text('{"format": "editmgt-jax/model",\n')
-    assert edit_main(["--checkpoint", str(bad_json)] + flags) == 2
-    line = _one_error_line(capsys.readouterr().err)
-    assert str(bad_json / "config.json") in line and "not valid JSON" in line
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        Editor.load(bad_json)
+    assert str(e.value).startswith(f"{bad_json / 'config.json'}: not valid JSON")
     # An emptied index is damage, not "saved for another configuration".
     no_index = tmp_path / "no_index"
     shutil.copytree(SHIPPED, no_index)
@@ -103,14 +91,14 @@ def test_damaged_model_checkpoints_are_named_in_one_line(tmp_path, capsys):
     with pytest.raises(checkpoints.CheckpointError, match=r"transformer: the parameter index .* damaged"):
         Editor.load(no_index)
     # A truncated data file: one line and no 'Event loop is closed' tracebacks from reads still in
-    # flight (a subprocess: they print at the process level).
+    # flight (the command line: they print at the process level).
     truncated = tmp_path / "truncated"
     shutil.copytree(SHIPPED, truncated)
     data = truncated / "params" / "transformer" / "ocdbt.process_0" / "d"
     biggest = max(data.iterdir(), key=lambda p: p.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[:100])
-    proc = subprocess.run([sys.executable, "-m", "infer.edit", "--checkpoint", str(truncated)] + flags,
-                          cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = cli("infer.edit", "--checkpoint", truncated, "--image", os.path.join(REPO, "examples", "shapes.png"),
+               "--instruction", "paint it cyan", "--out", tmp_path / "o.png")
     assert proc.returncode == 2, proc.stderr
     assert "Event loop is closed" not in proc.stderr
     line = _one_error_line(proc.stderr)
@@ -119,9 +107,11 @@ def test_damaged_model_checkpoints_are_named_in_one_line(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------- 5: sampler settings, 12: blocks
-def test_sampler_settings_must_be_finite_and_in_range(capsys):
+def test_sampler_settings_must_be_finite_and_in_range(tmp_path, cli):
+    import argparse
+
+    from editmgt_jax.cli_flags import check_sampler_flags
     from editmgt_jax.sampling.region_hold import SamplerConfig
-    from infer.edit import main as edit_main
 
     for field, value, message in [("guidance_scale", -5.0, ">= 0"), ("guidance_scale", float("nan"), "finite"),
                                   ("reference_strength", 0.0, "> 0"), ("hold_threshold", float("inf"), "finite"),
@@ -132,16 +122,23 @@ def test_sampler_settings_must_be_finite_and_in_range(capsys):
         with pytest.raises(ValueError, match=f"{field}=.*{message}"):
             SamplerConfig(**{field: value})
     SamplerConfig(guidance_scale=0.0, temperature_start=0.0, steps=1)   # the lowest allowed values
-    # The command line names the flag, before anything is loaded.
-    shapes = os.path.join(REPO, "examples", "shapes.png")
-    for flags, message in [(["--guidance", "-5"], "--guidance -5.0: must be finite and >= 0"),
-                           (["--guidance", "nan"], "--guidance nan: must be finite"),
-                           (["--strength", "0"], "--strength 0.0: must be finite and > 0"),
-                           (["--steps", "0"], "--steps 0: must be an integer >= 1"),
-                           (["--size", "-64"], "--size -64: must be a positive")]:
-        assert edit_main(["--image", shapes, "--instruction", "x", *flags]) == 2
-        err = capsys.readouterr().err
-        assert message in _one_error_line(err) and "loaded" not in err
+    # The command-line flags are named.
+    for flags, message in [(dict(guidance=-5.0), "--guidance -5.0: must be finite and >= 0"),
+                           (dict(guidance=float("nan")), "--guidance nan: must be finite"),
+                           (dict(strength=0.0), "--strength 0.0: must be finite and > 0"),
+                           (dict(steps=0), "--steps 0: must be an integer >= 1"),
+                           (dict(hold_threshold=-0.1), "--hold-threshold -0.1: must be finite and >= 0")]:
+        args = argparse.Namespace(**{**dict(steps=None, guidance=None, strength=None, hold_threshold=None), **flags})
+        with pytest.raises(ValueError) as e:
+            check_sampler_flags(args)
+        assert str(e.value).startswith(message), str(e.value)
+    check_sampler_flags(argparse.Namespace(steps=4, guidance=1.0, strength=1.1, hold_threshold=0.0))
+    # ... and the command stops before loading anything, with one line and exit status 2.
+    proc = cli("infer.edit", "--image", os.path.join(REPO, "examples", "shapes.png"), "--instruction", "x",
+               "--guidance", "-5", "--out", tmp_path / "o.png")
+    assert proc.returncode == 2 and "loaded" not in proc.stderr
+    assert _one_error_line(proc.stderr) == "error: --guidance -5.0: must be finite and >= 0"
+    assert not (tmp_path / "o.png").exists()
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +149,8 @@ def shipped():
 
 
 def test_consolidation_blocks_out_of_range_states_the_valid_range(shipped):
+    from editmgt_jax.cli_flags import parse_blocks
     from editmgt_jax.editor import EditError
-    from infer.edit import parse_blocks
 
     assert parse_blocks("2-4,7") == (2, 3, 4, 7)
     for bad in ("5-2", "a-b", "3-"):
@@ -166,18 +163,23 @@ def test_consolidation_blocks_out_of_range_states_the_valid_range(shipped):
 
 
 # ------------------------------------------------------------------ 7: --out checked before the edit
-def test_out_is_checked_before_the_edit(tmp_path, capsys):
-    from infer.edit import main as edit_main
+def test_out_is_checked_before_the_edit(tmp_path, cli):
+    from editmgt_jax import imageio
 
-    shapes = os.path.join(REPO, "examples", "shapes.png")
     afile = tmp_path / "a_file"
     afile.write_text("x")
     for out, message in [(tmp_path / "noext", "no file extension"), (tmp_path, "is a directory"),
                          (tmp_path / "x.xyz", "cannot write images of type '.xyz'"),
                          (afile / "sub" / "o.png", f"{afile} is a file, not a folder")]:
-        assert edit_main(["--image", shapes, "--instruction", "paint it cyan", "--out", str(out)]) == 2
-        err = capsys.readouterr().err
-        assert f"--out {out}: {message}" in _one_error_line(err) and "loaded" not in err
+        with pytest.raises(imageio.ImageError) as e:
+            imageio.check_output_path(str(out), "--out")
+        assert str(e.value).startswith(f"--out {out}: {message}"), str(e.value)
+    imageio.check_output_path(str(afile.with_suffix(".png")), "--out")       # new files, any writable folder
+    imageio.check_output_path(str(tmp_path / "new" / "deeper" / "o.jpg"), "--out")
+    proc = cli("infer.edit", "--image", os.path.join(REPO, "examples", "shapes.png"),
+               "--instruction", "paint it cyan", "--out", tmp_path / "noext")
+    assert proc.returncode == 2 and "loaded" not in proc.stderr      # refused before the model loads
+    assert f"--out {tmp_path / 'noext'}: no file extension" in _one_error_line(proc.stderr)
     assert sorted(os.listdir(tmp_path)) == ["a_file"]
 
 
@@ -218,10 +220,10 @@ def test_images_over_the_pixel_limit_are_refused_by_name(tmp_path):
 
 
 # ------------------------------------------------------------- 6: batch inputs checked up front
-def test_batch_skips_bad_lines_with_a_report_and_edits_the_rest(tmp_path, capsys):
+def test_batch_skips_bad_lines_with_a_report_and_edits_the_rest(tmp_path, cli):
     from PIL import Image
 
-    from infer.edit import main as edit_main
+    from editmgt_jax.edit_batch import read_batch
 
     shapes = os.path.join(REPO, "examples", "shapes.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
@@ -235,22 +237,23 @@ def test_batch_skips_bad_lines_with_a_report_and_edits_the_rest(tmp_path, capsys
     batch = tmp_path / "edits.jsonl"
     batch.write_text("\n".join(lines) + "\n")
     out_dir = tmp_path / "res"
-    rc = edit_main(["--batch", str(batch), "--out-dir", str(out_dir), "--steps", "2"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" not in err
-    skipped = [ln for ln in err.splitlines() if ln.startswith("skipped ")]
-    assert [ln.split(": ", 1)[0] for ln in skipped] == [f"skipped {batch}:{n}" for n in (2, 3, 4, 5, 6)]
+    items, skipped = read_batch(str(batch), str(out_dir))
+    assert [d["line"] for d in items] == [1, 7] and items[1]["out"] == "00007.png"
+    assert [ln.split(": ", 1)[0] for ln in skipped] == [f"{batch}:{n}" for n in (2, 3, 4, 5, 6)]
     assert "broken.png" in skipped[0] and "not valid JSON" in skipped[1] and "empty instruction" in skipped[2]
     assert "line 1's output" in skipped[3] and "no file extension" in skipped[4]
-    assert "wrote 2 edit(s)" in err and "skipped 5" in err
+    # The command: the rest is edited, each skipped line is reported, exit status 2.
+    proc = cli("infer.edit", "--batch", batch, "--out-dir", out_dir, "--steps", "2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("skipped ")] == [f"skipped {s}" for s in skipped]
+    assert "wrote 2 edit(s)" in proc.stderr and "skipped 5" in proc.stderr
     assert sorted(os.listdir(out_dir)) == ["00007.png", "a.png"]
     assert Image.open(out_dir / "a.png").size == (64, 64)
     # Nothing runnable: refused before the model is loaded, nothing written.
     batch.write_text("\n".join(lines[1:4]) + "\n")
-    rc = edit_main(["--batch", str(batch), "--out-dir", str(tmp_path / "none")])
-    err = capsys.readouterr().err
-    assert rc == 2 and "loaded" not in err and not (tmp_path / "none").exists()
-    assert "none of its 3 edit(s) can be run" in _one_error_line(err)
+    proc = cli("infer.edit", "--batch", batch, "--out-dir", tmp_path / "none")
+    assert proc.returncode == 2 and "loaded" not in proc.stderr and not (tmp_path / "none").exists()
+    assert "none of its 3 edit(s) can be run" in _one_error_line(proc.stderr)
 
 
 # ----------------------------------------------- 13: progress over the steps, 14: unread words
@@ -294,9 +297,8 @@ def test_words_the_model_cannot_read_are_named_once(shipped):
 def test_documented_example_paths_exist_and_outputs_do_not_collide():
     import re
 
-    import infer.edit
-
-    for path in re.findall(r"examples/[\w./-]+\.png", infer.edit.__doc__):
+    doc = open(os.path.join(REPO, "infer", "edit.py")).read().split('"""')[1]      # the --help text
+    for path in re.findall(r"examples/[\w./-]+\.png", doc):
         assert os.path.isfile(os.path.join(REPO, path)), path
     readme = open(os.path.join(REPO, "README.md")).read()
     quick = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
@@ -350,7 +352,7 @@ def test_workdir_lock_names_the_holder_and_dies_with_it(tmp_path):
          "s = u.spec_from_file_location('w', sys.argv[2]); m = u.module_from_spec(s); s.loader.exec_module(m); "
          "lock = m.WorkdirLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(60)",
          str(tmp_path), os.path.join(REPO, "editmgt_jax", "training", "workdir.py")],
-        cwd=REPO, env=_subprocess_env(), stdout=subprocess.PIPE, text=True)
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(WorkdirBusyError, match=f"is in use by pid {holder.pid} on .*started"):

@@ -39,7 +39,7 @@ def _command(workdir, tokens_dir, extra=()):
 
 @pytest.mark.multiprocess
 def test_two_processes_match_one(tokens_dir, tmp_path):
-    from train.main import read_losses
+    from editmgt_jax.training.metrics_log import read_losses
 
     # Two processes x 2 devices: one global (data=2, fsdp=2) mesh over 4 devices.
     port = _free_port()

@@ -76,7 +76,8 @@ def editor_text(ckpt):
 def batches(ckpt, editor_text) -> dict:
     """The same edits with host-tokenised instructions (release) and Editor-encoded states
     (precomputed), plus the Editor's encoding of the empty prompt."""
-    from train.main import ReleaseInstructionTokenizer, prepare_batch
+    from editmgt_jax.training.batches import prepare_batch
+    from editmgt_jax.training.tokenizers import ReleaseInstructionTokenizer
 
     rng = np.random.RandomState(0)
     raw = dict(source_ids=rng.randint(0, 64, (B, GRID, GRID)).astype(np.int32),
@@ -118,7 +119,7 @@ def params0(ckpt):
 @pytest.fixture(scope="module")
 def release_run(ckpt, batches, params0):
     """shape -> the release-text trainer's pieces on that mesh (built once per shape)."""
-    from train.main import load_frozen_text
+    from editmgt_jax.training.frozen import load_frozen_text
 
     runs = {}
 
@@ -227,7 +228,8 @@ def test_condition_dropout_uses_the_empty_prompts_encoding(ckpt, batches, refere
 def test_missing_text_checkpoint_names_the_field(ckpt, tmp_path):
     from editmgt_jax.convert import convert_release
     from editmgt_jax.tools.tiny_release import make_release
-    from train.main import load_frozen_text, make_tokenizer
+    from editmgt_jax.training.frozen import load_frozen_text
+    from editmgt_jax.training.tokenizers import make_tokenizer
 
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     c = editor_config(ckpt, checkpoint="")

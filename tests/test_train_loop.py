@@ -57,7 +57,7 @@ def data_config(c, data, steps, batch_size=8, tokens=False):
 def test_pixels_in_step_and_pretokenised_ids_give_the_same_loss():
     """The frozen VQ inside the step and ids computed beforehand (pre-tokenisation) are one loss."""
     from editmgt_jax.training.state import vq_config
-    from train.main import load_frozen_vq
+    from editmgt_jax.training.frozen import load_frozen_vq
 
     c = small_editor_config()
     mesh = make_mesh((2, 1, 1), jax.devices()[:2])
@@ -93,7 +93,7 @@ def test_both_tasks_reduce_their_loss(data, tmp_path):
     pre-tokenised edits with bf16 compute, its frozen tokenizer the one just trained, exported as a
     model checkpoint that Editor.load reads."""
     from editmgt_jax.editor import Editor
-    from train.main import train
+    from editmgt_jax.training.loop import train
 
     vq = data_config(vq_tiny.get_config(), data, steps=30, batch_size=8)
     vq.train.update(export=True, sample_every=30, num_samples=2, eval_every=30, eval_batches=1,
@@ -134,7 +134,7 @@ def test_both_tasks_reduce_their_loss(data, tmp_path):
 
 
 def test_nonfinite_loss_names_the_step(data, tmp_path):
-    from train.main import NonFiniteLossError, train
+    from editmgt_jax.training.loop import NonFiniteLossError, train
 
     c = data_config(vq_tiny.get_config(), data, steps=20, batch_size=4)
     c.optim.update(learning_rate=1e30, grad_clip=0.0, schedule="constant", warmup_steps=0)

@@ -19,7 +19,7 @@ def build_images(root: str) -> str:
 
 def build_tokens(data_dir: str, out: str, split: str = "train") -> str:
     """The split pre-tokenised with the average-pooling stand-in tokenizer (8x8 ids of 64 colours)."""
-    from train.pretokenize import avgpool_encode_fn, pretokenize
+    from editmgt_jax.data.pretokenize import avgpool_encode_fn, pretokenize
 
     pretokenize(DATA_NAME, out, avgpool_encode_fn(FACTOR, CODEBOOK), split=split, data_dir=data_dir,
                 resolution=RES, batch_size=16, progress=False)

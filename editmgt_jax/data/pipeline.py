@@ -248,7 +248,9 @@ def build_command(spec: DatasetSpec) -> str:
           + (" --manual-dir RAW" if name == "crispedit" else ""))
 
 
-def _tfds_source(spec: DatasetSpec):
+def tfds_source(spec: DatasetSpec):
+  """`(random-access source of spec.split with the images still encoded, whether it has edit masks)`
+  for a built TFDS dataset; a missing dataset or split raises an error naming it."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   import editmgt_jax.data  # pylint: disable=g-import-not-at-top,unused-import  (registers builders)
 
@@ -301,7 +303,7 @@ def _derive_seed(*parts: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Standardize:
+class Standardize:
   """Raw TFDS record -> the common dict every mixed dataset yields."""
 
   dataset_id: int
@@ -361,7 +363,7 @@ def _crop(array: np.ndarray, u: tuple[float, float], resolution: int) -> tuple[n
 
 
 @dataclasses.dataclass(frozen=True)
-class _DecodeAndCrop:
+class DecodeAndCrop:
   """Decodes both images (and the mask), resizes the short side to R and crops R x R."""
 
   resolution: int
@@ -468,10 +470,10 @@ def make_map_dataset(
       ds = grain.MapDataset.source(source).map_with_index(_ParseTokens(i, len(source)))
       per_dataset.append(_per_host(ds, spec, config, i, shard_index, shard_count))
   else:
-    sources = [_tfds_source(spec) for spec in config.datasets]
+    sources = [tfds_source(spec) for spec in config.datasets]
     keep_mask = all(has_mask for _, has_mask in sources)
     for i, (spec, (source, _)) in enumerate(zip(config.datasets, sources)):
-      ds = grain.MapDataset.source(source).map_with_index(_Standardize(i, keep_mask, len(source)))
+      ds = grain.MapDataset.source(source).map_with_index(Standardize(i, keep_mask, len(source)))
       per_dataset.append(_per_host(ds, spec, config, i, shard_index, shard_count))
 
   if len(per_dataset) == 1:
@@ -483,7 +485,7 @@ def make_map_dataset(
   if not all(pretokenised):
     # Crops are drawn per (host, element index): a fixed function of the position in the stream.
     ds = ds.random_map(
-        _DecodeAndCrop(config.resolution, config.crop),
+        DecodeAndCrop(config.resolution, config.crop),
         seed=_derive_seed(config.seed, 1, shard_index),
     )
   return ds.batch(
@@ -612,10 +614,13 @@ __all__ = [
     "BatchDataset",
     "BatchIterator",
     "DatasetSpec",
+    "DecodeAndCrop",
     "PipelineConfig",
+    "Standardize",
     "from_config",
     "make_dataset",
     "make_map_dataset",
     "parse_token_record",
     "serialize_token_record",
+    "tfds_source",
 ]

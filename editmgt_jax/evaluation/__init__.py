@@ -1,7 +1,7 @@
-"""Evaluation of editors: metrics (`metrics`) and evaluation sets (`datasets`).
+"""Evaluation of editors: metrics (`metrics`), evaluation sets (`datasets`), the runs over a set
+(`runner`, with the ablation plan in `ablations`) and the report (`report`, `grids`).
 
-The command-line harness that runs edits over a set and writes the report is ``python -m
-infer.evaluate`` (``infer/evaluate.py``).
+The command line is ``python -m infer.evaluate`` (``infer/evaluate.py``).
 """
 
 from editmgt_jax.evaluation import metrics

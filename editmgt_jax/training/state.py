@@ -195,7 +195,8 @@ def vq_config(config):
     return VQConfig.from_dict(dict(config.vq.model))
 
 
-def _vq_model(cfg, rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+def vq_model(cfg, rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    """A ``VQModel`` of ``cfg`` computing in ``dtype`` with ``param_dtype`` parameters."""
     from editmgt_jax.models.vq import VQModel
 
     kwargs = {}
@@ -226,7 +227,7 @@ def trainable_builder(config) -> Callable[[nnx.Rngs], nnx.Module]:
             raise ValueError("remat=True recomputes the editor transformer's blocks; the VQ "
                              "tokenizer has no block remat (set remat=False for task 'vq')")
         vcfg = vq_config(config)
-        return lambda rngs: _vq_model(vcfg, rngs, dtype, param_dtype)
+        return lambda rngs: vq_model(vcfg, rngs, dtype, param_dtype)
     raise ValueError(f"config.task={task!r}: use one of {TASKS}")
 
 

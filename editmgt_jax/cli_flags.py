@@ -1,0 +1,60 @@
+"""The sampler flags shared by the command-line tools (``infer.edit``, ``infer.evaluate``): one
+definition of ``--steps``, ``--guidance``, ``--strength``, ``--hold-threshold``,
+``--consolidation-blocks`` and ``--greedy``, and their translation into ``Editor`` sampler keywords.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+
+def parse_blocks(text: str) -> tuple[int, ...]:
+    """'28-36', '2,3,4', '2+3' or '' -> block indices."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in re.split(r"[,+]", text))):
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise argparse.ArgumentTypeError(f"{part!r}: expected block indices like '28-36' or '2,3,4'")
+        out += list(range(int(m[1]), int(m[2] or m[1]) + 1))
+    return tuple(out)
+
+
+# Flag of each numeric sampler setting (SamplerConfig field -> (flag, argparse attribute)).
+SAMPLER_FLAGS = {"steps": ("--steps", "steps"), "guidance_scale": ("--guidance", "guidance"),
+                 "reference_strength": ("--strength", "strength"),
+                 "hold_threshold": ("--hold-threshold", "hold_threshold")}
+
+
+def check_sampler_flags(args) -> None:
+    """Numeric sampler flags out of range -> ``ValueError`` naming the flag, before anything loads
+    (the ranges are ``SamplerConfig``'s: ``sampling.region_hold.check_setting``)."""
+    from editmgt_jax.sampling.region_hold import check_setting
+
+    for name, (flag, attr) in SAMPLER_FLAGS.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            try:
+                check_setting(name, value)
+            except ValueError as e:
+                raise ValueError(f"{flag} {value}: {str(e).split(': ', 1)[-1]}") from None
+
+
+def add_sampler_flags(group: argparse._ActionsContainer) -> None:
+    """Add the sampler flags to a parser or argument group (every default None: the checkpoint's)."""
+    group.add_argument("--steps", type=int, help="decoding steps (release demo: 36)")
+    group.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
+    group.add_argument("--strength", type=float, help="reference strength: >1 pulls attention to the source")
+    group.add_argument("--hold-threshold", type=float, help="region-hold lambda (0 = off)")
+    group.add_argument("--consolidation-blocks", type=parse_blocks, metavar="LIST",
+                       help="blocks whose attention forms the edit-region map, e.g. '28-36' or '2,3,4'")
+    group.add_argument("--greedy", action="store_true",
+                       help="deterministic decoding (argmax, no Gumbel noise)")
+
+
+def sampler_overrides(args) -> dict:
+    """The sampler flags of parsed ``args`` as ``Editor.edit`` / ``Editor.sampler_config`` keywords
+    (None = the checkpoint's default)."""
+    return dict(steps=args.steps, guidance_scale=args.guidance, reference_strength=args.strength,
+                hold_threshold=args.hold_threshold, consolidation_blocks=args.consolidation_blocks,
+                greedy=True if args.greedy else None)

@@ -1,0 +1,283 @@
+"""The training loop: run (or resume) training as configured, one CPU, one GPU or a pod.
+
+The run resumes from the newest complete checkpoint in WORKDIR/checkpoints (state, config and data
+position), so re-running after a pre-emption continues exactly where the last checkpoint left off.
+
+Outputs in WORKDIR:
+    checkpoints/<step>/   Orbax checkpoints (editmgt_jax.training.checkpoint)
+    metrics.jsonl         one JSON line per step (loss, accuracy, grad norm, LR, ...)
+    tensorboard/          TensorBoard event files (train/*, eval/*, throughput)
+    samples/step_N.png    sample grids (vq: input | reconstruction; editor: source | target | edit)
+    loss.png              loss curve at the end
+    model/                an inference checkpoint for ``Editor.load`` (editmgt_jax.checkpoints)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from editmgt_jax.training import batches
+from editmgt_jax.training.batches import example_ids, pipeline_config, prepare_batch
+from editmgt_jax.training.frozen import (add_release_text, load_frozen_text, load_frozen_vq,
+                                         load_init_params, load_uncond_text)
+from editmgt_jax.training.metrics_log import MetricWriter, plot_losses, read_losses
+from editmgt_jax.training.previews import Sampler
+from editmgt_jax.training.tokenizers import make_tokenizer
+
+
+class NonFiniteLossError(RuntimeError):
+    """A step produced a non-finite loss or gradient; ``step`` and ``batch`` say which."""
+
+    def __init__(self, step: int, batch_position: int, example_ids, metrics: Mapping, dump: str | None):
+        self.step = step
+        self.batch_position = batch_position
+        self.example_ids = example_ids
+        self.metrics = dict(metrics)
+        self.dump = dump
+        ids = ", ".join(str(int(i)) for i in example_ids[:16]) if example_ids is not None else "n/a"
+        super().__init__(
+            f"non-finite loss or gradient at step {step} (loss={metrics.get('loss')}, "
+            f"grad_norm={metrics.get('grad_norm')}): batch #{batch_position} of the data stream, "
+            f"example ids [{ids}{', ...' if example_ids is not None and len(example_ids) > 16 else ''}]"
+            + (f"; batch saved to {dump}" if dump else "")
+            + ". The state was left at the last finite step (checkpoints are unaffected).")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    final_step: int
+    losses: dict[int, float]         # step -> loss, for the steps run by this call
+    workdir: str
+    model_dir: str | None
+
+
+def check_resume_config(saved: Mapping | None, config) -> None:
+    if not saved:
+        return
+    from editmgt_jax.training.checkpoint import config_to_json
+
+    now = config_to_json(config)
+    for key in ("task", "editor", "vq"):
+        if key in saved and saved.get(key) != now.get(key):
+            if key == "editor" and saved.get("task") == "vq":
+                continue
+            raise ValueError(f"the checkpoint in this workdir was trained with a different "
+                             f"config.{key}: {saved.get(key)} != {now.get(key)}; use a new workdir")
+
+
+def train(config, workdir: str, *, compiler_options: Mapping[str, Any] | None = None,
+          progress: bool = True) -> TrainResult:
+    """Run (or resume) training as configured; returns the losses of the steps run here."""
+    import jax
+    from tqdm import tqdm
+
+    import editmgt_jax  # noqa: F401  (NNX sharding mode)
+    from editmgt_jax.data.pipeline import make_dataset
+    from editmgt_jax.parallel import make_mesh
+    from editmgt_jax.training.checkpoint import TrainCheckpointer, export_model
+    from editmgt_jax.training.state import TrainProgram, mesh_shape_from_config, rules_from_config
+    from editmgt_jax.training.step import global_batch, loss_from_config, make_steps
+
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    pidx, pcount = jax.process_index(), jax.process_count()
+    lead = pidx == 0
+    mesh = make_mesh(mesh_shape_from_config(config))
+    rules = rules_from_config(config)
+    program = TrainProgram.create(config, mesh, rules)
+    if lead:
+        logging.info("mesh %s, %.2f%% of parameter bytes replicated", dict(mesh.shape),
+                     100 * program.model.replicated_fraction())
+
+    aux: dict[str, Any] = {"frozen": {}}
+    frozen_programs: dict[str, Any] = {}
+    vq_cfg_dict = None
+    text_checkpoint = None
+    if config.task == "editor" and config.editor.text.kind == "release":
+        # The release's frozen CLIP + Gemma-2, run in the step (first: a bad checkpoint fails fast).
+        frozen_programs["text"], aux["frozen"]["text"], uncond, text_checkpoint = load_frozen_text(
+            config, mesh, rules, compiler_options)
+        aux["frozen"]["uncond"] = uncond
+    needs_vq = config.task == "editor" and not config.data.tokens_dir
+    if config.task == "editor" and (needs_vq or config.editor.get("vq_checkpoint", "")):
+        frozen_programs["vq"], aux["frozen"]["vq"], vq_cfg_dict = load_frozen_vq(
+            config, mesh, rules, compiler_options)
+        codebook = program.model.abstract_params["transformer"]["mlm_layer"]["conv2"]["kernel"].shape[-1]
+        if vq_cfg_dict["num_vq_embeddings"] != codebook:
+            raise ValueError(f"the VQ tokenizer has {vq_cfg_dict['num_vq_embeddings']} codewords but "
+                             f"the transformer predicts {codebook} (editor.transformer.codebook_size)")
+
+    if config.task == "editor" and config.editor.text.kind == "precomputed":
+        aux["frozen"].update(load_uncond_text(config))
+
+    tokenizer = make_tokenizer(config)
+    dataset = make_dataset(pipeline_config(config, config.data.split, pcount), tokenize=tokenizer,
+                           shard_index=pidx, shard_count=pcount)
+    it = iter(dataset)
+
+    ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"),
+                             keep=int(config.train.keep_checkpoints),
+                             async_save=bool(config.train.async_checkpoints))
+    start = ckpt.latest_step()
+    if start is not None:
+        state, saved_config = ckpt.restore(program.abstract_state, start, data_iterator=it)
+        check_resume_config(saved_config, config)
+        rest = program.model.init(int(config.seed), compiler_options)[1] if jax.tree.leaves(
+            program.model.abstract_rest) else {}
+        if lead:
+            logging.info("resumed from %s/%d", ckpt.directory, start)
+    else:
+        start = 0
+        init = load_init_params(config, program) if config.init_from else None
+        state, rest = program.init_state(int(config.seed), params=init,
+                                         compiler_options=compiler_options)
+    aux["rest"] = rest
+
+    num_steps = int(config.train.num_steps)
+    writer = MetricWriter(workdir, lead)
+    losses: dict[int, float] = {}
+    steps = None
+    eval_raw = None
+    sampler = None
+    tokens_per_example = None
+    pbar = tqdm(total=num_steps, initial=start, disable=not (progress and lead), unit="step",
+                dynamic_ncols=True)
+    window: list[dict] = []
+    t_window = time.perf_counter()
+    pending = None
+
+    def eval_batches():
+        ds = make_dataset(pipeline_config(config, config.data.eval_split, pcount), tokenize=tokenizer,
+                          shard_index=pidx, shard_count=pcount)
+        e_it = iter(ds)
+        for _ in range(int(config.train.eval_batches)):
+            yield next(e_it)
+
+    def finish(item) -> None:
+        nonlocal window, t_window
+        step_no, metrics, position, raw = item
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not m.pop("finite"):
+            dump = None
+            if lead:
+                dump = os.path.join(workdir, f"nonfinite_batch_step{step_no}.npz")
+                np.savez_compressed(dump, **raw)
+            writer.step(step_no, m)
+            raise NonFiniteLossError(step_no, position, example_ids(raw), m, dump)
+        losses[step_no] = m["loss"]
+        writer.step(step_no, m)
+        window.append(m)
+        pbar.update(1)
+        log_every = int(config.train.log_every)
+        if step_no % log_every == 0 or step_no == num_steps:
+            now = time.perf_counter()
+            mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+            dt = max(now - t_window, 1e-9)
+            examples = len(window) * int(config.train.batch_size)
+            mean["examples_per_s"] = examples / dt
+            if tokens_per_example:
+                mean["tokens_per_s"] = examples * tokens_per_example / dt
+            writer.scalars(step_no, "train", mean)
+            postfix = {"loss": f"{mean['loss']:.4f}"}
+            if "tokens_per_s" in mean:
+                postfix["tok/s"] = f"{mean['tokens_per_s']:.3g}"
+            else:
+                postfix["ex/s"] = f"{mean['examples_per_s']:.3g}"
+            pbar.set_postfix(postfix)
+            window, t_window = [], now
+
+    try:
+        for step in range(start, num_steps):
+            position = int(it.get_state().get("next_index", step)) if hasattr(it, "get_state") else step
+            raw = next(it)
+            batch_host = prepare_batch(raw, config)
+            batch = global_batch(batch_host, mesh, rules)
+            if steps is None:
+                steps = make_steps(program, loss_from_config(config), frozen_programs, batch, aux,
+                                   rules=rules, gather_fsdp=bool(config.gather_fsdp),
+                                   compiler_options=compiler_options)
+                tokens_per_example = batches.tokens_per_example(config, batch, frozen_programs)
+            state, metrics = steps.train(state, batch, aux)
+            if pending is not None:
+                finish(pending)
+            pending = (step + 1, metrics, position, raw)
+            step_no = step + 1
+            if step_no % int(config.train.checkpoint_every) == 0 or step_no == num_steps:
+                finish(pending)
+                pending = None
+                ckpt.save(step_no, state, config, it, force=step_no == num_steps)
+            eval_every = int(config.train.eval_every)
+            if eval_every and step_no % eval_every == 0:
+                if pending is not None:
+                    finish(pending)
+                    pending = None
+                key = jax.random.key_data(jax.random.key(int(config.seed) + 12345))
+                rows = []
+                for e_raw in eval_batches():
+                    eb = global_batch(prepare_batch(e_raw, config), mesh, rules)
+                    rows.append({k: float(v) for k, v in
+                                 jax.device_get(steps.eval(state.params, eb, aux, key)).items()})
+                ev = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+                writer.scalars(step_no, "eval", ev)
+                if lead:
+                    writer.step(step_no, {f"eval_{k}": v for k, v in ev.items()})
+            sample_every = int(config.train.sample_every)
+            if sample_every and (step_no % sample_every == 0 or step_no == num_steps) and pcount == 1:
+                if pending is not None:
+                    finish(pending)
+                    pending = None
+                if sampler is None:
+                    eval_raw = eval_raw or next(iter(make_dataset(
+                        pipeline_config(config, config.data.eval_split, pcount), tokenize=tokenizer,
+                        shard_index=pidx, shard_count=pcount)))
+                    sampler = Sampler(config, program, aux, frozen_programs, eval_raw, mesh)
+                grid = sampler.grid(state.params)
+                if grid is not None and lead:
+                    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+                    from PIL import Image
+
+                    Image.fromarray(grid).save(os.path.join(workdir, "samples", f"step_{step_no}.png"))
+                    writer.image(step_no, "samples", grid)
+        if pending is not None:
+            finish(pending)
+            pending = None
+    finally:
+        pbar.close()
+        ckpt.close()
+        writer.close()
+        it.close() if hasattr(it, "close") else None
+
+    model_dir = None
+    final_step = max(start, num_steps)
+    if lead and config.train.loss_plot:
+        plot_losses(read_losses(workdir), os.path.join(workdir, "loss.png"),
+                    f"{config.task} training loss")
+    if config.train.export and num_steps > start:
+        params = state.params
+        vq_params = aux["frozen"]["vq"][0] if "vq" in aux["frozen"] else None
+        if pcount > 1:
+            from jax.experimental import multihost_utils
+
+            params = multihost_utils.process_allgather(params, tiled=True)
+            vq_params = (multihost_utils.process_allgather(vq_params, tiled=True)
+                         if vq_params is not None else None)
+        if lead:
+            training_meta = {"task": config.task, "step": final_step,
+                             "timestep_convention": config.editor.get(
+                                 "timestep_convention") if config.task == "editor" else None}
+            if text_checkpoint is not None:
+                training_meta.update(text_kind="release", text_checkpoint=text_checkpoint)
+            model_dir = export_model(os.path.join(workdir, "model"), config, params,
+                                     vq_params=vq_params, vq_config=vq_cfg_dict,
+                                     tokenizer=tokenizer if text_checkpoint is None else None,
+                                     overwrite=True, metadata={"training": training_meta})
+            if text_checkpoint is not None:
+                add_release_text(model_dir, text_checkpoint)
+    return TrainResult(final_step=final_step, losses=losses, workdir=workdir, model_dir=model_dir)

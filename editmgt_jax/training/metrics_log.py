@@ -1,0 +1,110 @@
+"""Training metrics on disk: per-step JSON lines and TensorBoard scalars, read back and plotted."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import numpy as np
+from absl import logging
+
+
+class MetricWriter:
+    """Per-step JSON lines + TensorBoard scalars (tensorboardX); only process 0 writes."""
+
+    def __init__(self, workdir: str, active: bool):
+        self.active = active
+        self.jsonl = None
+        self.tb = None
+        if not active:
+            return
+        path = os.path.join(workdir, "metrics.jsonl")
+        # A run killed mid-write can leave a partial last line; start a fresh one after it.
+        if os.path.exists(path) and os.path.getsize(path):
+            with open(path, "rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                cut = fh.read(1) != b"\n"
+            if cut:
+                with open(path, "a") as fh:
+                    fh.write("\n")
+        self.jsonl = open(path, "a", buffering=1)
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            logging.warning("tensorboardX is not installed: TensorBoard event files are not written "
+                            "(pip install tensorboardX); metrics.jsonl has every step")
+        else:
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def step(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self.active:
+            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def scalars(self, step: int, prefix: str, metrics: Mapping[str, float]) -> None:
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
+
+    def image(self, step: int, tag: str, array: np.ndarray) -> None:
+        if self.tb is not None:
+            self.tb.add_image(tag, array, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_losses(workdir: str, key: str = "loss") -> dict[int, float]:
+    """step -> value from metrics.jsonl; a step logged twice (re-run after a resume) keeps the last."""
+    out: dict[int, float] = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return out
+    with open(path) as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue   # a line cut short by a kill
+            if key in row:
+                out[int(row["step"])] = float(row[key])
+    return out
+
+
+def plot_losses(losses: Mapping[int, float], path: str, title: str = "training loss") -> None:
+    """A loss-curve PNG (raw values and a moving average) drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    steps = np.array(sorted(losses))
+    if len(steps) < 2:
+        return
+    vals = np.array([losses[s] for s in steps])
+    finite = np.isfinite(vals)
+    steps, vals = steps[finite], vals[finite]
+    if len(steps) < 2:
+        return
+    w, h, pad = 800, 480, 60
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    lo, hi = float(vals.min()), float(vals.max())
+    hi = hi if hi > lo else lo + 1.0
+    x = lambda s: pad + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (w - 2 * pad)  # noqa: E731
+    y = lambda v: h - pad - (v - lo) / (hi - lo) * (h - 2 * pad)  # noqa: E731
+    d.rectangle([pad, pad, w - pad, h - pad], outline="black")
+    d.line([(x(s), y(v)) for s, v in zip(steps, vals)], fill=(170, 190, 230), width=1)
+    k = max(1, len(vals) // 50)
+    smooth = np.convolve(vals, np.ones(k) / k, mode="valid")
+    d.line([(x(s), y(v)) for s, v in zip(steps[k - 1:], smooth)], fill=(20, 60, 200), width=2)
+    for i in range(5):
+        v = lo + (hi - lo) * i / 4
+        d.text((5, y(v) - 6), f"{v:.3g}", fill="black")
+    d.text((pad, h - pad + 10), f"step {steps[0]}", fill="black")
+    d.text((w - pad - 80, h - pad + 10), f"step {steps[-1]}", fill="black")
+    d.text((pad, 20), f"{title} (moving average over {k})", fill="black")
+    img.save(path)
