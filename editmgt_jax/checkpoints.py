@@ -18,7 +18,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -38,15 +38,19 @@ def _checkpointer():
 
 
 def save_model(path: str | os.PathLike, params: Mapping[str, Mapping], configs: Mapping[str, Mapping],
-               *, metadata: Mapping | None = None, overwrite: bool = False) -> str:
+               *, metadata: Mapping | None = None, overwrite: bool = False,
+               finish: Callable[[str], None] | None = None) -> str:
     """Write ``params[name]`` (nested dicts of arrays) and ``configs[name]`` (dicts) to ``path``.
 
     Written atomically (see ``writing_checkpoint``): ``path`` appears complete or not at all.
+    ``finish(folder)`` adds further files (tokenizers, ...) before the folder becomes ``path``.
     """
     with writing_checkpoint(path, overwrite=overwrite) as tmp:
         for name, tree in params.items():
             save_component(tmp, name, tree)
         write_config(tmp, configs, metadata)
+        if finish is not None:
+            finish(tmp)
     return os.path.abspath(os.fspath(path))
 
 

@@ -200,7 +200,8 @@ class TrainCheckpointer:
 
 def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
                  vq_params: Mapping | None = None, vq_config: Mapping | None = None,
-                 tokenizer=None, overwrite: bool = False, metadata: Mapping | None = None) -> str:
+                 tokenizer=None, overwrite: bool = False, metadata: Mapping | None = None,
+                 finish=None) -> str:
     """Write a model checkpoint (``editmgt_jax.checkpoints`` layout, what ``Editor.load`` reads)
     from trained parameters.
 
@@ -211,6 +212,9 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
     sampler must feed: ``"mask_fraction"`` (fraction of still-masked target tokens) for models
     trained with that convention, ``"step_index"`` (the release's) for ``"release"`` fine-tunes.
     vq task: component ``vq`` only.
+
+    Atomic: the folder appears complete (tokenizer files and whatever ``finish(folder)`` adds
+    included) or not at all, so a run killed while exporting never leaves a half-written model.
     """
     from editmgt_jax import checkpoints
     from editmgt_jax.training import state as state_lib
@@ -248,10 +252,13 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
         comps["vq"] = params
         cfgs["vq"] = state_lib.vq_config(config).to_dict()
     meta.update(metadata or {})
-    out = checkpoints.save_model(path, comps, cfgs, metadata=meta, overwrite=overwrite)
-    if tokenizer is not None:
-        tokenizer.save(os.path.join(out, "vocab.txt"))
-    return out
+    def complete(folder: str) -> None:
+        if tokenizer is not None:
+            tokenizer.save(os.path.join(folder, "vocab.txt"))
+        if finish is not None:
+            finish(folder)
+
+    return checkpoints.save_model(path, comps, cfgs, metadata=meta, overwrite=overwrite, finish=complete)
 
 
 def load_vq(path: str | os.PathLike, dtype=None):
