@@ -24,7 +24,6 @@ is consolidated (global indices: dual-stream blocks first, then single-stream bl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -107,10 +106,13 @@ def main(argv=None) -> int:
         print("error: give --image and --instruction, or --batch FILE.jsonl (see --help)", file=sys.stderr)
         return 2
 
+    import warnings
+
     import editmgt_jax  # noqa: F401
     from editmgt_jax import checkpoints, imageio, parallel
     from editmgt_jax.editor import EditError, Editor
 
+    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     try:
         check_flags(args)
         skipped: list[str] = []
