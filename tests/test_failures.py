@@ -385,3 +385,23 @@ def test_the_build_hint_names_the_config():
         "python -m train.build_dataset synthetic_edits --data-dir d --resolution 128 --num-examples 20000 "
         "--num-test 1000 --seed 0")
     assert build_command(DatasetSpec(name="crispedit/holdout")).endswith("--data-dir DIR --manual-dir RAW")
+
+
+# ------------------------------------------------------------------- 10: train.main's one-line errors
+def test_train_main_errors_are_one_line_and_leave_nothing(tmp_path, cli):
+    workdir = tmp_path / "wd"
+    proc = cli("train.main", "--help")
+    assert proc.returncode == 0 and "--workdir" in proc.stdout
+    proc = cli("train.main", "--config", "configs/nope.py", "--workdir", workdir)
+    assert proc.returncode == 2 and _one_error_line(proc.stderr) == "error: --config configs/nope.py: no such file"
+    proc = cli("train.main", "--config", "configs/vq_tiny.py", "--workdir", workdir, "--config.train.num_stepz=5")
+    assert proc.returncode == 2
+    assert _one_error_line(proc.stderr) == ("error: --config.train.num_stepz=5: the config has no field "
+                                            "'num_stepz' (did you mean \"num_steps\"?)")
+    proc = cli("train.main", "--config", "configs/vq_tiny.py", "--workdir", workdir,
+               f"--config.data.data_dir={tmp_path / 'data'}")
+    assert proc.returncode == 2
+    assert _one_error_line(proc.stderr) == (
+        f"error: dataset 'synthetic_edits/small' is not built in {tmp_path / 'data'}; build it with "
+        f"`python -m train.build_dataset synthetic_edits/small --data-dir {tmp_path / 'data'}`")
+    assert not workdir.exists()
