@@ -74,6 +74,31 @@ def test_conversion_is_atomic_and_overwrite_replaces_only_checkpoints(release, t
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
 
 
+def test_export_is_complete_or_absent(release, tmp_path):
+    """What the trainer's export does for a release fine-tune: the text encoders and tokenizers are
+    added inside the temporary folder, before it becomes the model; a failure leaves nothing."""
+    from editmgt_jax.training.frozen import add_release_text
+
+    src = tmp_path / "release_ckpt"
+    assert convert_main(["--official", release, "--out", str(src), "--components", "clip,gemma"]) == 0
+    toy = {"toy": {"w": np.ones((2, 3), np.float32)}}
+    out = checkpoints.save_model(tmp_path / "model", toy, {"toy": {"width": 3}},
+                                 finish=lambda folder: add_release_text(folder, str(src)))
+    doc = checkpoints.read_config(out)
+    assert set(doc["components"]) == {"toy", "clip", "gemma"}
+    assert os.path.isdir(os.path.join(out, "tokenizer")) and os.path.isdir(os.path.join(out, "llm_tokenizer"))
+
+    def broken(folder):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        checkpoints.save_model(tmp_path / "model2", toy, {"toy": {}}, finish=broken)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoints.save_model(tmp_path / "model", toy, {"toy": {}}, overwrite=True, finish=broken)
+    assert checkpoints.read_config(out)["components"].keys() == doc["components"].keys()   # untouched
+    assert sorted(os.listdir(tmp_path)) == ["model", "release_ckpt"]
+
+
 # ------------------------------------------------------------------------ 9: damaged checkpoints
 def test_damaged_model_checkpoints_are_named_in_one_line(tmp_path, cli):
     from editmgt_jax.editor import Editor
