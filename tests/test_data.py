@@ -251,6 +251,28 @@ def test_crispedit_bad_shard_fails_naming_file_and_column(crisp_raw, tmp_path, c
     assert not list((tmp_path / "cli").rglob("*.array_record*"))
 
 
+def test_crispedit_cli_empty_input_and_all_rows_bad_are_one_report(tmp_path, cli):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  proc = cli("train.build_dataset", "crispedit", "--data-dir", tmp_path / "a", "--manual-dir", empty)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.count("\n") == 1 and f"--manual-dir {empty} holds no parquet shards" in proc.stderr
+  # Every row unusable: the per-reason report is written and printed, not lost in TFDS's error.
+  raw = tmp_path / "raw"
+  (raw / "data").mkdir(parents=True)
+  rows = [_row(i, "add", src=b"\x89PNG\r\n\x1a\n truncated") for i in range(3)]
+  rows.append(_row(3, "add", instruction=" "))
+  _write_shard(raw / "data" / "add_00000.parquet", rows)
+  out = tmp_path / "b"
+  proc = cli("train.build_dataset", "crispedit", "--data-dir", out, "--manual-dir", raw)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+  assert "all 4 rows read were skipped" in proc.stderr
+  assert "3 x source image undecodable" in proc.stderr and "1 x empty instruction" in proc.stderr
+  report = json.loads((out / "crispedit" / "default" / "skipped_rows.json").read_text())
+  assert report["skipped"] == 4 and report["skipped_by_reason"]["empty instruction"] == 1
+  assert not list(out.rglob("*.array_record*"))
+
+
 # ------------------------------------------------------------------------------------ pipeline
 
 

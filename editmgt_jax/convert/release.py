@@ -63,38 +63,40 @@ def convert_release(official_dir: str, out_dir: str, *, components: Sequence[str
             raise ConversionError(str(e)) from None
         log(f"[convert] mask token id {conventions.mask_token_id} (from {conventions.source})")
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir):
-        if not overwrite:
-            raise ConversionError(f"--out {out_dir}: already exists (use --overwrite)")
-        shutil.rmtree(out_dir)
-    os.makedirs(os.path.join(out_dir, "params"))
-    configs = {}
-    for n, d in found.items():
-        comp = COMPONENTS[n]
-        cfg = config_from_official(comp, read_json(os.path.join(d, "config.json")), d)
-        source = TensorSource.from_dir(d)
-        bar = tqdm(total=len(source), desc=f"convert {n}", unit="tensor", leave=False)
-        params = convert_component(comp, cfg, source, dtype=dtype, progress=lambda _k: bar.update())
-        bar.close()
-        checkpoints.save_component(out_dir, n, params)
-        configs[n] = cfg.to_dict()
-        log(f"[convert] {n}: {len(source)} tensors from {d}, "
-            f"{sum(int(np.prod(x.shape)) for x in _leaves(params)):,} parameters")
-        del params
-        _release_freed_memory()
-    for dest, srcs in TOKENIZER_DIRS.items():
-        for s in srcs:
-            src = os.path.join(official_dir, s)
-            files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
-            if files:
-                os.makedirs(os.path.join(out_dir, dest), exist_ok=True)
-                for f in files:
-                    shutil.copy2(os.path.join(src, f), os.path.join(out_dir, dest, f))
-                log(f"[convert] {dest}: {len(files)} file(s) from {src}")
-                break
-    checkpoints.write_config(out_dir, configs, {"source": os.path.abspath(official_dir),
+    # Written into a temporary sibling and renamed when complete: a failed or killed conversion
+    # leaves --out as it was, and --overwrite replaces only a model checkpoint.
+    try:
+        checkpoints.check_replaceable(out_dir, overwrite=overwrite, flag="--overwrite")
+    except checkpoints.CheckpointError as e:
+        raise ConversionError(f"--out {e}") from None
+    with checkpoints.writing_checkpoint(out_dir, overwrite=overwrite) as tmp:
+        configs = {}
+        for n, d in found.items():
+            comp = COMPONENTS[n]
+            cfg = config_from_official(comp, read_json(os.path.join(d, "config.json")), d)
+            source = TensorSource.from_dir(d)
+            bar = tqdm(total=len(source), desc=f"convert {n}", unit="tensor", leave=False)
+            params = convert_component(comp, cfg, source, dtype=dtype, progress=lambda _k: bar.update())
+            bar.close()
+            checkpoints.save_component(tmp, n, params)
+            configs[n] = cfg.to_dict()
+            log(f"[convert] {n}: {len(source)} tensors from {d}, "
+                f"{sum(int(np.prod(x.shape)) for x in _leaves(params)):,} parameters")
+            del params
+            _release_freed_memory()
+        for dest, srcs in TOKENIZER_DIRS.items():
+            for s in srcs:
+                src = os.path.join(official_dir, s)
+                files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
+                if files:
+                    os.makedirs(os.path.join(tmp, dest), exist_ok=True)
+                    for f in files:
+                        shutil.copy2(os.path.join(src, f), os.path.join(tmp, dest, f))
+                    log(f"[convert] {dest}: {len(files)} file(s) from {src}")
+                    break
+        checkpoints.write_config(tmp, configs, {"source": os.path.abspath(official_dir),
                                                 "timestep_convention": "step_index"},
-                             conventions=conventions)
+                                 conventions=conventions)
     log(f"[convert] wrote {out_dir}")
     return out_dir
 

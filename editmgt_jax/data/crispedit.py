@@ -402,6 +402,17 @@ class CrispEdit(tfds.core.GeneratorBasedBuilder):
     return result
 
 
+def write_failed_skip_report(builder: CrispEdit) -> str:
+  """Write the skip report of a build that failed (so has no dataset folder) beside where the
+  dataset would have been: `<data_dir>/crispedit/<config>/skipped_rows.json`. Returns the path."""
+  folder = os.path.dirname(os.fspath(builder.data_path))
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, "skipped_rows.json")
+  with open(path, "w") as f:
+    json.dump(builder.skip_report.to_dict(), f, indent=1)
+  return path
+
+
 def read_skip_report(data_path: os.PathLike | str) -> dict[str, Any] | None:
   """The `skipped_rows.json` written beside a built CrispEdit dataset, or None."""
   path = os.path.join(os.fspath(data_path), "skipped_rows.json")
@@ -422,4 +433,5 @@ __all__ = [
     "normalize_category",
     "read_skip_report",
     "validate_shard",
+    "write_failed_skip_report",
 ]

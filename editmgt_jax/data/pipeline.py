@@ -233,6 +233,21 @@ def _token_source(spec: DatasetSpec):
 # TFDS sources.
 
 
+def build_command(spec: DatasetSpec) -> str:
+  """The `train.build_dataset` command that builds `spec` (its config name and data dir included)."""
+  import re  # pylint: disable=g-import-not-at-top
+
+  name, _, config = spec.name.partition("/")
+  data_dir = spec.data_dir or "DIR"
+  custom = re.fullmatch(r"r(\d+)_n(\d+)_t(\d+)_s(\d+)", config) if name == "synthetic_edits" else None
+  if custom:
+    r, n, t, seed = custom.groups()
+    return (f"python -m train.build_dataset synthetic_edits --data-dir {data_dir} --resolution {r} "
+            f"--num-examples {n} --num-test {t} --seed {seed}")
+  return (f"python -m train.build_dataset {spec.name} --data-dir {data_dir}"
+          + (" --manual-dir RAW" if name == "crispedit" else ""))
+
+
 def tfds_source(spec: DatasetSpec):
   """`(random-access source of spec.split with the images still encoded, whether it has edit masks)`
   for a built TFDS dataset; a missing dataset or split raises an error naming it."""
@@ -243,13 +258,13 @@ def tfds_source(spec: DatasetSpec):
     builder = tfds.builder(spec.name, data_dir=spec.data_dir)
   except Exception as e:  # pylint: disable=broad-except
     raise FileNotFoundError(
-        f"dataset {spec.name!r} not found in data_dir {spec.data_dir!r} ({e}). Build it with "
-        f"`python -m train.build_dataset {spec.name.split('/')[0]} --data-dir DIR`."
-    ) from e
+        f"dataset {spec.name!r} is not built in {spec.data_dir or 'the default TFDS data dir'}; "
+        f"build it with `{build_command(spec)}`"
+    ) from None
   if not builder.is_prepared():
     raise FileNotFoundError(
-        f"dataset {spec.name!r} is not built in {builder.data_dir}. Build it with "
-        f"`python -m train.build_dataset {spec.name.split('/')[0]} --data-dir DIR`."
+        f"dataset {spec.name!r} is not built in {spec.data_dir or builder.data_dir}; "
+        f"build it with `{build_command(spec)}`"
     )
   features = builder.info.features
   missing = [k for k in (*_IMAGE_FEATURES, "instruction", "category") if k not in features]

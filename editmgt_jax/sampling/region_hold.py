@@ -48,6 +48,26 @@ F32_MAX = float(np.finfo(np.float32).max)  # confidence of known tokens: never s
 PROB_FLOOR = 1e-20  # probabilities are clamped before the log, as the reference does
 
 
+# Numeric settings: (lowest allowed value, whether the lowest value itself is allowed). Every one
+# must also be finite; guidance_scale <= 1 means no guidance.
+NUMERIC_RANGES = {"steps": (1, True), "guidance_scale": (0.0, True), "reference_strength": (0.0, False),
+                  "hold_threshold": (0.0, True), "temperature_start": (0.0, True), "temperature_end": (0.0, True)}
+
+
+def check_setting(name: str, value) -> None:
+    """Raise ``ValueError("name=value: ...")`` unless ``value`` is allowed for numeric setting ``name``."""
+    lo, inclusive = NUMERIC_RANGES[name]
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or isinstance(value, (bool, str)) or (name == "steps" and not number.is_integer()):
+        raise ValueError(f"{name}={value!r}: must be {'an integer' if name == 'steps' else 'a number'}")
+    if not np.isfinite(number) or number < lo or (number == lo and not inclusive):
+        raise ValueError(f"{name}={value!r}: must be {'an integer' if name == 'steps' else 'finite and'} "
+                         f"{'>=' if inclusive else '>'} {lo:g}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
     """Static sampler settings; hashable, so one configuration and input shape compile once.
@@ -102,10 +122,12 @@ class SamplerConfig:
         object.__setattr__(self, "micro_conds", tuple(float(m) for m in self.micro_conds))
         if self.score_grid is not None:
             object.__setattr__(self, "score_grid", tuple(int(g) for g in self.score_grid))
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.hold_threshold < 0:
-            raise ValueError(f"hold_threshold must be >= 0, got {self.hold_threshold}")
+        for name in NUMERIC_RANGES:
+            check_setting(name, getattr(self, name))
+        if min(self.consolidation_blocks, default=0) < 0:
+            raise ValueError(f"consolidation_blocks={self.consolidation_blocks}: block indices are >= 0")
+        if not np.all(np.isfinite(self.micro_conds)):
+            raise ValueError(f"micro_conds={self.micro_conds}: must be finite")
         if self.hold_threshold > 0 and not self.consolidation_blocks:
             raise ValueError("region hold (hold_threshold > 0) needs consolidation_blocks")
         if len(self.micro_conds) != 5:

@@ -18,7 +18,9 @@ shardings (``TrainProgram.abstract_state``), so a checkpoint restores onto any m
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +30,10 @@ import numpy as np
 from editmgt_jax.training.state import TrainState
 
 STATE_FIELDS = ("step", "params", "opt_state", "rng")
+
+
+class CheckpointDamagedError(RuntimeError):
+    """No training checkpoint of a run can be read back."""
 
 
 def _state_tree(state: TrainState) -> dict:
@@ -124,6 +130,50 @@ class TrainCheckpointer:
         config = out["config"] if "config" in saved else None
         return state, config
 
+    def restore_latest(self, abstract_state: TrainState, data_iterator=None
+                       ) -> tuple[int, TrainState, dict | None] | None:
+        """Restore the newest checkpoint that reads back completely: ``(step, state, config)``, or
+        None when there is no checkpoint.
+
+        Restoring reads every byte, so a damaged newest checkpoint (a truncated or missing file, an
+        unreadable index or config) fails here; it is then moved aside to
+        ``<directory>/damaged-<step>-<time>/`` (kept for inspection, out of the step numbering so
+        the step can be written again) and the next older one is tried. Each skip is logged and
+        recorded in ``self.skipped`` as ``(step, reason)``. (With several processes the damaged
+        folder is left in place.)
+        """
+        self.skipped: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, config = self.restore(abstract_state, step, data_iterator=data_iterator)
+            except Exception as e:  # noqa: BLE001  (any read failure means: not usable)
+                from editmgt_jax.checkpoints import _quiet_orphaned_reads
+
+                _quiet_orphaned_reads()
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                aside = self._move_aside(step)
+                self.skipped.append((step, reason))
+                logging.warning("checkpoint step %d skipped, it cannot be read back (%s); %s",
+                                step, reason, f"moved to {aside}" if aside else "left in place")
+                continue
+            return step, state, config
+        if self.skipped:
+            raise CheckpointDamagedError(
+                f"{self.directory}: no checkpoint reads back completely (skipped steps "
+                f"{', '.join(str(s) for s, _ in self.skipped)}); the damaged ones are kept as damaged-*/")
+        return None
+
+    def _move_aside(self, step: int) -> str | None:
+        import jax
+
+        if jax.process_count() > 1:   # several processes share the folder: leave it where it is
+            return None
+        self.manager.wait_until_finished()
+        aside = os.path.join(self.directory, f"damaged-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(os.path.join(self.directory, str(step)), aside)
+        self.manager.reload()
+        return aside
+
     def _item_names(self, step: int) -> set[str]:
         path = os.path.join(self.directory, str(step))
         return {n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n))}
@@ -150,7 +200,8 @@ class TrainCheckpointer:
 
 def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
                  vq_params: Mapping | None = None, vq_config: Mapping | None = None,
-                 tokenizer=None, overwrite: bool = False, metadata: Mapping | None = None) -> str:
+                 tokenizer=None, overwrite: bool = False, metadata: Mapping | None = None,
+                 finish=None) -> str:
     """Write a model checkpoint (``editmgt_jax.checkpoints`` layout, what ``Editor.load`` reads)
     from trained parameters.
 
@@ -161,6 +212,9 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
     sampler must feed: ``"mask_fraction"`` (fraction of still-masked target tokens) for models
     trained with that convention, ``"step_index"`` (the release's) for ``"release"`` fine-tunes.
     vq task: component ``vq`` only.
+
+    Atomic: the folder appears complete (tokenizer files and whatever ``finish(folder)`` adds
+    included) or not at all, so a run killed while exporting never leaves a half-written model.
     """
     from editmgt_jax import checkpoints
     from editmgt_jax.training import state as state_lib
@@ -202,10 +256,13 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
         comps["vq"] = params
         cfgs["vq"] = state_lib.vq_config(config).to_dict()
     meta.update(metadata or {})
-    out = checkpoints.save_model(path, comps, cfgs, metadata=meta, overwrite=overwrite)
-    if tokenizer is not None:
-        tokenizer.save(os.path.join(out, checkpoints.WORD_VOCAB_FILE))
-    return out
+    def complete(folder: str) -> None:
+        if tokenizer is not None:
+            tokenizer.save(os.path.join(folder, checkpoints.WORD_VOCAB_FILE))
+        if finish is not None:
+            finish(folder)
+
+    return checkpoints.save_model(path, comps, cfgs, metadata=meta, overwrite=overwrite, finish=complete)
 
 
 def load_vq(path: str | os.PathLike, dtype=None):
