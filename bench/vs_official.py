@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--official-python", required=True, help="a Python with torch, diffusers, transformers, peft")
     p.add_argument("--config", default=os.path.join(HERE, "medium_transformer_config.json"))
     p.add_argument("--workdir", default="/tmp/editmgt-vs-official")
-    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--size", type=int, default=1024, help="edit size (the official pipeline: 1024 only)")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch threads (the official side)")
@@ -178,8 +178,10 @@ def main(argv=None) -> int:
     if shutil.which(args.official_python) is None and not os.access(args.official_python, os.X_OK):
         print(f"error: --official-python {args.official_python}: not an executable", file=sys.stderr)
         return 2
-    if args.size % 32:
-        print(f"error: --size {args.size}: must be a multiple of 32", file=sys.stderr)
+    if args.size != 1024:
+        # The official pipeline builds its rotary position ids for a 1024 px edit only (it doubles
+        # the id grid when height != 1024, which then no longer matches the token count).
+        print(f"error: --size {args.size}: the official pipeline runs at 1024 px only", file=sys.stderr)
         return 2
     load0 = os.getloadavg()
 
