@@ -344,7 +344,7 @@ class SmallTextSide:
 def make_text_side(path: str, doc: Mapping, modules: Mapping):
     comps = doc.get("components", {})
     if "small_text" in comps:
-        from editmgt_jax.data.text import WordTokenizer
+        from editmgt_jax.models.text.word_tokenizer import WordTokenizer
 
         tok = WordTokenizer.load(os.path.join(path, "vocab.txt"))
         return SmallTextSide(modules["small_text"], tok)

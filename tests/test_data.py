@@ -20,10 +20,12 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from editmgt_jax.data import crispedit, pipeline, synthetic_edits
-from editmgt_jax.data.crispedit import EDIT_CATEGORIES, CrispEditSchemaError
+from editmgt_jax.data import crispedit, pipeline
+from editmgt_jax.data.categories import EDIT_CATEGORIES
+from editmgt_jax.data.crispedit import CrispEditSchemaError
 from editmgt_jax.data.synthetic_edits import SYNTHETIC_VOCAB, generate_example
-from editmgt_jax.data.text import WordTokenizer
+from editmgt_jax.data.synthetic_edits import builder as synthetic_edits
+from editmgt_jax.models.text.word_tokenizer import WordTokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SYN_RES = 64

@@ -46,17 +46,7 @@ import tensorflow_datasets as tfds
 import tqdm
 from PIL import Image
 
-# The seven CrispEdit edit types, in the order of their ClassLabel ids. `synthetic_edits` uses the
-# same list so that models and metrics can treat both datasets alike.
-EDIT_CATEGORIES: tuple[str, ...] = (
-    "add",
-    "background change",
-    "color",
-    "motion change",
-    "remove",
-    "replace",
-    "style",
-)
+from editmgt_jax.data.categories import EDIT_CATEGORIES
 
 REQUIRED_COLUMNS = ("input_img", "output_img", "instruction", "type")
 
@@ -412,7 +402,6 @@ def read_skip_report(data_path: os.PathLike | str) -> dict[str, Any] | None:
 
 
 __all__ = [
-    "EDIT_CATEGORIES",
     "CrispEdit",
     "CrispEditConfig",
     "CrispEditSchemaError",

@@ -237,7 +237,9 @@ def tfds_source(spec: DatasetSpec):
   """`(random-access source of spec.split with the images still encoded, whether it has edit masks)`
   for a built TFDS dataset; a missing dataset or split raises an error naming it."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  import editmgt_jax.data  # pylint: disable=g-import-not-at-top,unused-import  (registers builders)
+  from editmgt_jax.data.builders import register_builders  # pylint: disable=g-import-not-at-top
+
+  register_builders()
 
   try:
     builder = tfds.builder(spec.name, data_dir=spec.data_dir)
