@@ -62,18 +62,19 @@ def write_config(path: str, configs: Mapping[str, Mapping], metadata: Mapping | 
     doc.update(metadata or {})
     tmp = os.path.join(path, "config.json.tmp")
     with open(tmp, "w") as fh:
-        json.dump(doc, fh, indent=2, sort_keys=True, default=_json_default)
+        json.dump(doc, fh, indent=2, sort_keys=True, default=json_default)
     os.replace(tmp, os.path.join(path, "config.json"))
 
 
-def _json_default(x):
-    if isinstance(x, (np.integer,)):
+def json_default(x):
+    """``json.dump(default=...)`` for config values: NumPy scalars, tuples, sets and arrays."""
+    if isinstance(x, np.integer):
         return int(x)
-    if isinstance(x, (np.floating,)):
+    if isinstance(x, np.floating):
         return float(x)
-    if isinstance(x, (tuple, np.ndarray)):
+    if isinstance(x, (tuple, set, np.ndarray)):
         return list(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+    raise TypeError(f"value of type {type(x).__name__} is not JSON serialisable")
 
 
 def read_config(path: str | os.PathLike) -> dict:

@@ -25,6 +25,7 @@ from flax import nnx
 
 from editmgt_jax import checkpoints, imageio, parallel
 from editmgt_jax.convert.registry import COMPONENTS
+from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC, micro_conditions
 from editmgt_jax.sampling.region_hold import TIMESTEP_CONVENTIONS, SamplerConfig, sample
 
 # Defaults of the official demo for the released 1024 px model.
@@ -188,8 +189,9 @@ class Editor:
         inpaint = None
         if masks is not None:
             inpaint = np.stack([self._mask_to_grid(m, src.shape[1:3], (gh, gw), i) for i, m in enumerate(masks)])
-        micro = np.tile(np.array([[src.shape[2], src.shape[1], 0, 0,
-                                   float(self.defaults.get("aesthetic_score", 6.0))]], np.float32), (len(src), 1))
+        micro = np.tile(micro_conditions(src.shape[2], src.shape[1],
+                                         aesthetic=float(self.defaults.get("aesthetic_score", DEFAULT_AESTHETIC))),
+                        (len(src), 1))
         key = jax.random.key(seed)
         out = self._run(cfg, src, txt, pooled, ntxt, npooled, micro, key, inpaint)
         return EditResult(images=out["image"], sources=src, tokens=out["tokens"], source_tokens=out["ref_ids"],

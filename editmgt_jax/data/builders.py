@@ -2,7 +2,7 @@
 
 TFDS registers a builder class when the class is defined, so `tfds.builder("synthetic_edits/...")`
 finds the name only once its module is imported. `register_builders()` does that, where a builder
-is needed (`pipeline.tfds_source`); `train.build_dataset` instantiates the classes directly.
+is needed (`sources.tfds_source`); `train.build_dataset` instantiates the classes directly.
 """
 
 from __future__ import annotations
