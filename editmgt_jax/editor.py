@@ -3,13 +3,21 @@
     from editmgt_jax.editor import Editor
     editor = Editor.load("ckpt/editmgt-1024")            # or Editor.load() for the shipped model
     result = editor.edit([img1, img2], ["make the sky pink", "remove the cat"])
-    result.images        # [B, H, W, 3] uint8
+    result.images        # each [H, W, 3] uint8 at its input's own size: the source with the edit blended in
+    result.raw_images    # each [h, w, 3] uint8: the model's output at the working size
+    result.region_maps   # each [H, W] float32 in [0, 1]: where the edit was blended in
     result.heatmaps      # [B, gh, gw] float32 consolidated edit-region scores (when consolidation is on)
 
+The model works on an aspect-preserving resize of each input to a multiple of its grid (the long
+side at the working size, ``imageio.fit_to_grid``); the edited pixels are upsampled and blended into
+the original source through a feathered region map (``editmgt_jax.composite``), so every pixel
+outside the region is the source's own. ``composite="none"`` returns the raw model output instead.
+
 Everything per edit is one compiled program (VQ encode -> region-hold sampling loop -> VQ decode),
-compiled once per (image shape, batch size, sampler settings) and cached. Parameters enter as jit
-arguments (graphdef/state split), replicated over the mesh; the batch is sharded over its
-``data`` axis (``Editor.load(..., mesh_shape={"data": 8})``).
+compiled once per (working image shape, batch size, sampler settings) and cached; a batch of
+images of different sizes runs one program per working shape, and the compositing runs per image
+on the host. Parameters enter as jit arguments (graphdef/state split), replicated over the mesh;
+the batch is sharded over its ``data`` axis (``Editor.load(..., mesh_shape={"data": 8})``).
 """
 
 from __future__ import annotations
@@ -23,14 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from editmgt_jax import checkpoints, imageio, parallel
+from editmgt_jax import checkpoints, composite as compositing, imageio, parallel
 from editmgt_jax.convert.registry import COMPONENTS
 from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC, micro_conditions
 from editmgt_jax.sampling.region_hold import TIMESTEP_CONVENTIONS, SamplerConfig, sample
 
-# Defaults of the official demo for the released 1024 px model.
-RELEASE_NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distortion, watermark, logo, signature, "
-                           "text, jpeg artifacts, signature, sketch, duplicate, ugly, identifying mark")
+# The official demo's negative prompt (owned by the checkpoint conventions; kept here for imports).
+RELEASE_NEGATIVE_PROMPT = checkpoints.RELEASE_NEGATIVE_PROMPT
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   "checkpoints", "editmgt-synthetic-64")
@@ -42,11 +49,28 @@ class EditError(ValueError):
 
 @dataclasses.dataclass
 class EditResult:
-    images: np.ndarray              # [B, H, W, 3] uint8 edited images
-    sources: np.ndarray             # [B, H, W, 3] uint8 sources as the model saw them (after resizing)
-    tokens: np.ndarray              # [B, h, w] int32 final token ids
-    source_tokens: np.ndarray       # [B, h, w] int32 token ids of the sources
-    heatmaps: np.ndarray | None     # [B, gh, gw] float32 consolidated edit-region score, or None
+    """What ``Editor.edit`` returns. Per-image fields are one ``[B, ...]`` array when every image of
+    the batch has the same shape there, else a list of per-image arrays (inputs of different sizes)."""
+
+    images: np.ndarray | list       # [B, H, W, 3] uint8 edited images: at each input's own size, the
+                                    # source with the edit blended in; the raw output with composite='none'
+    sources: np.ndarray | list      # [B, h, w, 3] uint8 sources as the model saw them (working size)
+    tokens: np.ndarray | list       # [B, h', w'] int32 final token ids
+    source_tokens: np.ndarray | list  # [B, h', w'] int32 token ids of the sources
+    heatmaps: np.ndarray | list | None  # [B, gh, gw] float32 consolidated edit-region score, or None
+    raw_images: np.ndarray | list | None = None   # [B, h, w, 3] uint8 the model's output (working size)
+    region_maps: np.ndarray | list | None = None  # [B, H, W] float32 in [0, 1]: the blend weight of the
+                                                  # model output (input size); None with composite='none'
+    originals: np.ndarray | list | None = None    # [B, H, W, 3] uint8 the inputs at their own size
+    placements: list | None = None  # per image: composite.Placement (working image <-> input pixels)
+    composite: str = "changed"      # the region rule used: 'changed', 'map' or 'none'
+
+
+def _stack(arrays: list):
+    """One array when the shapes agree, else the list (images of different sizes)."""
+    if any(a is None for a in arrays):
+        return None
+    return np.stack(arrays) if len({a.shape for a in arrays}) == 1 else list(arrays)
 
 
 def _check_instructions(instructions: Sequence[str]) -> list[str]:
@@ -76,22 +100,33 @@ class Editor:
         self.states = jax.device_put(states, rep)
         self.vq_cfg = modules["vq"].cfg
         self.tr_cfg = modules["transformer"].cfg
-        self.defaults = dict(defaults or {})
-        # The timestep the transformer was trained for (see SamplerConfig.timestep_convention).
-        convention = self.defaults.get("timestep_convention", self.doc.get("timestep_convention",
-                                                                           "step_index"))
-        if convention not in TIMESTEP_CONVENTIONS:
+        # How this model must be driven (mask id, timestep convention, micro-conditions, negative
+        # prompt, recommended sampler settings): the checkpoint's conventions record, the one source.
+        try:
+            self.conventions = checkpoints.read_conventions(self.doc)
+        except checkpoints.CheckpointError as e:
+            raise checkpoints.CheckpointError(f"{path}: {e}") from None
+        conv = self.conventions
+        self.defaults = {**conv.sampler_settings(), "resolution": conv.resolution,
+                         "negative_prompt": conv.negative_prompt, "aesthetic_score": conv.aesthetic_score,
+                         **dict(defaults or {})}
+        if self.defaults["timestep_convention"] not in TIMESTEP_CONVENTIONS:
             raise checkpoints.CheckpointError(
-                f"{path}: config.json timestep_convention={convention!r}; expected one of "
+                f"{path}: timestep_convention={self.defaults['timestep_convention']!r}; expected one of "
                 f"{TIMESTEP_CONVENTIONS}")
-        self.defaults["timestep_convention"] = convention
         self._programs: dict = {}
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, *, mesh_shape: Mapping[str, int] | None = None,
              dtype=jnp.float32) -> "Editor":
-        """Load a model checkpoint folder (as written by the converter or exported by training)."""
+        """Load a model checkpoint folder (as written by the converter or exported by training).
+
+        ``dtype``: ``jnp.float32`` (default; parity with the official float32 pipeline) or
+        ``jnp.bfloat16`` for accelerators: parameters are stored in bf16 and the matmuls run in bf16,
+        while normalisation statistics, attention softmax, RoPE, timestep sinusoids and the logits
+        stay float32 as in the official bf16 pipeline, and the sampler's probabilities are float32.
+        """
         if path is None:
             path = DEFAULT_CHECKPOINT
             if not os.path.isfile(os.path.join(path, "config.json")):
@@ -112,8 +147,7 @@ class Editor:
             modules[name] = load_module(path, name, cfg_dict, dtype=dtype)
         text = make_text_side(path, doc, modules)
         mesh = parallel.make_mesh(mesh_shape) if mesh_shape else None
-        return cls(doc, {k: modules[k] for k in ("vq", "transformer")}, text, mesh=mesh,
-                   defaults=doc.get("sampler_defaults", {}), path=path)
+        return cls(doc, {k: modules[k] for k in ("vq", "transformer")}, text, mesh=mesh, path=path)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -125,8 +159,15 @@ class Editor:
     def default_size(self) -> int:
         return int(self.defaults.get("resolution", 1024))
 
-    def prepare(self, image, *, size: int | None = None, policy: str = "crop", name: str | None = None) -> np.ndarray:
-        """Path / bytes / PIL image / array -> ``[H, W, 3] uint8`` at a size the grid takes."""
+    def prepare(self, image, *, size: int | None = None, policy: str = "fit", name: str | None = None) -> np.ndarray:
+        """Path / bytes / PIL image / array -> ``[H, W, 3] uint8`` at a size the grid takes
+        (``policy``: 'fit' keeps the aspect ratio, 'crop' takes the centre square; ``imageio``)."""
+        arr = self.load_rgb(image, name=name)
+        return imageio.fit_to_grid(arr, size or self.default_size, self.pixel_granularity, policy)
+
+    @staticmethod
+    def load_rgb(image, *, name: str | None = None) -> np.ndarray:
+        """Path / bytes / PIL image / array -> ``[H, W, 3] uint8`` at its own size."""
         if isinstance(image, (str, os.PathLike)):
             arr = imageio.load_image(image, name=f"{name} ({os.fspath(image)})" if name else None)
         elif isinstance(image, (bytes, bytearray)):
@@ -145,7 +186,7 @@ class Editor:
                 else:
                     arr = np.clip(arr, 0, 255).astype(np.uint8)
             arr = arr[..., :3]
-        return imageio.fit_to_grid(arr, size or self.default_size, self.pixel_granularity, policy)
+        return arr
 
     # ------------------------------------------------------------------ editing
     def sampler_config(self, **overrides) -> SamplerConfig:
@@ -160,12 +201,20 @@ class Editor:
         return SamplerConfig(**base)
 
     def edit(self, images, instructions: Sequence[str] | str, *, seed: int = 0, masks=None,
-             negative_prompt: str | None = None, size: int | None = None, policy: str = "crop",
-             **sampler_overrides) -> EditResult:
-        """Edit a batch. ``images``: a list (or one) of paths / PIL images / ``[H, W, 3]`` arrays;
-        ``instructions``: one per image. ``masks``: optional ``[H, W]`` bool arrays (True = may change)
-        for inpainting mode. Sampler settings (``steps``, ``guidance_scale``, ``reference_strength``,
-        ``hold_threshold``, ``consolidation_blocks``, ``greedy``, ...) override the checkpoint's."""
+             negative_prompt: str | None = None, size: int | None = None, policy: str = "fit",
+             composite: str = "changed", feather: float | None = None, **sampler_overrides) -> EditResult:
+        """Edit a batch. ``images``: a list (or one) of paths / PIL images / ``[H, W, 3]`` arrays, of
+        any sizes; ``instructions``: one per image. ``masks``: optional ``[H, W]`` bool arrays (True =
+        may change; at the input's or the working size) for inpainting mode. Sampler settings
+        (``steps``, ``guidance_scale``, ``reference_strength``, ``hold_threshold``,
+        ``consolidation_blocks``, ``greedy``, ...) override the checkpoint's.
+
+        The model edits each image at ``size`` (default: the checkpoint's) under ``policy`` ('fit':
+        long side at ``size``, aspect kept; 'crop': the centre square). ``composite`` says which
+        pixels of the input take the model's output (``editmgt_jax.composite``): 'changed' (the tokens
+        that changed, dilated by one token), 'map' (the edit-region map, which needs consolidation),
+        or 'none' (``images`` are then the raw model output at the working size). ``feather``: width
+        of the soft seam in input pixels (default: a quarter of a token, at least 3 px)."""
         if isinstance(instructions, str):
             instructions = [instructions]
         if not isinstance(images, (list, tuple)):
@@ -175,29 +224,63 @@ class Editor:
             raise EditError(f"{len(images)} image(s) but {len(instructions)} instruction(s)")
         if masks is not None and len(masks) != len(images):
             raise EditError(f"{len(images)} image(s) but {len(masks)} mask(s)")
+        if composite not in compositing.MODES:
+            raise EditError(f"composite={composite!r}: choose from {compositing.MODES}")
+        if feather is not None and not feather >= 0:
+            raise EditError(f"feather={feather!r}: expected a width in pixels >= 0")
         cfg = self.sampler_config(**sampler_overrides)
-        srcs = [self.prepare(im, size=size, policy=policy, name=f"image {i}") for i, im in enumerate(images)]
-        shapes = {s.shape for s in srcs}
-        if len(shapes) > 1:
-            raise EditError(f"images of one batch must share a size after resizing, got {sorted(shapes)}; "
-                            f"use policy='crop' or edit them in separate calls")
-        src = np.stack(srcs)
+        if composite == "map" and not cfg.captures:
+            raise EditError("composite='map' needs the edit-region map: give consolidation_blocks")
+        size = size or self.default_size
+        gran = self.pixel_granularity
+        originals = [self.load_rgb(im, name=f"image {i}") for i, im in enumerate(images)]
+        placements = [compositing.placement(o.shape[0], o.shape[1], size, gran, policy) for o in originals]
+        srcs = [imageio.fit_to_grid(o, size, gran, policy) for o in originals]
         neg = negative_prompt if negative_prompt is not None else self.defaults.get("negative_prompt", "")
         txt, pooled = self.text.encode(instructions)
         ntxt, npooled = self.text.encode([neg] * len(instructions), allow_empty=True)
-        gh, gw = src.shape[1] // self.vq_cfg.downsample_factor, src.shape[2] // self.vq_cfg.downsample_factor
-        inpaint = None
-        if masks is not None:
-            inpaint = np.stack([self._mask_to_grid(m, src.shape[1:3], (gh, gw), i) for i, m in enumerate(masks)])
-        micro = np.tile(micro_conditions(src.shape[2], src.shape[1],
-                                         aesthetic=float(self.defaults.get("aesthetic_score", DEFAULT_AESTHETIC))),
-                        (len(src), 1))
-        key = jax.random.key(seed)
-        out = self._run(cfg, src, txt, pooled, ntxt, npooled, micro, key, inpaint)
-        return EditResult(images=out["image"], sources=src, tokens=out["tokens"], source_tokens=out["ref_ids"],
-                          heatmaps=out.get("heatmap"))
+        keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), len(srcs))))
+        f = self.vq_cfg.downsample_factor
+        # one compiled program per working shape; results go back to the callers' order
+        outs: list = [None] * len(srcs)
+        groups: dict[tuple, list[int]] = {}
+        for i, s_ in enumerate(srcs):
+            groups.setdefault(s_.shape, []).append(i)
+        for shape, idx in groups.items():
+            src = np.stack([srcs[i] for i in idx])
+            gh, gw = shape[0] // f, shape[1] // f
+            inpaint = None
+            if masks is not None:
+                inpaint = np.stack([self._mask_to_grid(self._mask_to_work(masks[i], originals[i], size, policy),
+                                                       shape[:2], (gh, gw), i) for i in idx])
+            micro = np.tile(micro_conditions(shape[1], shape[0],
+                                             aesthetic=float(self.defaults.get("aesthetic_score", DEFAULT_AESTHETIC))),
+                            (len(idx), 1))
+            out = self._run(cfg, src, txt[idx], pooled[idx], ntxt[idx], npooled[idx], micro, keys[idx], inpaint)
+            for k, i in enumerate(idx):
+                outs[i] = {name: v[k] for name, v in out.items()}
+        raw = [o["image"] for o in outs]
+        heat = [o.get("heatmap") for o in outs]
+        region_maps = finals = None
+        if composite == "none":
+            finals = raw
+        else:
+            region_maps, finals = [], []
+            threshold = cfg.hold_threshold if cfg.holds else 0.5
+            for i, o in enumerate(outs):
+                if composite == "changed":
+                    tok_mask = compositing.changed_tokens(o["tokens"], o["ref_ids"])
+                else:
+                    tok_mask = compositing.map_tokens(o["heatmap"], o["tokens"].shape, threshold)
+                region = compositing.region_map(tok_mask, placements[i], feather)
+                region_maps.append(region)
+                finals.append(compositing.blend(originals[i], raw[i], region, placements[i]))
+        return EditResult(images=_stack(finals), sources=_stack(srcs), tokens=_stack([o["tokens"] for o in outs]),
+                          source_tokens=_stack([o["ref_ids"] for o in outs]), heatmaps=_stack(heat),
+                          raw_images=_stack(raw), region_maps=None if region_maps is None else _stack(region_maps),
+                          originals=_stack(originals), placements=placements, composite=composite)
 
-    def reconstruct(self, images, *, size: int | None = None, policy: str = "crop") -> np.ndarray:
+    def reconstruct(self, images, *, size: int | None = None, policy: str = "fit") -> np.ndarray:
         """VQ round trip of the sources (encode, then decode the same ids): ``[B, H, W, 3] uint8``.
 
         The image an edit that keeps every source token decodes to: the ceiling for how close an
@@ -223,6 +306,16 @@ class Editor:
             prog = self._programs[sig] = jax.jit(program)
         return np.asarray(prog(self.states["vq"], src))
 
+    def _mask_to_work(self, mask, original, size, policy) -> np.ndarray:
+        """A mask at the input's size goes through the image's own resize (crop included); other
+        sizes are left to ``_mask_to_grid``."""
+        m = np.asarray(mask)
+        m = m[..., 0] if m.ndim == 3 else m
+        if m.shape != original.shape[:2]:
+            return m
+        rgb = np.repeat(((m > 0) * 255).astype(np.uint8)[..., None], 3, axis=-1)
+        return imageio.fit_to_grid(rgb, size, self.pixel_granularity, policy)[..., 0] > 127
+
     @staticmethod
     def _mask_to_grid(mask, hw, grid, i) -> np.ndarray:
         m = np.asarray(mask)
@@ -239,13 +332,17 @@ class Editor:
             raise EditError(f"mask {i}: selects no pixels")
         return g
 
-    def _run(self, cfg, src, txt, pooled, ntxt, npooled, micro, key, inpaint):
+    def _run(self, cfg, src, txt, pooled, ntxt, npooled, micro, keys, inpaint):
+        """``keys``: ``[b, 2] uint32`` raw PRNG keys, one per image (so an image's draw does not depend on
+        the other images of the call or on padding)."""
         n_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         b = len(src)
         pad = (-b) % n_dev
         arrays = [src, txt, pooled, ntxt, npooled, micro] + ([inpaint] if inpaint is not None else [])
         if pad:
             arrays = [np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) for a in arrays]
+            keys = np.concatenate([keys, np.repeat(keys[-1:], pad, axis=0)])
+        key = jax.device_put(keys, parallel.replicated(self.mesh))
         sig = (cfg, tuple(a.shape for a in arrays), inpaint is not None)
         prog = self._programs.get(sig)
         if prog is None:
@@ -257,7 +354,7 @@ class Editor:
 
     def _compile(self, cfg: SamplerConfig, arrays, has_mask: bool):
         graphdefs = self.graphdefs
-        mask_id = self.tr_cfg.vocab_size - 1
+        mask_id = cfg.mask_token_id          # the checkpoint's conventions (sampler_config)
         n_codes = self.vq_cfg.num_vq_embeddings
 
         def program(states, key, src, txt, pooled, ntxt, npooled, micro, *maybe_mask):
@@ -268,6 +365,8 @@ class Editor:
             res = sample(tr, ref_ids, txt, pooled, ntxt, npooled, cfg, key=key, micro_conds=micro,
                          inpaint_mask=maybe_mask[0] if maybe_mask else None)
             tokens = res["tokens"]
+            # leftover mask ids (and anything outside the codebook) decode as code 0, as the official
+            # pipeline's decode does
             safe = jnp.where((tokens >= n_codes) | (tokens == mask_id), 0, tokens)
             img = jnp.clip(vq.decode_ids(safe), 0.0, 1.0)
             out = {"image": jnp.round(img * 255.0).astype(jnp.uint8), "tokens": tokens, "ref_ids": ref_ids}
@@ -282,24 +381,13 @@ class Editor:
 
 # ---------------------------------------------------------------------- components
 def load_module(path: str, name: str, cfg_dict: Mapping, *, dtype=jnp.float32) -> nnx.Module:
-    """Build component ``name`` from its config and restore its parameters from ``path``."""
-    if name == "small_text":
-        from editmgt_jax.models.text.small import SmallTextConfig, SmallTextEncoder
+    """Build component ``name`` from its config and restore its parameters from ``path``.
 
-        cfg = SmallTextConfig.from_dict(cfg_dict)
-        abstract = nnx.eval_shape(lambda: SmallTextEncoder(cfg, rngs=nnx.Rngs(0)))
-    else:
-        comp = COMPONENTS[name]
-        config_cls, model_cls = comp.classes()
-        try:
-            cfg = config_cls.from_dict(cfg_dict)
-        except (TypeError, ValueError, KeyError) as e:
-            raise checkpoints.CheckpointError(f"{path}: config of component {name!r} is not valid: {e}") from e
-        abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0), dtype=dtype))
-    graphdef, state = nnx.split(abstract)
-    params = checkpoints.load_component(path, name, state.to_pure_dict())
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    ``dtype`` is both the parameter and the compute dtype (stored float32 parameters are cast on
+    restore); float32 statistics and softmax are the modules' own business. See
+    :func:`editmgt_jax.checkpoints.load_module`.
+    """
+    return checkpoints.load_module(path, name, cfg_dict, dtype=dtype)
 
 
 class ReleaseTextSide:
@@ -345,27 +433,12 @@ class SmallTextSide:
 
 def make_text_side(path: str, doc: Mapping, modules: Mapping):
     comps = doc.get("components", {})
-    if "small_text" in comps:
-        from editmgt_jax.models.text.word_tokenizer import WordTokenizer
-
-        tok = WordTokenizer.load(os.path.join(path, "vocab.txt"))
-        return SmallTextSide(modules["small_text"], tok)
+    if checkpoints.SMALL_TEXT in comps:
+        return SmallTextSide(modules[checkpoints.SMALL_TEXT], checkpoints.word_tokenizer(path))
     if "clip" in comps and "gemma" in comps:
         return ReleaseTextSide(modules["clip"], modules["gemma"], release_tokenizer(path))
     raise checkpoints.CheckpointError(f"{path}: checkpoint has no text encoder (clip + gemma, or small_text)")
 
 
-RELEASE_TOKENIZER_DIRS = ("tokenizer", "llm_tokenizer")
-
-
-def release_tokenizer(path: str):
-    """The ``PromptTokenizer`` of a checkpoint with ``clip`` + ``gemma`` components (its
-    ``tokenizer/`` and ``llm_tokenizer/`` folders)."""
-    from editmgt_jax.models.text.tokenize import PromptTokenizer
-
-    tok_dir, llm_dir = (os.path.join(path, d) for d in RELEASE_TOKENIZER_DIRS)
-    if not (os.path.isdir(tok_dir) and os.path.isdir(llm_dir)):
-        raise checkpoints.CheckpointError(
-            f"{path}: the text encoders need tokenizer files in tokenizer/ and llm_tokenizer/ "
-            f"(the converter copies them from the release's tokenizer/ and llm_encoder/ folders)")
-    return PromptTokenizer.from_dirs(tok_dir, llm_dir)
+RELEASE_TOKENIZER_DIRS = checkpoints.TOKENIZER_DIRS
+release_tokenizer = checkpoints.release_tokenizer

@@ -5,11 +5,14 @@ Stated policy (what ``load_image`` and ``fit_to_grid`` do with unusual inputs):
 - Orientation: EXIF orientation is applied, as the official pipeline does.
 - Modes: grayscale (``L``, ``LA``, ``I``), palette (``P``), CMYK and 16-bit images are converted to
   8-bit RGB; 16-bit values are scaled by 255/65535 (not clipped). Alpha is composited over white.
-- Size: ``policy='crop'`` (default, the official behaviour with a deterministic centre crop):
-  resize the short side to ``size`` (bilinear) and take the centre ``size x size`` square.
-  ``policy='fit'``: keep the aspect ratio; scale so the long side is ``size``, then round each side
-  to the nearest multiple of the model's pixel granularity (VQ factor x transformer down-sampling),
-  at least one granule. Other sizes never crash; they are resized by one of these rules.
+- Size: ``policy='fit'`` (the editor's default): keep the aspect ratio; scale so the long side is
+  ``size``, then round each side to the nearest multiple of the model's pixel granularity (VQ factor
+  x transformer down-sampling), at least one granule. Nothing is cut off; the aspect ratio moves by
+  at most half a granule per side, which the return to the input's size undoes
+  (``editmgt_jax.composite``). ``policy='crop'`` (the official behaviour, with a deterministic centre
+  crop): resize the short side to ``size`` (bilinear) and take the centre ``size x size`` square.
+  Other sizes never crash; they are resized by one of these rules. Padding to a square is not
+  offered: the model would spend tokens on borders it never saw in training.
 """
 
 from __future__ import annotations
@@ -91,6 +94,25 @@ def target_size(height: int, width: int, size: int, granularity: int, policy: st
     return min(h, size), min(w, size)
 
 
+def crop_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """The ``'crop'`` policy's resize ``(rh, rw)`` and the ``(top, left)`` of its centre square."""
+    scale = size / min(height, width)
+    rh, rw = max(size, round(height * scale)), max(size, round(width * scale))
+    return rh, rw, (rh - size) // 2, (rw - size) // 2
+
+
+def working_box(height: int, width: int, size: int, granularity: int,
+                policy: str = "fit") -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+    """Working ``(H', W')`` of ``fit_to_grid`` and the box ``(x0, y0, x1, y1)`` of the input, in input
+    pixels (pixel edges, so ``(0, 0, width, height)`` is the whole image), that it shows."""
+    th, tw = target_size(height, width, size, granularity, policy)
+    if policy == "crop":
+        rh, rw, top, left = crop_geometry(height, width, size)
+        sy, sx = height / rh, width / rw
+        return (th, tw), (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return (th, tw), (0.0, 0.0, float(width), float(height))
+
+
 def fit_to_grid(img: np.ndarray, size: int, granularity: int, policy: str = "crop") -> np.ndarray:
     """Resize ``[H, W, 3] uint8`` to the model's grid: returns ``[H', W', 3] uint8``."""
     from PIL import Image
@@ -99,11 +121,9 @@ def fit_to_grid(img: np.ndarray, size: int, granularity: int, policy: str = "cro
     th, tw = target_size(h, w, size, granularity, policy)
     im = Image.fromarray(img)
     if policy == "crop":
-        scale = size / min(h, w)
-        rh, rw = max(size, round(h * scale)), max(size, round(w * scale))
+        rh, rw, top, left = crop_geometry(h, w, size)
         if (rh, rw) != (h, w):
             im = im.resize((rw, rh), Image.BILINEAR)
-        top, left = (rh - size) // 2, (rw - size) // 2
         im = im.crop((left, top, left + size, top + size))
     elif (th, tw) != (h, w):
         im = im.resize((tw, th), Image.BILINEAR)

@@ -3,6 +3,13 @@
 One edit (the shipped default model when --checkpoint is not given):
   python -m infer.edit --image examples/scene.png --instruction "make the red circle blue" --out edited.png
 
+The output has the input's own size: the model edits an aspect-preserving resize of the image (long
+side at --size), and the edited pixels are upsampled and blended into the original through a
+feathered region map, so every pixel outside the region is the source's own. --composite picks the
+region: 'changed' (default; the tokens the edit changed, grown by one token), 'map' (the
+consolidated edit-region map at --hold-threshold, 0.5 when hold is off). --no-composite writes the
+raw model output instead, at the working size (e.g. 64x44 for a 600x400 photo and the default model).
+
 Many edits, one compiled program per image shape, with a progress bar:
   python -m infer.edit --checkpoint CKPT --batch edits.jsonl --out-dir results/
   where each line of edits.jsonl is {"image": PATH, "instruction": TEXT, "out": NAME.png, "mask": PATH?}
@@ -43,19 +50,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampler_flags(s)
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--size", type=int, help="working resolution in pixels (default: the checkpoint's)")
-    s.add_argument("--resize", choices=["crop", "fit"], default="crop",
-                   help="crop: short side to --size then centre square (official); fit: keep aspect ratio")
+    s.add_argument("--resize", choices=["fit", "crop"], default="fit",
+                   help="fit (default): long side to --size, aspect ratio kept, nothing cut off; "
+                        "crop: short side to --size then the centre square (official)")
     s.add_argument("--negative-prompt", default=None, help="unconditional prompt for guidance")
     o = p.add_argument_group("output")
+    o.add_argument("--composite", choices=["changed", "map"], default="changed",
+                   help="which pixels of the input take the edit: changed (default; tokens the edit "
+                        "changed, grown by one token) or map (the edit-region map; needs consolidation)")
+    o.add_argument("--no-composite", dest="composite", action="store_const", const="none",
+                   help="write the raw model output at the working size instead of the input's size")
     o.add_argument("--save-heatmap", action="store_true",
                    help="also write <out>_heatmap.png: the consolidated edit-region map over the source")
     o.add_argument("--mesh", default=None, metavar="SPEC",
                    help="data-parallel batch editing over devices, e.g. 'data=8'")
+    o.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="parameter and matmul dtype: fp32 (default, matches the official float32 "
+                        "pipeline) or bf16 (accelerators; softmax, norms and logits stay float32)")
     return p
 
 
 def _save_outputs(result, i: int, out_path: str, heatmap: bool) -> list[str]:
     from editmgt_jax import imageio
+
+    from editmgt_jax import composite
 
     imageio.save_image(out_path, result.images[i])
     written = [out_path]
@@ -65,7 +83,9 @@ def _save_outputs(result, i: int, out_path: str, heatmap: bool) -> list[str]:
         else:
             root, _ = os.path.splitext(out_path)
             hp = f"{root}_heatmap.png"
-            imageio.save_image(hp, imageio.heatmap_overlay(result.sources[i], result.heatmaps[i]))
+            # over the source at the input's own size
+            score = composite.grid_to_input(result.heatmaps[i], result.placements[i])
+            imageio.save_image(hp, imageio.heatmap_overlay(result.originals[i], score))
             written.append(hp)
     return written
 
@@ -107,10 +127,14 @@ def main(argv=None) -> int:
     try:
         mesh = parallel.parse_mesh_flag(args.mesh) if args.mesh else None
         t0 = time.time()
-        editor = Editor.load(args.checkpoint, mesh_shape=mesh)
+        import jax.numpy as jnp
+
+        editor = Editor.load(args.checkpoint, mesh_shape=mesh,
+                             dtype=jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
         print(f"loaded {editor.path} in {time.time() - t0:.1f}s", file=sys.stderr)
         over = sampler_overrides(args)
-        common = dict(seed=args.seed, size=args.size, policy=args.resize, negative_prompt=args.negative_prompt, **over)
+        common = dict(seed=args.seed, size=args.size, policy=args.resize, negative_prompt=args.negative_prompt,
+                      composite=args.composite, **over)
         if not args.batch:
             masks = [imageio.load_image(args.mask)] if args.mask else None
             t0 = time.time()

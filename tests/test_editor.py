@@ -59,7 +59,10 @@ def test_edit_invariants(editor, photo):
     # A threshold above every upsampled score (bicubic overshoots 1) holds everything: a copy of the source.
     held = editor.edit(photo, "make the suit red", hold_threshold=10.0, **common)
     np.testing.assert_array_equal(held.tokens, held.source_tokens)
-    assert held.images.shape == (1, SIZE, SIZE, 3) and held.images.dtype == np.uint8
+    assert held.raw_images.shape == (1, SIZE, SIZE, 3) and held.raw_images.dtype == np.uint8
+    # returned at the photo's own size; nothing changed, so it is the photo, bit for bit
+    assert held.images.shape == (1, 512, 512, 3) and not held.region_maps.any()
+    np.testing.assert_array_equal(held.images[0], np.asarray(Image.open(photo).convert("RGB")))
     free = editor.edit(photo, "make the suit red", hold_threshold=0.0, **common)
     assert not np.array_equal(free.tokens, free.source_tokens)
     assert free.tokens.max() < editor.vq_cfg.num_vq_embeddings   # no mask id survives
@@ -69,6 +72,24 @@ def test_edit_invariants(editor, photo):
     one = editor.edit(src2, "remove the flag", **common)
     np.testing.assert_array_equal(both.tokens[0], free.tokens[0])
     np.testing.assert_array_equal(both.tokens[1], one.tokens[0])
+
+
+def test_non_square_input_on_the_release_grid(editor, photo):
+    """The release layout (VQ x16, transformer x2: 32 px granules, score map at half the id grid) on a
+    300x512 input: edited at 64x128 (aspect kept), returned at 300x512 with the source outside the map."""
+    from editmgt_jax import composite
+
+    src = np.asarray(Image.open(photo).convert("RGB"))[100:400]
+    common = dict(size=128, steps=2, guidance_scale=1.0, consolidation_blocks=(2, 3, 4), greedy=True)
+    for mode in ("changed", "map"):
+        res = editor.edit(src, "make the suit red", composite=mode, **common)
+        assert res.raw_images.shape == (1, 64, 128, 3) and res.heatmaps.shape == (1, 2, 4)
+        assert res.images.shape == (1, 300, 512, 3) and res.region_maps.shape == (1, 300, 512)
+        m = res.region_maps[0]
+        assert m.max() == 1.0
+        np.testing.assert_array_equal(res.images[0][m == 0], src[m == 0])
+        np.testing.assert_array_equal(res.images[0][m == 1],
+                                      composite.upsample(res.raw_images[0], res.placements[0])[m == 1])
 
 
 def test_inpainting_keeps_tokens_outside_the_mask(editor, photo):
@@ -113,8 +134,8 @@ def test_cli_single_and_batch(tiny_ckpt, photo, tmp_path, cli):
                "--out", out, "--steps", "2", "--size", SIZE, "--hold-threshold", "0.3",
                "--consolidation-blocks", "2-4", "--save-heatmap")
     assert proc.returncode == 0, proc.stderr
-    assert Image.open(out).size == (SIZE, SIZE)
-    assert (tmp_path / "edited_heatmap.png").is_file()
+    assert Image.open(out).size == (512, 512)                      # the photo's own size
+    assert Image.open(tmp_path / "edited_heatmap.png").size == (512, 512)
     lines = [{"image": str(photo), "instruction": "remove the flag", "out": "a.png"},
              {"image": str(photo), "instruction": "make the sky green", "out": "b.png"},
              {"image": str(photo), "instruction": "add a hat"}]
@@ -143,5 +164,5 @@ def test_data_parallel_mesh_gives_the_same_tokens(tiny_ckpt, photo):
     np.testing.assert_array_equal(single.tokens, sharded.tokens)
     # same tokens, same decoder; the decode's float32 sums are blocked differently on 8 devices, which
     # can move a pixel that sits on a rounding boundary by one level
-    diff = np.abs(single.images.astype(int) - sharded.images.astype(int))
+    diff = np.abs(single.raw_images.astype(int) - sharded.raw_images.astype(int))
     assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3, (diff.max(), np.mean(diff > 0))

@@ -10,7 +10,8 @@ honours this contract plugs in::
              reference_strength, capture_blocks, capture_mode)
         -> (logits [N, H, W, K] float32, scores [N, len(capture_blocks), h*w] float32 or None)
 
-``ids`` / ``ref_ids`` are ``[N, H, W] int32`` (the mask id is ``K``, the codebook size), ``timestep``
+``ids`` / ``ref_ids`` are ``[N, H, W] int32`` (``SamplerConfig.mask_token_id`` where unknown: an
+embedding row outside the codebook, named by the model checkpoint's conventions), ``timestep``
 is ``[N] int32``: the step index counting down (``steps-1 .. 0``), as the reference pipeline passes it.
 ``scores`` are the text-to-image attention of the ``capture_blocks`` (global block indices), averaged
 over heads and text rows, on the transformer's ``h x w`` grid.
@@ -70,7 +71,9 @@ class SamplerConfig:
         schedule (``mask_len`` is clamped to the still-free masked positions).
       temperature_start, temperature_end: Gumbel-noise temperature, linear over the steps.
       micro_conds: ``[width, height, crop_top, crop_left, aesthetic]`` used when the caller passes none.
-      mask_token_id: the mask id; ``None`` takes it from the model's logits width (codebook size).
+      mask_token_id: the mask id, as the model checkpoint's conventions name it
+        (``editmgt_jax.checkpoints.read_conventions``; the release: 8255, its scheduler config's).
+        Required by :func:`sample`; never the logits width (the codebook size).
       score_grid: ``(h, w)`` of the captured scores; ``None`` infers it (the id grid, or half of it
         when the transformer downsamples by 2).
       timestep_convention: what the transformer gets as its timestep. ``"step_index"`` (the
@@ -409,13 +412,16 @@ def sample(model_fn: Callable[..., Any], ref_ids, text_states, pooled, neg_text_
                         reference_strength=cfg.reference_strength, capture_blocks=cfg.consolidation_blocks,
                         capture_mode=cfg.capture_mode)
 
-    # shapes the loop needs before it runs (mask id, record sizes): traced abstractly, never computed
     mask_id = cfg.mask_token_id
+    if mask_id is None:
+        raise ValueError("SamplerConfig.mask_token_id is not set: take it from the model checkpoint's "
+                         "conventions (editmgt_jax.checkpoints.read_conventions(CKPT).mask_token_id; "
+                         "Editor.sampler_config() does)")
+    # shapes the loop needs before it runs (record sizes): traced abstractly, never computed
     n_codes = n_scores = None
-    if mask_id is None or (record and (cfg.captures or record_logits)):
+    if record and (cfg.captures or record_logits):
         lg_shape, sc_shape = jax.eval_shape(lambda r: call_model(r, 0), ref_ids)
         n_codes = int(lg_shape.shape[-1])
-        mask_id = n_codes if mask_id is None else mask_id  # the mask id follows the codebook
         n_scores = None if sc_shape is None else int(sc_shape.shape[-1])
 
     if inpaint_mask is None:

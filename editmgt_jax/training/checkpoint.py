@@ -183,13 +183,17 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
             meta["sampler_defaults"][k] = list(v) if isinstance(v, tuple) else v
         meta["training"]["timestep_convention"] = config.editor.timestep_convention
         meta["timestep_convention"] = sampler_convention
+        from editmgt_jax.training.step import mask_token_id
+        meta["conventions"] = checkpoints.legacy_conventions(
+            {"components": cfgs, **meta}, mask_token_id=mask_token_id(config),
+            source="the training config (editor.transformer / init_from)")
     else:
         comps["vq"] = params
         cfgs["vq"] = state_lib.vq_config(config).to_dict()
     meta.update(metadata or {})
     out = checkpoints.save_model(path, comps, cfgs, metadata=meta, overwrite=overwrite)
     if tokenizer is not None:
-        tokenizer.save(os.path.join(out, "vocab.txt"))
+        tokenizer.save(os.path.join(out, checkpoints.WORD_VOCAB_FILE))
     return out
 
 
@@ -197,19 +201,6 @@ def load_vq(path: str | os.PathLike, dtype=None):
     """The ``vq`` component of a model checkpoint as a ``VQModel`` (e.g. a tokenizer exported by a
     ``vq`` training run), for ``python -m train.pretokenize --vq-loader
     editmgt_jax.training.checkpoint:load_vq --vq-checkpoint PATH``."""
-    import jax.numpy as jnp
-    from flax import nnx
-
     from editmgt_jax import checkpoints
-    from editmgt_jax.models.vq import VQConfig, VQModel
 
-    path = os.path.expanduser(os.fspath(path))
-    comps = checkpoints.read_config(path).get("components", {})
-    if "vq" not in comps:
-        raise checkpoints.CheckpointError(f"{path}: no 'vq' component")
-    cfg = VQConfig.from_dict(comps["vq"])
-    abstract = nnx.eval_shape(lambda: VQModel(cfg, rngs=nnx.Rngs(0), dtype=dtype or jnp.float32))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    loaded = checkpoints.load_component(path, "vq", nnx.to_pure_dict(params))
-    nnx.replace_by_pure_dict(params, loaded)
-    return nnx.merge(graphdef, params, rest)
+    return checkpoints.load_module(os.path.expanduser(os.fspath(path)), "vq", dtype=dtype)

@@ -162,13 +162,36 @@ class VQLoss:
         return loss, metrics
 
 
+def mask_token_id(config, tcfg=None) -> int:
+    """The mask id an editor config trains (and previews) with.
+
+    Fine-tuning a model checkpoint (``init_from``): the mask id its conventions record names (a
+    converted release: the one its scheduler config names). Otherwise the last vocabulary row,
+    ``editor.transformer.vocab_size - 1``, as the official training does.
+    """
+    import os
+
+    from editmgt_jax import checkpoints
+    from editmgt_jax.training.state import transformer_config
+
+    tcfg = tcfg or transformer_config(config)
+    init = os.path.expanduser(config.get("init_from", "") or "")
+    if init and os.path.isfile(os.path.join(init, "config.json")):
+        conv = checkpoints.read_conventions(init)
+        where = f"init_from={init!r}"
+    else:
+        conv = checkpoints.Conventions(mask_token_id=checkpoints.default_mask_token_id(tcfg.to_dict()))
+        where = "editor.transformer"
+    return conv.check_vocabulary(tcfg.vocab_size, tcfg.codebook_size, where).mask_token_id
+
+
 def loss_from_config(config) -> EditorLoss | VQLoss:
     if config.task == "editor":
         from editmgt_jax.training.state import transformer_config
 
         e = config.editor
         tcfg = transformer_config(config)
-        return EditorLoss(mask_id=int(tcfg.vocab_size) - 1, text_kind=e.text.kind,
+        return EditorLoss(mask_id=mask_token_id(config, tcfg), text_kind=e.text.kind,
                           cond_dropout=float(e.cond_dropout),
                           timestep_convention=e.timestep_convention,
                           aesthetic=float(e.get("aesthetic", 6.0)),
