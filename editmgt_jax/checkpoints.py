@@ -370,18 +370,19 @@ def write_config(path: str, configs: Mapping[str, Mapping], metadata: Mapping | 
         doc["conventions"] = read_conventions(doc).to_dict()   # checked against the vocabulary
     tmp = os.path.join(path, "config.json.tmp")
     with open(tmp, "w") as fh:
-        json.dump(doc, fh, indent=2, sort_keys=True, default=_json_default)
+        json.dump(doc, fh, indent=2, sort_keys=True, default=json_default)
     os.replace(tmp, os.path.join(path, "config.json"))
 
 
-def _json_default(x):
-    if isinstance(x, (np.integer,)):
+def json_default(x):
+    """``json.dump(default=...)`` for config values: NumPy scalars, tuples, sets and arrays."""
+    if isinstance(x, np.integer):
         return int(x)
-    if isinstance(x, (np.floating,)):
+    if isinstance(x, np.floating):
         return float(x)
-    if isinstance(x, (tuple, np.ndarray)):
+    if isinstance(x, (tuple, set, np.ndarray)):
         return list(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+    raise TypeError(f"value of type {type(x).__name__} is not JSON serialisable")
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -491,7 +492,7 @@ def release_tokenizer(path: str | os.PathLike):
 
 def word_tokenizer(path: str | os.PathLike):
     """The small text encoder's word tokenizer (``vocab.txt``)."""
-    from editmgt_jax.data.text import WordTokenizer
+    from editmgt_jax.models.text.word_tokenizer import WordTokenizer
 
     return WordTokenizer.load(os.path.join(os.fspath(path), WORD_VOCAB_FILE))
 

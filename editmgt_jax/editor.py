@@ -37,6 +37,7 @@ from flax import nnx
 
 from editmgt_jax import checkpoints, composite as compositing, imageio, parallel
 from editmgt_jax.convert.registry import COMPONENTS
+from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC, micro_conditions
 from editmgt_jax.sampling.region_hold import TIMESTEP_CONVENTIONS, SamplerConfig, sample
 
 # The official demo's negative prompt (owned by the checkpoint conventions; kept here for imports).
@@ -320,8 +321,9 @@ class Editor:
             if masks is not None:
                 inpaint = np.stack([self._mask_to_grid(self._mask_to_work(masks[i], originals[i], size, policy),
                                                        shape[:2], (gh, gw), i) for i in idx])
-            micro = np.tile(np.array([[shape[1], shape[0], 0, 0, float(self.defaults.get("aesthetic_score", 6.0))]],
-                                     np.float32), (len(idx), 1))
+            micro = np.tile(micro_conditions(shape[1], shape[0],
+                                             aesthetic=float(self.defaults.get("aesthetic_score", DEFAULT_AESTHETIC))),
+                            (len(idx), 1))
             self.progress.start(cfg.steps)
             try:
                 out = self._run(cfg, src, txt[idx], pooled[idx], ntxt[idx], npooled[idx], micro, keys[idx],

@@ -20,10 +20,12 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from editmgt_jax.data import crispedit, pipeline, synthetic_edits
-from editmgt_jax.data.crispedit import EDIT_CATEGORIES, CrispEditSchemaError
+from editmgt_jax.data import crispedit, pipeline
+from editmgt_jax.data.categories import EDIT_CATEGORIES
+from editmgt_jax.data.crispedit import CrispEditSchemaError
 from editmgt_jax.data.synthetic_edits import SYNTHETIC_VOCAB, generate_example
-from editmgt_jax.data.text import WordTokenizer
+from editmgt_jax.data.synthetic_edits import builder as synthetic_edits
+from editmgt_jax.models.text.word_tokenizer import WordTokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SYN_RES = 64
@@ -357,13 +359,18 @@ def _resume_config(syn_dir) -> pipeline.PipelineConfig:
   return _config(syn_dir, crop="independent", resolution=24)
 
 
-def test_exact_resume_with_orbax(syn_dir, tmp_path):
-  cfg, tok = _resume_config(syn_dir), WordTokenizer(SYNTHETIC_VOCAB)
+def _save_at_k(cfg, tok, ckpt) -> list[dict]:
+  """Runs `_RESUME_K` batches, saves the iterator to `ckpt`; returns the `_RESUME_N` batches after it."""
   it = iter(pipeline.make_dataset(cfg, tokenize=tok, shard_index=0, shard_count=1))
   for _ in range(_RESUME_K):
     next(it)
-  _orbax_save(tmp_path / "ckpt", _RESUME_K, it)
-  expected = [next(it) for _ in range(_RESUME_N)]
+  _orbax_save(ckpt, _RESUME_K, it)
+  return [next(it) for _ in range(_RESUME_N)]
+
+
+def test_exact_resume_with_orbax(syn_dir, tmp_path):
+  cfg, tok = _resume_config(syn_dir), WordTokenizer(SYNTHETIC_VOCAB)
+  expected = _save_at_k(cfg, tok, tmp_path / "ckpt")
 
   fresh = iter(pipeline.make_dataset(cfg, tokenize=tok, shard_index=0, shard_count=1))
   restored = _orbax_restore(tmp_path / "ckpt", _RESUME_K, fresh)
@@ -375,11 +382,7 @@ def test_resume_into_worker_processes(syn_dir, tmp_path):
   # The state is a batch index, not a worker layout: a state saved without workers restores into
   # two worker processes, which produce the very same stream.
   cfg, tok = _resume_config(syn_dir), WordTokenizer(SYNTHETIC_VOCAB)
-  it = iter(pipeline.make_dataset(cfg, tokenize=tok, shard_index=0, shard_count=1))
-  for _ in range(_RESUME_K):
-    next(it)
-  _orbax_save(tmp_path / "ckpt", _RESUME_K, it)
-  expected = [next(it) for _ in range(_RESUME_N)]
+  expected = _save_at_k(cfg, tok, tmp_path / "ckpt")
 
   with_workers = pipeline.make_dataset(
       pipeline.PipelineConfig(**{**cfg.__dict__, "worker_count": 2}), tokenize=tok,

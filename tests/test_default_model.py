@@ -5,8 +5,6 @@ at the VQ reconstruction ceiling (and better than without hold), and the README'
 The quality targets it misses (PSNR against the target vs the identity baseline, edit-region IoU)
 are reported in the README from `python -m infer.evaluate`, not asserted here."""
 
-import editmgt_jax  # noqa: F401  (library setup first)
-
 import os
 
 import jax.numpy as jnp

@@ -402,7 +402,8 @@ def test_metrics_rows_after_the_resumed_checkpoint_are_dropped(tmp_path):
 
 
 def test_the_build_hint_names_the_config():
-    from editmgt_jax.data.pipeline import DatasetSpec, build_command
+    from editmgt_jax.data.pipeline import DatasetSpec
+    from editmgt_jax.data.sources import build_command
 
     assert build_command(DatasetSpec(name="synthetic_edits/small", data_dir="d")) == \
         "python -m train.build_dataset synthetic_edits/small --data-dir d"

@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _synthetic_builder(args, config_name: str | None):
-  from editmgt_jax.data import synthetic_edits as se  # pylint: disable=g-import-not-at-top
+  from editmgt_jax.data.synthetic_edits import builder as se  # pylint: disable=g-import-not-at-top
 
   if args.manual_dir or args.holdout_fraction is not None:
     raise SystemExit("--manual-dir and --holdout-fraction apply to crispedit only.")

@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 
+from editmgt_jax.training import losses
 from editmgt_jax.training.state import TrainState
 
 STATE_FIELDS = ("step", "params", "opt_state", "rng")
@@ -42,18 +42,10 @@ def _state_tree(state: TrainState) -> dict:
 
 def config_to_json(config) -> dict:
     """A ConfigDict / mapping as plain JSON types."""
+    from editmgt_jax import checkpoints
+
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return json.loads(json.dumps(d, default=_json_default))
-
-
-def _json_default(x):
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.floating):
-        return float(x)
-    if isinstance(x, (tuple, set, np.ndarray)):
-        return list(x)
-    raise TypeError(f"config value of type {type(x).__name__} is not JSON serialisable")
+    return json.loads(json.dumps(d, default=checkpoints.json_default))
 
 
 class TrainCheckpointer:
@@ -233,10 +225,7 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
             comps["vq"] = jax.device_get(vq_params)
             cfgs["vq"] = dict(vq_config)
         res = int(config.data.resolution)
-        # What inference must feed as the timestep (SamplerConfig.timestep_convention; the
-        # converter writes "step_index", the release's sampler).
-        sampler_convention = ("mask_fraction" if config.editor.timestep_convention == "mask_fraction"
-                              else "step_index")
+        sampler_convention = losses.sampler_timestep_convention(config.editor.timestep_convention)
         meta["sampler_defaults"] = {
             "resolution": res, "micro_conds": [float(res), float(res), 0.0, 0.0,
                                                float(config.editor.get("aesthetic", 6.0))],

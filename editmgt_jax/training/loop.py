@@ -185,10 +185,12 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
     t_window = time.perf_counter()
     pending = None
 
+    def eval_dataset():
+        return make_dataset(pipeline_config(config, config.data.eval_split, pcount), tokenize=tokenizer,
+                            shard_index=pidx, shard_count=pcount)
+
     def eval_batches():
-        ds = make_dataset(pipeline_config(config, config.data.eval_split, pcount), tokenize=tokenizer,
-                          shard_index=pidx, shard_count=pcount)
-        e_it = iter(ds)
+        e_it = iter(eval_dataset())
         for _ in range(int(config.train.eval_batches)):
             yield next(e_it)
 
@@ -266,9 +268,7 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
                     finish(pending)
                     pending = None
                 if sampler is None:
-                    eval_raw = eval_raw or next(iter(make_dataset(
-                        pipeline_config(config, config.data.eval_split, pcount), tokenize=tokenizer,
-                        shard_index=pidx, shard_count=pcount)))
+                    eval_raw = eval_raw or next(iter(eval_dataset()))
                     sampler = Sampler(config, program, aux, frozen_programs, eval_raw, mesh)
                 grid = sampler.grid(state.params)
                 if grid is not None and lead:
