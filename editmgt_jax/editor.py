@@ -524,7 +524,7 @@ class SmallTextSide:
     def encode(self, prompts: Sequence[str], allow_empty: bool = False):
         if not allow_empty:
             _check_instructions(prompts)
-        from editmgt_jax.data.text import split_words
+        from editmgt_jax.models.text.word_tokenizer import split_words
 
         for i, p in enumerate(prompts):
             words = split_words(p)
