@@ -1,12 +1,14 @@
 """Training-step benchmark: tokens/s and model-FLOPs utilisation against this machine's matmul peak.
 
-    python -m bench.train [--configs tiny,medium] [--steps 4] [--no-record]
+    python -m bench.train [--configs default,tiny,medium] [--batches 8,32] [--steps 4] [--no-record]
     python -m bench.train --released [--max-batch 64]      # on a GPU: the 1024 px released model
     python -m bench.train --configs medium --attention naive,xla --donate-only   # attention before/after
 
 Per config, with and without donating the train state, each in a fresh process (so the peak host
 memory, ``ru_maxrss``, belongs to that run alone):
 
+* ``default``: the shipped default model's editor, ``configs/editor_synthetic.py`` (its transformer,
+  text encoder and batch size; 64 px -> 16x16 ids);
 * ``tiny``: ``configs/editor_tiny.py`` (width 32, 1 dual + 1 single block, small text encoder),
   64 px -> 16x16 target ids, batch 16;
 * ``medium``: the 83.1M-parameter transformer of ``bench/medium_transformer_config.json``
@@ -54,6 +56,15 @@ def _config(name: str):
     c = editor_tiny.get_config()
     c.optim.schedule = "constant"
     c.optim.warmup_steps = 0
+    if name == "default":
+        from configs import editor_synthetic
+
+        c = editor_synthetic.get_config()
+        c.optim.schedule = "constant"
+        c.optim.warmup_steps = 0
+        c.editor.vq_checkpoint = ""
+        return c, dict(batch=int(c.train.batch_size), grid=c.editor.image_size // 4,
+                       text_len=int(c.editor.text.max_length))
     if name == "tiny":
         return c, dict(batch=16, grid=16, text_len=24)
     if name == "medium":
@@ -166,6 +177,7 @@ def run_one(name: str, donate: bool, steps: int, batches: tuple[int, ...] | None
         rows.append(dict(
             config=name, donate=donate, batch=batch, params=n_params, tokens_per_step=tokens,
             compile_s=compile_s, step_s=step_s, tokens_per_s=tokens / step_s,
+            examples_per_s=batch / step_s,
             step_tflop=flops / 1e12, achieved_gflops=flops / step_s / 1e9, peak_gflops=peak / 1e9,
             mfu=flops / step_s / peak if flops else float("nan"),
             analytic_6nt_tflop=6 * n_params * tokens / 1e12, loss=loss,
@@ -184,10 +196,12 @@ def run_released(max_batch: int, steps: int) -> list[dict]:
     return rows
 
 
-def _child(name: str, donate: bool, steps: int, attention: str | None = None) -> dict:
+def _child(name: str, donate: bool, steps: int, attention: str | None = None, batch: int | None = None) -> dict:
     cmd = [sys.executable, "-m", "bench.train", "--_one", name, "--steps", str(steps)]
     if not donate:
         cmd.append("--no-donate")
+    if batch:
+        cmd += ["--_batch", str(batch)]
     env = dict(os.environ)
     if attention:
         env["EDITMGT_ATTENTION"] = attention
@@ -200,11 +214,11 @@ def _child(name: str, donate: bool, steps: int, attention: str | None = None) ->
 
 
 def _table(rows: list[dict]) -> str:
-    head = ("| config | attention | params | batch | donate | tokens/s | step (ms) | TFLOP/step | GFLOP/s | "
+    head = ("| config | attention | params | batch | donate | examples/s | tokens/s | step (ms) | TFLOP/step | GFLOP/s | "
             "matmul peak GFLOP/s | MFU | compile (s) | peak RSS (MiB) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = [f"| {r['config']} | {r.get('attention', 'default')} | {r['params'] / 1e6:.2f}M | {r['batch']} | {'yes' if r['donate'] else 'no'} "
-             f"| {r['tokens_per_s']:.0f} | {1e3 * r['step_s']:.1f} | {r['step_tflop']:.3f} "
+             f"| {r.get('examples_per_s', r['batch'] / r['step_s']):.1f} | {r['tokens_per_s']:.0f} | {1e3 * r['step_s']:.1f} | {r['step_tflop']:.3f} "
              f"| {r['achieved_gflops']:.1f} | {r['peak_gflops']:.0f} | {100 * r['mfu']:.1f}% "
              f"| {r['compile_s']:.1f} | {r['peak_rss_mib']:.0f} |" for r in rows]
     return head + "\n".join(lines) + "\n"
@@ -235,25 +249,30 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--attention", default=None,
                    help="comma-separated attention implementations to compare (default: the backend's)")
+    p.add_argument("--batches", help="comma-separated batch sizes to time (default: each config's own)")
     p.add_argument("--donate-only", action="store_true", help="only the rows with a donated state")
     p.add_argument("--no-record", action="store_true")
+    p.add_argument("--_batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--no-donate", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._one:
-        run_one(args._one, not args.no_donate, args.steps)   # prints one JSON line
+        run_one(args._one, not args.no_donate, args.steps,
+                (args._batch,) if args._batch else None)   # prints one JSON line
         return 0
     command = "python -m bench.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.released:
         rows = run_released(args.max_batch, args.steps)
     else:
         rows = []
+        sizes = [int(b) for b in args.batches.split(",")] if args.batches else [None]
         for name in args.configs.split(","):
             for attention in (args.attention.split(",") if args.attention else [None]):
-                for donate in (True,) if args.donate_only else (True, False):
-                    r = _child(name, donate, args.steps, attention)
-                    print(json.dumps(r), flush=True)
-                    rows.append(r)
+                for batch in sizes:
+                    for donate in ((True,) if args.donate_only else (True, False)):
+                        r = _child(name, donate, args.steps, attention, batch)
+                        print(json.dumps(r), flush=True)
+                        rows.append(r)
     print(_table(rows))
     if not args.no_record:
         _record(rows, command.strip())

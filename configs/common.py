@@ -46,6 +46,8 @@ def base() -> ml_collections.ConfigDict:
         async_checkpoints=True,
         eval_every=0,                 # 0 = no periodic evaluation
         eval_batches=4,
+        edit_eval_every=0,            # editor: held-out sampled edits (edit success, changed-token
+        edit_eval_per_category=10,    #   accuracy; editmgt_jax.training.edit_eval); 0 = off
         sample_every=0,               # 0 = no periodic sample grids
         num_samples=4,                # images per sample grid
         sample_steps=8,               # editor: decoding steps of the sample edits

@@ -267,7 +267,7 @@ class Editor:
 
     def edit(self, images, instructions: Sequence[str] | str, *, seed: int = 0, masks=None,
              negative_prompt: str | None = None, size: int | None = None, policy: str = "fit",
-             composite: str = "changed", feather: float | None = None, progress: bool = False,
+             composite: str | None = None, feather: float | None = None, progress: bool = False,
              **sampler_overrides) -> EditResult:
         """Edit a batch. ``images``: a list (or one) of paths / PIL images / ``[H, W, 3]`` arrays, of
         any sizes; ``instructions``: one per image. ``masks``: optional ``[H, W]`` bool arrays (True =
@@ -279,8 +279,9 @@ class Editor:
         long side at ``size``, aspect kept; 'crop': the centre square). ``composite`` says which
         pixels of the input take the model's output (``editmgt_jax.composite``): 'changed' (the tokens
         that changed, dilated by one token), 'map' (the edit-region map, which needs consolidation),
-        or 'none' (``images`` are then the raw model output at the working size). ``feather``: width
-        of the soft seam in input pixels (default: a quarter of a token, at least 3 px).
+        or 'none' (``images`` are then the raw model output at the working size); default: the
+        checkpoint's ``composite`` sampler default, else 'changed'. ``feather``: width of the soft
+        seam in input pixels (default: a quarter of a token, at least 3 px).
         ``progress``: show a bar over the sampling steps (on stderr) when they take more than a few
         seconds (``StepProgress``)."""
         if isinstance(instructions, str):
@@ -292,6 +293,8 @@ class Editor:
             raise EditError(f"{len(images)} image(s) but {len(instructions)} instruction(s)")
         if masks is not None and len(masks) != len(images):
             raise EditError(f"{len(images)} image(s) but {len(masks)} mask(s)")
+        if composite is None:
+            composite = str(self.defaults.get("composite", "changed"))
         if composite not in compositing.MODES:
             raise EditError(f"composite={composite!r}: choose from {compositing.MODES}")
         if feather is not None and not feather >= 0:

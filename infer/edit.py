@@ -85,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "crop: short side to --size then the centre square (official)")
     s.add_argument("--negative-prompt", default=None, help="unconditional prompt for guidance")
     o = p.add_argument_group("output")
-    o.add_argument("--composite", choices=["changed", "map"], default="changed",
-                   help="which pixels of the input take the edit: changed (default; tokens the edit "
-                        "changed, grown by one token) or map (the edit-region map; needs consolidation)")
+    o.add_argument("--composite", choices=["changed", "map"], default=None,
+                   help="which pixels of the input take the edit: changed (tokens the edit changed, "
+                        "grown by one token) or map (the edit-region map; needs consolidation); "
+                        "default: the checkpoint's setting, else changed")
     o.add_argument("--no-composite", dest="composite", action="store_const", const="none",
                    help="write the raw model output at the working size instead of the input's size")
     o.add_argument("--save-heatmap", action="store_true",

@@ -42,6 +42,8 @@ seed S + j). LIST is comma-separated; each item is GROUP or GROUP=V1/V2/...:
   steps      8/16/36       decoding steps sweep
   cfg        1/3/6/9       classifier-free guidance sweep
   inpaint    gt            inpainting with the ground-truth mask (an upper bound for region hold)
+  composite  changed/map/none  which pixels take the edit (the changed tokens, the edit-region map,
+             or the raw model output; Editor.edit's composite)
   all        every group with its default values;  none  no ablations (default)
 Runs that need consolidation blocks when the base has none use the 'late' preset. A run whose
 settings equal an earlier run's reuses its results (noted as same_as in the JSON).

@@ -72,6 +72,25 @@ def test_condition_dropout_and_masked_ce():
     assert float(loss) == pytest.approx(math.log(4), rel=1e-5)
 
 
+def test_changed_token_weights_and_hits():
+    # Position (0, 0) is predicted right (ce ~ 0), (0, 1) is uniform (ce = ln 4); only (0, 1) changed.
+    logits = jnp.zeros((1, 2, 2, 4)).at[0, 0, 0, 1].set(100.0)
+    target = jnp.array([[[1, 3], [0, 0]]])
+    source = jnp.array([[[1, 2], [0, 0]]])
+    mask = jnp.array([[[True, True], [False, False]]])
+    w = losses.changed_token_weights(source, target, 3.0)
+    np.testing.assert_array_equal(w, [[[1.0, 3.0], [1.0, 1.0]]])
+    plain, _ = losses.masked_token_cross_entropy(logits, target, mask)
+    weighted, acc = losses.masked_token_cross_entropy(logits, target, mask, w)
+    assert float(plain) == pytest.approx(math.log(4) / 2, rel=1e-5)
+    assert float(weighted) == pytest.approx(3 * math.log(4) / 4, rel=1e-5)
+    assert float(acc) == 0.5
+    hits, count = losses.changed_token_hits(logits, source, target, mask)
+    assert (float(hits), float(count)) == (0.0, 1.0)
+    hits, count = losses.changed_token_hits(logits, source, source, mask)   # nothing changed
+    assert (float(hits), float(count)) == (0.0, 0.0)
+
+
 def test_optimizer_defaults_and_schedules():
     c = editor_tiny.get_config()
     params = {"a": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "norm": {"scale": jnp.ones(2)},

@@ -15,7 +15,7 @@ import editmgt_jax  # noqa: F401
 from editmgt_jax.convert.core import ConversionError, TensorSource, convert_tensors, flatten_abstract
 from editmgt_jax.convert.vq import rules
 from editmgt_jax.models.layers import param_count
-from editmgt_jax.models.vq import RELEASED_CONFIG, MidBlockAttention, VQConfig, VQModel
+from editmgt_jax.models.vq import RELEASED_CONFIG, FiniteScalarQuantizer, MidBlockAttention, VQConfig, VQModel
 
 
 def tolerance(ref: np.ndarray) -> float:
@@ -300,3 +300,59 @@ def test_straight_through_forward_and_gradients():
     g_rec = flatten_abstract(g_rec.to_pure_dict())
     assert np.abs(np.asarray(g_rec[("encoder", "conv_in", "kernel")])).sum() > 0
     assert np.abs(np.asarray(g_rec[("quantize", "embedding", "embedding")])).max() == 0
+
+
+# ----------------------------------------------------------------------------- finite scalar quantisation
+def _fsq_cfg(**kw):
+    base = dict(block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                num_vq_embeddings=60, quantizer="fsq", fsq_levels=(4, 3, 5))
+    base.update(kw)
+    return VQConfig(**base)
+
+
+def test_fsq_ids_codes_and_round_trip():
+    cfg = _fsq_cfg()
+    assert cfg.codebook_dim == 3
+    assert VQConfig.from_dict(cfg.to_dict()) == cfg
+    q = FiniteScalarQuantizer(cfg.fsq_levels)
+    codes = np.asarray(q.codebook)
+    # Every id has a distinct code; per channel the levels are (-half .. levels-1-half) / half.
+    assert codes.shape == (60, 3) and len({tuple(c) for c in codes}) == 60
+    np.testing.assert_allclose(sorted(set(codes[:, 0])), [-1.0, -0.5, 0.0, 0.5])
+    np.testing.assert_allclose(sorted(set(codes[:, 1])), [-1.0, 0.0, 1.0])
+    # Latents that map exactly onto a code (inverse of the tanh bound) give back its id.
+    levels = np.asarray(cfg.fsq_levels, np.float64)
+    half_l = (levels - 1) * (1 + q.EPS) / 2
+    offset = np.where(levels % 2 == 0, 0.5, 0.0)
+    rounded = codes * (levels // 2)
+    z = np.arctanh((rounded + offset) / half_l) - np.arctanh(offset / half_l)
+    codes_st, ids = q.straight_through(jnp.asarray(z, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(ids), np.arange(60))
+    np.testing.assert_allclose(np.asarray(codes_st), codes, atol=1e-6)
+    assert np.isnan(np.asarray(q.lookup(jnp.asarray([60, -1])))).all()
+    # Straight-through: rounding passes the tanh bound's gradient.
+    g = jax.grad(lambda x: jnp.sum(q.straight_through(x)[0]))(jnp.zeros((3,)))
+    assert np.all(np.asarray(g) > 0)
+
+
+def test_fsq_model_forward_matches_decode_ids():
+    cfg = _fsq_cfg()
+    model = VQModel(cfg, rngs=nnx.Rngs(0))
+    pixels = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3))
+    recon, aux, ids = model(pixels)
+    assert ids.shape == (2, 4, 4) and int(ids.max()) < 60 and int(ids.min()) >= 0
+    np.testing.assert_array_equal(np.asarray(model.encode_ids(pixels)), np.asarray(ids))
+    np.testing.assert_allclose(np.asarray(model.decode_ids(ids)), np.asarray(recon), atol=1e-5)
+    assert float(aux["codebook"]) == 0.0 and float(aux["commitment"]) == 0.0
+    assert not nnx.state(model.quantize, nnx.Param)   # no codebook parameters
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(num_vq_embeddings=64), "product of fsq_levels"),
+    (dict(fsq_levels=(4, 1, 5), num_vq_embeddings=20), "each >= 2"),
+    (dict(quantizer="rq"), "quantizer"),
+    (dict(quantizer="vq"), "fsq_levels is set"),
+])
+def test_fsq_config_errors(kw, message):
+    with pytest.raises(ValueError, match=message):
+        _fsq_cfg(**kw)

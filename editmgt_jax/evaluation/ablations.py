@@ -19,6 +19,7 @@ DEFAULT_VALUES = {
     "steps": ("8", "16", "36"),
     "cfg": ("1", "3", "6", "9"),
     "inpaint": ("gt",),
+    "composite": ("changed", "map", "none"),
 }
 GROUP_ALIASES = {"consolidation": "blocks", "region-hold": "hold", "guidance": "cfg", "lam": "lambda"}
 FALLBACK_LAMBDA = 0.3
@@ -114,6 +115,13 @@ def expand_runs(groups, base_cfg, presets: dict[str, tuple[int, ...]]) -> list[R
                 runs.append(RunSpec(name, group, {"steps": num(group, v, int)}))
             elif group == "cfg":
                 runs.append(RunSpec(name, group, {"guidance_scale": num(group, v, float)}))
+            elif group == "composite":
+                if v not in ("changed", "map", "none"):
+                    raise UsageError(f"--ablations: composite takes changed/map/none, got {v!r}")
+                over = {"composite": v}
+                if v == "map" and not base_cfg.captures:
+                    over.update(consolidation_blocks=blocks)
+                runs.append(RunSpec(name, group, over))
             elif group == "inpaint":
                 if v != "gt":
                     raise UsageError(f"--ablations: inpaint takes 'gt' (the ground-truth mask), got {v!r}")

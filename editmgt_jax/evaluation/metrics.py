@@ -20,6 +20,9 @@ Conventions (shared by every function here):
   brings them to pixels. ``mask_iou`` compares a boolean prediction with a mask;
   ``top_fraction_mask`` and ``threshold_mask`` make the prediction from a score map (the two
   threshold rules of the report); ``auroc`` is threshold-free and rank-based, with ties counted half.
+- ``edit_success`` judges whether an edit happened (inside the ground-truth region, closer to the
+  target than half the source's distance); ``changed_token_accuracy`` scores token predictions on
+  the positions the edit changes (copying the source scores 0).
 """
 
 from __future__ import annotations
@@ -280,6 +283,70 @@ def edit_metrics(edit, target, source, *, recon=None, mask=None, data_range: flo
             out["leak_l1_rec"] = l1(edit, recon, data_range=data_range, region=outside)
             out["leak_psnr_rec"] = psnr(edit, recon, data_range=data_range, region=outside)
     return out
+
+
+def edit_distances(edit, target, source, mask) -> tuple[float, float] | None:
+    """Mean per-pixel Euclidean RGB distance inside ``mask``: ``(d(edit, target), d(source, target))``.
+
+    Images ``[H, W, C]`` of one size (any dtype, one value range); ``mask`` ``[H, W]`` bool.
+    ``None`` when the mask is empty.
+    """
+    e, t = _pair(edit, target)
+    s, _ = _pair(source, target)
+    m = _region(mask, t.shape)
+    if not m.any():
+        return None
+    dist = lambda a: float(np.mean(np.sqrt(np.sum((a - t) ** 2, axis=-1))[m]))  # noqa: E731
+    return dist(e), dist(s)
+
+
+def edit_success(edit, target, source, mask, *, ratio: float = 0.5) -> bool | None:
+    """Did the edit happen? Inside the ground-truth region the output must be closer to the target
+    than ``ratio`` times the source's distance to it (mean Euclidean RGB distance per pixel).
+
+    Returning the source fails by construction (``d < ratio * d`` is false). ``None`` when the mask
+    is empty or the source already equals the target there (nothing to judge).
+    """
+    d = edit_distances(edit, target, source, mask)
+    if d is None or d[1] <= 0.0:
+        return None
+    return bool(d[0] < ratio * d[1])
+
+
+def changed_token_counts(pred_ids, target_ids, source_ids) -> tuple[int, int]:
+    """``(hits, changed)``: among token positions where ``target_ids != source_ids`` (``changed`` of
+    them), how many ``pred_ids`` equals the target. Arrays of one shape, any leading axes."""
+    p, t, s = (np.asarray(x) for x in (pred_ids, target_ids, source_ids))
+    if not (p.shape == t.shape == s.shape):
+        raise ValueError(f"token grids differ in shape: {p.shape}, {t.shape}, {s.shape}")
+    changed = t != s
+    return int(np.sum((p == t) & changed)), int(np.sum(changed))
+
+
+def changed_token_accuracy(pred_ids, target_ids, source_ids) -> float | None:
+    """The fraction of changed positions (target id != source id) that ``pred_ids`` gets right;
+    copying the source scores 0. ``None`` when no position changed."""
+    hits, changed = changed_token_counts(pred_ids, target_ids, source_ids)
+    return hits / changed if changed else None
+
+
+def changed_region(tokens, source_tokens, shape: tuple[int, int], *, dilate: int = 0) -> np.ndarray:
+    """``[H, W]`` bool: the pixels of the token cells whose final id differs from the source's,
+    optionally dilated by ``dilate`` cells (8-neighbourhood), upsampled by nearest neighbour."""
+    t, s = np.asarray(tokens), np.asarray(source_tokens)
+    if t.shape != s.shape or t.ndim != 2:
+        raise ValueError(f"token grids must be equal 2-D shapes, got {t.shape} and {s.shape}")
+    grid = t != s
+    for _ in range(int(dilate)):
+        p = np.pad(grid, 1)
+        grid = np.zeros_like(grid)
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                grid |= p[dy:dy + t.shape[0], dx:dx + t.shape[1]]
+    h, w = shape
+    if h % t.shape[0] or w % t.shape[1]:
+        raise ValueError(f"image {shape} is not a multiple of the token grid {t.shape}")
+    return np.repeat(np.repeat(grid, h // t.shape[0], 0), w // t.shape[1], 1)
 
 
 def map_metrics(score, mask, *, threshold: float, upsample: str = "bilinear") -> dict:

@@ -7,6 +7,10 @@ import math
 import numpy as np
 
 METRIC_DOC = {
+    "edit_success": "fraction of edits that happened: inside the ground-truth mask, the mean RGB distance "
+                    "of edit to target is below half the source's (returning the source scores 0)",
+    "changed_token_acc": "among token positions where the target's ids differ from the source's, the "
+                         "fraction the edit's final tokens get (copying the source scores 0)",
     "l1": "mean |edit - target| / 255, whole image (lower is better)",
     "psnr": "PSNR (dB) of edit vs target, whole image; per image capped at 100 dB",
     "ssim": "SSIM of edit vs target (Gaussian window, sigma 1.5, 11 taps, K1 .01, K2 .03, mean over RGB)",
@@ -16,6 +20,8 @@ METRIC_DOC = {
     "leak_l1_rec": "L1 of edit vs the VQ reconstruction of the source, outside the mask",
     "leak_psnr_rec": "PSNR (dB) of edit vs the VQ reconstruction of the source, outside the mask",
     "iou_topk": "IoU of the top-k pixels of the upsampled consolidated map (k = mask area) with the mask",
+    "iou_changed": "IoU with the mask of the token cells whose final id differs from the source's",
+    "iou_changed_dilated": "the same region dilated by one token cell (8-neighbourhood)",
     "iou_fixed": "IoU of {upsampled consolidated map >= threshold} with the mask (threshold per run)",
     "auroc": "AUROC of the upsampled consolidated map for the mask pixels (rank-based, ties count half)",
 }
@@ -48,10 +54,11 @@ def fmt(x, key: str = "") -> str:
     return f"{x:.4f}" if key.startswith(("l1", "leak_l1")) else f"{x:.3f}"
 
 
-TABLE_COLUMNS = (("l1", "L1"), ("psnr", "PSNR"), ("ssim", "SSIM"), ("psnr_in", "PSNR in mask"),
+TABLE_COLUMNS = (("edit_success", "edit success"), ("changed_token_acc", "changed-token acc"), ("l1", "L1"), ("psnr", "PSNR"), ("ssim", "SSIM"), ("psnr_in", "PSNR in mask"),
                  ("leak_psnr_src", "leak PSNR vs src"), ("leak_l1_src", "leak L1 vs src"),
                  ("leak_psnr_rec", "leak PSNR vs VQ rec"), ("leak_l1_rec", "leak L1 vs VQ rec"),
-                 ("iou_topk", "IoU top-k"), ("iou_fixed", "IoU fixed"), ("auroc", "AUROC"))
+                 ("iou_topk", "IoU top-k"), ("iou_fixed", "IoU fixed"), ("auroc", "AUROC"),
+                 ("iou_changed", "IoU changed tokens"), ("iou_changed_dilated", "IoU changed +1"))
 
 
 def _table(rows: list[tuple[str, dict, float | None]], extra_first: str = "run") -> list[str]:
@@ -114,18 +121,20 @@ def write_markdown(path: str, report: dict, grids: dict) -> None:
                          f"{first} |")
         lines.append("")
     lines += ["## Per category (base run)", ""]
-    head = ["category", "n", "PSNR identity", "PSNR VQ rec", "PSNR", "L1", "SSIM", "leak PSNR vs src",
-            "leak PSNR ceiling", "IoU top-k", "AUROC"]
+    head = ["category", "n", "edit success", "changed-token acc", "PSNR identity", "PSNR VQ rec", "PSNR",
+            "L1", "SSIM", "leak PSNR vs src", "leak PSNR ceiling", "IoU top-k", "IoU fixed", "AUROC"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     idc = r["baselines"]["identity"]["per_category"]
     vqc = r["baselines"]["vq_reconstruction"]["per_category"]
     for c, s in base["per_category"].items():
         m = s["metrics"]
         g = lambda d, k: (d.get(c, {}).get("metrics", {}).get(k) or {}).get("mean")  # noqa: E731
-        cells = [c, str(s["n_items"]), fmt(g(idc, "psnr"), "psnr"), fmt(g(vqc, "psnr"), "psnr"),
+        cells = [c, str(s["n_items"]), fmt(m["edit_success"]["mean"]), fmt(m["changed_token_acc"]["mean"]),
+                 fmt(g(idc, "psnr"), "psnr"), fmt(g(vqc, "psnr"), "psnr"),
                  fmt(m["psnr"]["mean"], "psnr"), fmt(m["l1"]["mean"], "l1"), fmt(m["ssim"]["mean"]),
                  fmt(m["leak_psnr_src"]["mean"], "psnr"), fmt(g(vqc, "leak_psnr_src"), "psnr"),
-                 fmt(m["iou_topk"]["mean"]), fmt(m["auroc"]["mean"])]
+                 fmt(m["iou_topk"]["mean"]), fmt(m["iou_fixed"]["mean"]), fmt(m["auroc"]["mean"]),
+                 fmt(m["iou_changed"]["mean"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if grids.get("categories"):

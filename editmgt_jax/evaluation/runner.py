@@ -22,9 +22,13 @@ from editmgt_jax.evaluation.ablations import (FALLBACK_LAMBDA, RunSpec, UsageErr
 from editmgt_jax.evaluation.grids import write_grids
 from editmgt_jax.evaluation.report import METRIC_DOC, plain, write_markdown
 
-EDIT_KEYS = ("l1", "psnr", "ssim", "psnr_in", "leak_l1_src", "leak_psnr_src", "leak_l1_rec", "leak_psnr_rec")
+EDIT_KEYS = ("edit_success", "changed_token_acc", "l1", "psnr", "ssim", "psnr_in", "leak_l1_src",
+             "leak_psnr_src", "leak_l1_rec", "leak_psnr_rec")
 MAP_KEYS = ("iou_topk", "iou_fixed", "auroc")
-METRIC_KEYS = EDIT_KEYS + MAP_KEYS
+# IoU with the ground-truth mask of the cells whose final token differs from the source's (the
+# region the edit actually changed), as is and dilated by one cell.
+CHANGED_KEYS = ("iou_changed", "iou_changed_dilated")
+METRIC_KEYS = EDIT_KEYS + MAP_KEYS + CHANGED_KEYS
 
 
 @dataclasses.dataclass
@@ -75,6 +79,8 @@ class Evaluation:
         self.upsample = upsample
         self.common = common            # edit() arguments shared by every run (negative prompt)
         self.recon: list = [None] * len(items)
+        self.source_ids: list = [None] * len(items)   # token ids of the prepared source and target
+        self.target_ids: list = [None] * len(items)
         # grid rows: the first grid_k items of each category, plus the first items overall for the
         # ablation grid
         cats: dict[str, list[int]] = {}
@@ -113,12 +119,45 @@ class Evaluation:
             bar.update(len(b))
         bar.close()
 
-    def item_metrics(self, i: int, edit, heatmap=None, threshold: float = 0.5) -> dict:
-        """All per-edit metrics of item ``i`` for the edited image ``edit`` (and its map, if any)."""
+    def tokenize_all(self):
+        """Token ids of every prepared source and target (for changed-token accuracy)."""
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        if "vq" not in getattr(self.editor, "graphdefs", {}):
+            return   # an editor without a VQ tokenizer to read: no changed-token accuracy
+        graphdef = self.editor.graphdefs["vq"]
+        encode = jax.jit(lambda state, px: nnx.merge(graphdef, state).encode_ids(px.astype(jnp.float32) / 255.0))
+        for b in self.batches():
+            pb = self._padded(b)
+            for key, store in (("source", self.source_ids), ("target", self.target_ids)):
+                ids = np.asarray(encode(self.editor.states["vq"], np.stack([self.items[i][key] for i in pb])))
+                for k, i in enumerate(b):
+                    store[i] = ids[k]
+
+    def item_metrics(self, i: int, edit, heatmap=None, threshold: float = 0.5, tokens=None) -> dict:
+        """All per-edit metrics of item ``i`` for the edited image ``edit`` (and its map, if any).
+
+        ``edit_success`` (1/0; ``None`` without a mask) and ``changed_token_acc`` (of ``tokens``, the
+        edit's final ids, against the target's ids where they differ from the source's).
+        """
         from editmgt_jax.evaluation import metrics
 
         it = self.items[i]
-        row = metrics.edit_metrics(edit, it["target"], it["source"], recon=self.recon[i], mask=it["mask"])
+        row = {"edit_success": None, "changed_token_acc": None, "iou_changed": None, "iou_changed_dilated": None}
+        if it["mask"] is not None:
+            ok = metrics.edit_success(edit, it["target"], it["source"], it["mask"])
+            row["edit_success"] = None if ok is None else float(ok)
+        if tokens is not None and self.target_ids[i] is not None and np.shape(tokens) == np.shape(self.target_ids[i]):
+            row["changed_token_acc"] = metrics.changed_token_accuracy(tokens, self.target_ids[i],
+                                                                      self.source_ids[i])
+            m = it["mask"]
+            if m is not None and m.any() and not m.all():
+                for key, d in (("iou_changed", 0), ("iou_changed_dilated", 1)):
+                    row[key] = metrics.mask_iou(metrics.changed_region(tokens, self.source_ids[i], m.shape,
+                                                                       dilate=d), m)
+        row.update(metrics.edit_metrics(edit, it["target"], it["source"], recon=self.recon[i], mask=it["mask"]))
         if heatmap is not None and it["mask"] is not None:
             row.update(metrics.map_metrics(heatmap, it["mask"], threshold=threshold, upsample=self.upsample))
         else:
@@ -142,7 +181,7 @@ class Evaluation:
         rows = {}
         for i, it in enumerate(self.items):
             edit = it["source"] if name == "identity" else self.recon[i]
-            rows[i] = self.item_metrics(i, edit)
+            rows[i] = self.item_metrics(i, edit, tokens=self.source_ids[i])
         keep = {i: {"edit": (self.items[i]["source"] if name == "identity" else self.recon[i]), "heatmap": None}
                 for i in self.ablation_grid_items}
         self.kept[name] = keep
@@ -182,7 +221,7 @@ class Evaluation:
             any_heatmap |= heat is not None
             for k, i in enumerate(b):
                 hm = None if heat is None else np.asarray(heat[k], np.float32)
-                rows[i] = self.item_metrics(i, res.images[k], hm, threshold)
+                rows[i] = self.item_metrics(i, res.images[k], hm, threshold, tokens=None if res.tokens is None else res.tokens[k])
                 if i in keep_idx:
                     kept[i] = {"edit": res.images[k], "heatmap": hm}
             bar.update(len(b))
@@ -265,6 +304,7 @@ def evaluate(args: EvalOptions, editor=None) -> dict:
                     grid_k=args.grid_per_category, common={k: v for k, v in common.items()
                                                            if k == "negative_prompt"})
     ev.reconstruct_all()
+    ev.tokenize_all()
     os.makedirs(args.out, exist_ok=True)
     per_item_path = os.path.join(args.out, "per_item.jsonl")
     per_item = open(per_item_path, "w", encoding="utf-8")
@@ -283,8 +323,8 @@ def evaluate(args: EvalOptions, editor=None) -> dict:
     done: dict[tuple, str] = {}
     for spec in specs:
         kwargs = {**sampler_common, **spec.overrides}
-        cfg = editor.sampler_config(**kwargs)
-        key = (cfg, spec.inpaint)
+        cfg = editor.sampler_config(**{k: v for k, v in kwargs.items() if k != "composite"})
+        key = (cfg, spec.inpaint, kwargs.get("composite"))
         entry = {"group": spec.group, "overrides": dict(spec.overrides), "inpaint": spec.inpaint,
                  "sampler": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "micro_conds"}}
         if spec.note:

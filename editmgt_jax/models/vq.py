@@ -89,6 +89,12 @@ class VQConfig:
     act_fn: str = "silu"
     mid_block_add_attention: bool = False
     beta: float = DEFAULT_BETA               # codebook-loss weight (diffusers legacy VQ loss)
+    # "vq": nearest-codeword vector quantisation (the release). "fsq": finite scalar quantisation
+    # (Mentzer et al. 2023): each of len(fsq_levels) latent channels is bounded and rounded to
+    # fsq_levels[i] values; the id is the mixed-radix number of the digits. No codebook parameters,
+    # no codebook or commitment loss, and every code is reachable (no collapse).
+    quantizer: str = "vq"
+    fsq_levels: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
@@ -105,6 +111,20 @@ class VQConfig:
         if bad:
             problems.append(f"block_out_channels {list(self.block_out_channels)}: {bad} not divisible by "
                             f"norm_num_groups {self.norm_num_groups}")
+        object.__setattr__(self, "fsq_levels", tuple(int(v) for v in self.fsq_levels))
+        if self.quantizer not in ("vq", "fsq"):
+            problems.append(f"quantizer {self.quantizer!r}: use 'vq' or 'fsq'")
+        elif self.quantizer == "fsq":
+            if not self.fsq_levels or min(self.fsq_levels) < 2:
+                problems.append(f"fsq_levels {list(self.fsq_levels)}: need one or more levels, each >= 2")
+            elif math.prod(self.fsq_levels) != self.num_vq_embeddings:
+                problems.append(f"num_vq_embeddings {self.num_vq_embeddings} must equal the product of "
+                                f"fsq_levels {list(self.fsq_levels)} = {math.prod(self.fsq_levels)}")
+            if self.vq_embed_dim is not None and int(self.vq_embed_dim) != len(self.fsq_levels):
+                problems.append(f"vq_embed_dim {self.vq_embed_dim} must be None or len(fsq_levels) "
+                                f"= {len(self.fsq_levels)} with quantizer 'fsq'")
+        elif self.fsq_levels:
+            problems.append("fsq_levels is set but quantizer is 'vq'")
         if self.act_fn not in _ACTIVATIONS:
             problems.append(f"act_fn {self.act_fn!r} not supported (choose from {sorted(_ACTIVATIONS)})")
         if problems:
@@ -117,6 +137,8 @@ class VQConfig:
 
     @property
     def codebook_dim(self) -> int:
+        if self.quantizer == "fsq":
+            return len(self.fsq_levels)
         return int(self.vq_embed_dim) if self.vq_embed_dim is not None else self.latent_channels
 
     @classmethod
@@ -158,6 +180,7 @@ class VQConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["block_out_channels"] = list(self.block_out_channels)
+        out["fsq_levels"] = list(self.fsq_levels)
         return out
 
     @classmethod
@@ -396,6 +419,61 @@ class VectorQuantizer(nnx.Module):
         return jnp.take(self.codebook, ids, axis=0, mode="fill", fill_value=jnp.nan)
 
 
+class FiniteScalarQuantizer(nnx.Module):
+    """Finite scalar quantisation: latents ``[B, h, w, len(levels)]`` -> ids ``[B, h, w] int32``.
+
+    Channel ``i`` is bounded to ``levels[i]`` values with ``tanh`` and rounded; codes are the
+    rounded values scaled to [-1, 1) (``(q) / (levels[i] // 2)``) and the id is the mixed-radix
+    number of the digits ``q + levels[i] // 2`` (first channel least significant). Parameter-free:
+    ``codebook`` enumerates the ``prod(levels)`` codes. Same interface as :class:`VectorQuantizer`.
+    """
+
+    EPS = 1e-3
+
+    def __init__(self, levels: tuple[int, ...]):
+        self.levels = tuple(int(v) for v in levels)
+        self.size = math.prod(self.levels)
+        basis, b = [], 1
+        for v in self.levels:
+            basis.append(b)
+            b *= v
+        self.basis = tuple(basis)
+
+    def _bound(self, z: jax.Array) -> jax.Array:
+        levels = jnp.asarray(self.levels, jnp.float32)
+        half_l = (levels - 1) * (1 + self.EPS) / 2
+        offset = jnp.where(levels % 2 == 0, 0.5, 0.0)
+        shift = jnp.arctanh(offset / half_l)
+        return jnp.tanh(z.astype(jnp.float32) + shift) * half_l - offset
+
+    def straight_through(self, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """latents ``[..., d]`` -> (codes ``[..., d]`` f32 with a straight-through gradient, ids)."""
+        bounded = self._bound(latents)
+        q = bounded + jax.lax.stop_gradient(jnp.round(bounded) - bounded)
+        half = jnp.asarray([v // 2 for v in self.levels], jnp.float32)
+        digits = jnp.round(jax.lax.stop_gradient(q)).astype(jnp.int32) + half.astype(jnp.int32)
+        ids = jnp.sum(digits * jnp.asarray(self.basis, jnp.int32), axis=-1)
+        return q / half, ids.astype(jnp.int32)
+
+    def __call__(self, latents: jax.Array) -> jax.Array:
+        return self.straight_through(latents)[1]
+
+    @property
+    def codebook(self) -> jax.Array:
+        """``[prod(levels), len(levels)]`` f32: the code of every id."""
+        return self.lookup(jnp.arange(self.size, dtype=jnp.int32))
+
+    def lookup(self, ids: jax.Array) -> jax.Array:
+        """ids ``[...]`` int -> codes ``[..., len(levels)]`` f32; ids outside ``[0, prod(levels))`` give NaN."""
+        ids = jnp.asarray(ids, jnp.int32)
+        levels = jnp.asarray(self.levels, jnp.int32)
+        half = levels // 2
+        digits = (ids[..., None] // jnp.asarray(self.basis, jnp.int32)) % levels
+        codes = (digits - half).astype(jnp.float32) / half.astype(jnp.float32)
+        valid = ((ids >= 0) & (ids < self.size))[..., None]
+        return jnp.where(valid, codes, jnp.nan)
+
+
 # ----------------------------------------------------------------------------- model
 class VQModel(nnx.Module):
     """The VQ tokenizer.
@@ -415,7 +493,10 @@ class VQModel(nnx.Module):
         d = cfg.codebook_dim
         self.encoder = Encoder(cfg, **kw)
         self.quant_conv = Conv2d(cfg.latent_channels, d, 1, **kw)
-        self.quantize = VectorQuantizer(cfg.num_vq_embeddings, d, rngs=rngs, param_dtype=param_dtype)
+        if cfg.quantizer == "fsq":
+            self.quantize = FiniteScalarQuantizer(cfg.fsq_levels)
+        else:
+            self.quantize = VectorQuantizer(cfg.num_vq_embeddings, d, rngs=rngs, param_dtype=param_dtype)
         self.post_quant_conv = Conv2d(d, cfg.latent_channels, 1, **kw)
         self.decoder = Decoder(cfg, **kw)
 
@@ -464,6 +545,10 @@ class VQModel(nnx.Module):
         as if quantization were the identity.
         """
         z = self.encode(pixels).astype(jnp.float32)
+        if self.cfg.quantizer == "fsq":
+            codes, ids = self.quantize.straight_through(z)
+            zero = jnp.zeros((), jnp.float32)
+            return self.decode(codes), {"commitment": zero, "codebook": zero, "vq_loss": zero}, ids
         ids = self.quantize(z)
         e = self.quantize.lookup(ids).astype(jnp.float32)
         sg = jax.lax.stop_gradient

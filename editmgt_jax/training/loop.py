@@ -9,6 +9,8 @@ Outputs in WORKDIR:
     tensorboard/          TensorBoard event files (train/*, eval/*, throughput)
     samples/step_N.png    sample grids (vq: input | reconstruction; editor: source | target | edit)
     loss.png              loss curve at the end
+    curves.png            editor: held-out edit success and changed-token accuracy over steps
+                          (``train.edit_eval_every``; editmgt_jax.training.edit_eval)
     model/                an inference checkpoint for ``Editor.load`` (editmgt_jax.checkpoints)
 """
 
@@ -28,7 +30,7 @@ from editmgt_jax.training import batches
 from editmgt_jax.training.batches import example_ids, pipeline_config, prepare_batch
 from editmgt_jax.training.frozen import (add_release_text, load_frozen_text, load_frozen_vq,
                                          load_init_params, load_uncond_text)
-from editmgt_jax.training.metrics_log import MetricWriter, plot_losses, read_losses
+from editmgt_jax.training.metrics_log import MetricWriter, plot_curves, plot_losses, read_losses
 from editmgt_jax.training.previews import Sampler
 from editmgt_jax.training.tokenizers import make_tokenizer
 
@@ -178,6 +180,7 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
     steps = None
     eval_raw = None
     sampler = None
+    edit_evaluator = None
     tokens_per_example = None
     pbar = tqdm(total=num_steps, initial=start, disable=not (progress and lead), unit="step",
                 dynamic_ncols=True)
@@ -262,6 +265,26 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
                 writer.scalars(step_no, "eval", ev)
                 if lead:
                     writer.step(step_no, {f"eval_{k}": v for k, v in ev.items()})
+            edit_every = int(config.train.get("edit_eval_every", 0) or 0)
+            if (edit_every and config.task == "editor" and pcount == 1
+                    and (step_no % edit_every == 0 or step_no == num_steps)):
+                if pending is not None:
+                    finish(pending)
+                    pending = None
+                if edit_evaluator is None:
+                    from editmgt_jax.training.edit_eval import EditEval
+
+                    edit_evaluator = EditEval(config, program, aux, frozen_programs, tokenizer,
+                                              per_category=int(config.train.get("edit_eval_per_category", 10)))
+                t_eval = time.perf_counter()
+                ev = edit_evaluator(state.params)
+                writer.scalars(step_no, "edit_eval", ev)
+                if lead:
+                    writer.step(step_no, {f"eval_{k}": v for k, v in ev.items()})
+                    logging.info("step %d held-out edit success %.3f, changed-token accuracy %.3f (%.0f s)",
+                                 step_no, ev["edit_success"], ev["changed_token_accuracy"],
+                                 time.perf_counter() - t_eval)
+                t_window += time.perf_counter() - t_eval   # evaluation time is not training throughput
             sample_every = int(config.train.sample_every)
             if sample_every and (step_no % sample_every == 0 or step_no == num_steps) and pcount == 1:
                 if pending is not None:
@@ -291,6 +314,12 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
     if lead and config.train.loss_plot:
         plot_losses(read_losses(workdir), os.path.join(workdir, "loss.png"),
                     f"{config.task} training loss")
+        curves = {name: read_losses(workdir, key) for name, key in (
+            ("held-out edit success (sampled)", "eval_edit_success"),
+            ("held-out changed-token accuracy (sampled)", "eval_changed_token_accuracy"),
+            ("held-out changed-token accuracy (masked, one step)", "eval_changed_accuracy"))}
+        if any(curves.values()):
+            plot_curves(curves, os.path.join(workdir, "curves.png"), f"{config.task}: learning curves")
     # Export after new steps, and whenever the final state has no matching export (a run killed
     # between its last checkpoint and the export finishes the export when rerun).
     if config.train.export and (num_steps > start or not export_matches(os.path.join(workdir, "model"),

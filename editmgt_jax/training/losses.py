@@ -107,19 +107,40 @@ def condition_dropout(key: jax.Array, p: float, cond: tuple[jax.Array, jax.Array
     return states, pooled, drop
 
 
-def masked_token_cross_entropy(logits: jax.Array, target_ids: jax.Array, mask: jax.Array):
-    """Mean cross-entropy over masked target positions only.
+def masked_token_cross_entropy(logits: jax.Array, target_ids: jax.Array, mask: jax.Array,
+                               weights: jax.Array | None = None):
+    """Mean cross-entropy over masked target positions only, optionally weighted per position.
 
     logits [B, H, W, C] (any float dtype; computed in f32); target_ids [B, H, W] int32 in [0, C);
-    mask [B, H, W] bool. Returns (loss [] f32, accuracy on masked positions [] f32).
+    mask [B, H, W] bool; weights [B, H, W] (default all 1): the loss is
+    ``sum(ce * mask * weights) / sum(mask * weights)``. Returns (loss [] f32, accuracy on masked
+    positions [] f32, unweighted).
     """
     logits = logits.astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, target_ids)
     m = mask.astype(jnp.float32)
-    denom = jnp.maximum(jnp.sum(m), 1.0)
-    loss = jnp.sum(ce * m) / denom
-    acc = jnp.sum((jnp.argmax(logits, -1) == target_ids) * m) / denom
+    w = m if weights is None else m * weights.astype(jnp.float32)
+    loss = jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1e-6)
+    acc = jnp.sum((jnp.argmax(logits, -1) == target_ids) * m) / jnp.maximum(jnp.sum(m), 1.0)
     return loss, acc
+
+
+def changed_token_weights(source_ids: jax.Array, target_ids: jax.Array, changed_weight: float) -> jax.Array:
+    """Per-position loss weights: ``changed_weight`` where the edit changes the token
+    (``target != source``), 1 elsewhere. The unchanged positions are the copy the model learns at
+    once; the changed ones carry the instruction, and are a few percent of the grid for most edits."""
+    changed = source_ids != target_ids
+    return jnp.where(changed, jnp.float32(changed_weight), jnp.float32(1.0))
+
+
+def changed_token_hits(logits: jax.Array, source_ids: jax.Array, target_ids: jax.Array,
+                       mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(hits, count) f32 scalars over masked positions whose target id differs from the source's:
+    how many the argmax predicts (``editmgt_jax.evaluation.metrics.changed_token_accuracy`` on the
+    positions the step masked)."""
+    changed = (source_ids != target_ids) & mask
+    hits = (jnp.argmax(logits, -1) == target_ids) & changed
+    return jnp.sum(hits.astype(jnp.float32)), jnp.sum(changed.astype(jnp.float32))
 
 
 def default_micro_conds(batch_size: int, height: int, width: int, aesthetic: float = 6.0) -> jax.Array:

@@ -108,3 +108,41 @@ def plot_losses(losses: Mapping[int, float], path: str, title: str = "training l
     d.text((w - pad - 80, h - pad + 10), f"step {steps[-1]}", fill="black")
     d.text((pad, 20), f"{title} (moving average over {k})", fill="black")
     img.save(path)
+
+
+def plot_curves(series: Mapping[str, Mapping[int, float]], path: str, title: str,
+                lo: float = 0.0, hi: float = 1.0) -> None:
+    """Several step -> value curves on one fixed-range axis (e.g. held-out edit success and
+    changed-token accuracy in [0, 1]), each with its last value in the legend; drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    series = {k: {s: v for s, v in d.items() if np.isfinite(v)} for k, d in series.items()}
+    series = {k: d for k, d in series.items() if d}
+    if not series:
+        return
+    all_steps = [s for d in series.values() for s in d]
+    s0, s1 = min(all_steps), max(all_steps)
+    w, h, pad = 800, 480, 60
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    x = lambda s: pad + (s - s0) / max(s1 - s0, 1) * (w - 2 * pad)  # noqa: E731
+    y = lambda v: h - pad - (min(max(v, lo), hi) - lo) / (hi - lo) * (h - 2 * pad)  # noqa: E731
+    d.rectangle([pad, pad, w - pad, h - pad], outline="black")
+    for i in range(5):
+        v = lo + (hi - lo) * i / 4
+        d.line([(pad, y(v)), (w - pad, y(v))], fill=(225, 225, 225))
+        d.text((5, y(v) - 6), f"{v:.2f}", fill="black")
+    colors = [(20, 60, 200), (200, 60, 20), (20, 150, 60), (140, 50, 190), (120, 120, 120)]
+    for i, (name, pts) in enumerate(series.items()):
+        steps = sorted(pts)
+        c = colors[i % len(colors)]
+        line = [(x(s), y(pts[s])) for s in steps]
+        if len(line) > 1:
+            d.line(line, fill=c, width=2)
+        for px, py in line:
+            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
+        d.text((pad + 10, pad + 8 + 14 * i), f"{name}: {pts[steps[-1]]:.3f} at step {steps[-1]}", fill=c)
+    d.text((pad, h - pad + 10), f"step {s0}", fill="black")
+    d.text((w - pad - 80, h - pad + 10), f"step {s1}", fill="black")
+    d.text((pad, 20), title, fill="black")
+    img.save(path)

@@ -66,6 +66,7 @@ class EditorLoss:
     timestep_convention: str = "mask_fraction"
     aesthetic: float = 6.0
     image_size: int | None = None         # default micro-conditions when the batch has none
+    changed_weight: float = 1.0           # loss weight of positions the edit changes (target != source)
 
     def tokens(self, batch, frozen):
         if "target_ids" in batch:
@@ -134,8 +135,13 @@ class EditorLoss:
             micro = losses.default_micro_conds(b, size, size, self.aesthetic)
         timestep = losses.training_timestep(ratio, fraction, self.timestep_convention)
         logits, _ = model.transformer(masked, src, states, pooled, micro, timestep)
-        loss, acc = losses.masked_token_cross_entropy(logits, tgt, mask)
-        metrics.update(loss=loss, masked_accuracy=acc, mask_fraction=jnp.mean(fraction))
+        weights = (losses.changed_token_weights(src, tgt, self.changed_weight)
+                   if self.changed_weight != 1.0 else None)
+        loss, acc = losses.masked_token_cross_entropy(logits, tgt, mask, weights)
+        hits, count = losses.changed_token_hits(logits, src, tgt, mask)
+        metrics.update(loss=loss, masked_accuracy=acc, mask_fraction=jnp.mean(fraction),
+                       changed_accuracy=hits / jnp.maximum(count, 1.0),
+                       changed_fraction=jnp.mean((src != tgt).astype(jnp.float32)))
         return loss, metrics
 
 
@@ -196,7 +202,8 @@ def loss_from_config(config) -> EditorLoss | VQLoss:
                           cond_dropout=float(e.cond_dropout),
                           timestep_convention=e.timestep_convention,
                           aesthetic=float(e.get("aesthetic", 6.0)),
-                          image_size=int(e.image_size) if e.get("image_size") else None)
+                          image_size=int(e.image_size) if e.get("image_size") else None,
+                          changed_weight=float(e.get("changed_weight", 1.0)))
     if config.task == "vq":
         v = config.vq
         return VQLoss(l1_weight=float(v.l1_weight), l2_weight=float(v.l2_weight),

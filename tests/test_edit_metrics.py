@@ -1,0 +1,94 @@
+"""Edit success and changed-token accuracy on hand-made cases."""
+
+import numpy as np
+import pytest
+
+from editmgt_jax.evaluation import metrics
+
+
+def test_edit_success_on_known_cases():
+    src = np.zeros((8, 8, 3), np.uint8)
+    tgt = src.copy()
+    mask = np.zeros((8, 8), bool)
+    mask[2:6, 2:6] = True
+    tgt[mask] = (200, 0, 0)
+    # Returning the source fails by construction; returning the target succeeds.
+    assert metrics.edit_success(src, tgt, src, mask) is False
+    assert metrics.edit_success(tgt, tgt, src, mask) is True
+    # Distances are mean Euclidean RGB inside the mask: halfway (100 of 200) is not below half.
+    half = src.copy()
+    half[mask] = (100, 0, 0)
+    assert metrics.edit_distances(half, tgt, src, mask) == pytest.approx((100.0, 200.0))
+    assert metrics.edit_success(half, tgt, src, mask) is False
+    near = src.copy()
+    near[mask] = (120, 60, 0)   # distance sqrt(80^2 + 60^2) = 100: still not below half
+    assert metrics.edit_success(near, tgt, src, mask) is False
+    near[mask] = (130, 0, 0)    # 70 < 100
+    assert metrics.edit_success(near, tgt, src, mask) is True
+    # Pixels outside the mask do not count.
+    noisy = tgt.copy()
+    noisy[~mask] = 255
+    assert metrics.edit_success(noisy, tgt, src, mask) is True
+    # Undefined: empty mask, or nothing to change inside it.
+    assert metrics.edit_success(tgt, tgt, src, np.zeros((8, 8), bool)) is None
+    assert metrics.edit_success(src, src, src, mask) is None
+
+
+def test_changed_token_accuracy():
+    src = np.array([[1, 2, 3, 4]])
+    tgt = np.array([[1, 5, 6, 4]])
+    assert metrics.changed_token_accuracy(src, tgt, src) == 0.0        # copying the source
+    assert metrics.changed_token_accuracy(tgt, tgt, src) == 1.0
+    assert metrics.changed_token_accuracy(np.array([[9, 5, 3, 9]]), tgt, src) == 0.5  # unchanged positions ignored
+    assert metrics.changed_token_counts(np.array([[9, 5, 3, 9]]), tgt, src) == (1, 2)
+    assert metrics.changed_token_accuracy(src, src, src) is None
+    with pytest.raises(ValueError, match="shape"):
+        metrics.changed_token_accuracy(src[:, :2], tgt, src)
+
+
+def test_training_edit_eval_scoring():
+    from editmgt_jax.training import edit_eval
+
+    assert edit_eval.balanced_indices(["a", "b", "a", "a", "b", "c"], 2) == [0, 1, 2, 4, 5]
+    src = np.zeros((2, 8, 8, 3), np.uint8)
+    tgt = src.copy()
+    mask = np.zeros((8, 8), bool)
+    mask[:4] = True
+    tgt[:, :4] = 200
+    items = [dict(source=src[i], target=tgt[i], mask=mask, category=c) for i, c in enumerate(["color", "add"])]
+    edits = np.stack([tgt[0], src[1]])                   # the first edit succeeds, the second copies
+    src_ids = np.array([[[1, 2], [3, 4]], [[1, 2], [3, 4]]])
+    tgt_ids = np.array([[[5, 2], [3, 4]], [[6, 7], [3, 4]]])
+    pred = np.array([[[5, 2], [3, 4]], [[1, 2], [3, 4]]])
+    out = edit_eval.score(items, edits, pred, src_ids, tgt_ids)
+    assert out["edit_success"] == 0.5
+    assert out["edit_success/color"] == 1.0 and out["edit_success/add"] == 0.0
+    assert out["changed_token_accuracy"] == pytest.approx(1 / 3)
+
+
+def test_changed_region():
+    src = np.zeros((4, 4), int)
+    tok = src.copy()
+    tok[1, 1] = 7
+    r = metrics.changed_region(tok, src, (8, 8))
+    assert r.sum() == 4 and r[2:4, 2:4].all()
+    d = metrics.changed_region(tok, src, (8, 8), dilate=1)
+    assert d.sum() == 36 and d[0:6, 0:6].all()
+    assert not metrics.changed_region(src, src, (8, 8)).any()
+    with pytest.raises(ValueError, match="multiple"):
+        metrics.changed_region(tok, src, (6, 8))
+
+
+def test_composite_ablation_runs():
+    from editmgt_jax.evaluation import ablations
+    from editmgt_jax.sampling.region_hold import SamplerConfig
+
+    runs = ablations.expand_runs(ablations.parse_ablations("composite"), SamplerConfig(),
+                                 ablations.block_presets(4))
+    assert [r.name for r in runs] == ["composite=changed", "composite=map", "composite=none"]
+    assert runs[0].overrides == {"composite": "changed"}
+    # the map needs consolidation: the 'late' preset is added when the base has none
+    assert runs[1].overrides == {"composite": "map", "consolidation_blocks": (3,)}
+    with pytest.raises(ablations.UsageError, match="composite"):
+        ablations.expand_runs(ablations.parse_ablations("composite=mask"), SamplerConfig(),
+                              ablations.block_presets(4))
