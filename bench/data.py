@@ -35,7 +35,7 @@ def _crispedit_like_parquet(raw_dir: str, rows: int, size: int) -> None:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
-  from editmgt_jax.data.crispedit import EDIT_CATEGORIES  # pylint: disable=g-import-not-at-top
+  from editmgt_jax.data.categories import EDIT_CATEGORIES  # pylint: disable=g-import-not-at-top
 
   os.makedirs(os.path.join(raw_dir, "data"), exist_ok=True)
   rng = np.random.default_rng(0)
@@ -62,8 +62,9 @@ def prepare(data_dir: str, synthetic_examples: int, crispedit_rows: int) -> dict
   """Builds the benchmark datasets if missing; returns {label: DatasetSpec kwargs}."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  from editmgt_jax.data import crispedit, synthetic_edits  # pylint: disable=g-import-not-at-top
+  from editmgt_jax.data import crispedit  # pylint: disable=g-import-not-at-top
   from editmgt_jax.data import pretokenize  # pylint: disable=g-import-not-at-top
+  from editmgt_jax.data.synthetic_edits import builder as synthetic_edits  # pylint: disable=g-import-not-at-top
 
   name = synthetic_edits.config_name(128, synthetic_examples, 0, 0)
   syn = synthetic_edits.SyntheticEdits(
@@ -92,7 +93,9 @@ def prepare(data_dir: str, synthetic_examples: int, crispedit_rows: int) -> dict
 
 def measure(spec_kwargs: dict, resolution: int, batch_size: int, batches: int, workers: int) -> tuple[float, float]:
   """(examples/s over `batches` batches after the first, seconds to the first batch)."""
-  from editmgt_jax.data import SYNTHETIC_VOCAB, WordTokenizer, pipeline  # pylint: disable=g-import-not-at-top
+  from editmgt_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from editmgt_jax.data.synthetic_edits import SYNTHETIC_VOCAB  # pylint: disable=g-import-not-at-top
+  from editmgt_jax.models.text.word_tokenizer import WordTokenizer  # pylint: disable=g-import-not-at-top
 
   cfg = pipeline.PipelineConfig(
       datasets=(pipeline.DatasetSpec(**spec_kwargs),), batch_size=batch_size, resolution=resolution,

@@ -169,7 +169,6 @@ def build(name: str, spec: EditSpec, seed: int = 0, matmul_n: int = MATMUL_N) ->
     import jax.numpy as jnp
     from flax import nnx
 
-    import editmgt_jax  # noqa: F401  (library setup before modules are built)
     from editmgt_jax.models.layers import param_count
     from editmgt_jax.models.transformer import EditTransformer
     from editmgt_jax.models.vq import VQConfig, VQModel

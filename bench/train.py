@@ -2,6 +2,7 @@
 
     python -m bench.train [--configs default,tiny,medium] [--batches 8,32] [--steps 4] [--no-record]
     python -m bench.train --released [--max-batch 64]      # on a GPU: the 1024 px released model
+    python -m bench.train --configs medium --attention naive,xla --donate-only   # attention before/after
 
 Per config, with and without donating the train state, each in a fresh process (so the peak host
 memory, ``ru_maxrss``, belongs to that run alone):
@@ -13,6 +14,8 @@ memory, ``ru_maxrss``, belongs to that run alone):
 * ``medium``: the 83.1M-parameter transformer of ``bench/medium_transformer_config.json``
   (4 dual + 8 single blocks, width 512), 32x32 ids (16x16 transformer grid), 64 text tokens of a
   small text encoder, batch 4;
+* ``--attention``: the attention implementations to compare (``EDITMGT_ATTENTION`` of each child;
+  ``naive`` builds the full ``[B, H, S, S]`` logits, ``xla`` is the blocked default on CPU);
 * ``--released``: the released 1024 px transformer (1.0B parameters, 64x64 ids), frozen-encoder
   text states (256 x 2304) given as inputs, bf16 compute, remat, at the largest batch that fits
   (doubling from 1). Meant for an accelerator.
@@ -193,23 +196,28 @@ def run_released(max_batch: int, steps: int) -> list[dict]:
     return rows
 
 
-def _child(name: str, donate: bool, steps: int, batch: int | None = None) -> dict:
+def _child(name: str, donate: bool, steps: int, attention: str | None = None, batch: int | None = None) -> dict:
     cmd = [sys.executable, "-m", "bench.train", "--_one", name, "--steps", str(steps)]
     if not donate:
         cmd.append("--no-donate")
     if batch:
         cmd += ["--_batch", str(batch)]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    env = dict(os.environ)
+    if attention:
+        env["EDITMGT_ATTENTION"] = attention
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     if out.returncode:
-        raise RuntimeError(f"{name} (donate={donate}) failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{name} (donate={donate}, attention={attention}) failed:\n{out.stderr[-3000:]}")
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["attention"] = attention or "default"
+    return row
 
 
 def _table(rows: list[dict]) -> str:
-    head = ("| config | params | batch | donate | examples/s | tokens/s | step (ms) | TFLOP/step | GFLOP/s | "
+    head = ("| config | attention | params | batch | donate | examples/s | tokens/s | step (ms) | TFLOP/step | GFLOP/s | "
             "matmul peak GFLOP/s | MFU | compile (s) | peak RSS (MiB) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = [f"| {r['config']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {'yes' if r['donate'] else 'no'} "
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| {r['config']} | {r.get('attention', 'default')} | {r['params'] / 1e6:.2f}M | {r['batch']} | {'yes' if r['donate'] else 'no'} "
              f"| {r.get('examples_per_s', r['batch'] / r['step_s']):.1f} | {r['tokens_per_s']:.0f} | {1e3 * r['step_s']:.1f} | {r['step_tflop']:.3f} "
              f"| {r['achieved_gflops']:.1f} | {r['peak_gflops']:.0f} | {100 * r['mfu']:.1f}% "
              f"| {r['compile_s']:.1f} | {r['peak_rss_mib']:.0f} |" for r in rows]
@@ -239,8 +247,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--released", action="store_true", help="the 1024 px released model (accelerator)")
     p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--attention", default=None,
+                   help="comma-separated attention implementations to compare (default: the backend's)")
     p.add_argument("--batches", help="comma-separated batch sizes to time (default: each config's own)")
-    p.add_argument("--donate-only", action="store_true", help="skip the runs without donation")
+    p.add_argument("--donate-only", action="store_true", help="only the rows with a donated state")
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--_batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--no-donate", action="store_true", help=argparse.SUPPRESS)
@@ -257,11 +267,12 @@ def main(argv=None) -> int:
         rows = []
         sizes = [int(b) for b in args.batches.split(",")] if args.batches else [None]
         for name in args.configs.split(","):
-            for batch in sizes:
-                for donate in ((True,) if args.donate_only else (True, False)):
-                    r = _child(name, donate, args.steps, batch)
-                    print(json.dumps(r), flush=True)
-                    rows.append(r)
+            for attention in (args.attention.split(",") if args.attention else [None]):
+                for batch in sizes:
+                    for donate in ((True,) if args.donate_only else (True, False)):
+                        r = _child(name, donate, args.steps, attention, batch)
+                        print(json.dumps(r), flush=True)
+                        rows.append(r)
     print(_table(rows))
     if not args.no_record:
         _record(rows, command.strip())

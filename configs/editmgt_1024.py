@@ -8,7 +8,7 @@
 
 import ml_collections
 
-from editmgt_jax.editor import RELEASE_NEGATIVE_PROMPT
+from editmgt_jax.checkpoints import RELEASE_NEGATIVE_PROMPT
 from editmgt_jax.models import transformer, vq
 
 

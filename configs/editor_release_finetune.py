@@ -25,7 +25,7 @@ Another dataset: ``--config.data.name=synthetic_edits/small`` (any TFDS edit set
 """
 
 from configs import common, editmgt_1024
-from editmgt_jax.editor import RELEASE_NEGATIVE_PROMPT
+from editmgt_jax.checkpoints import RELEASE_NEGATIVE_PROMPT
 from editmgt_jax.models.transformer import RELEASED_CONFIG as TRANSFORMER
 from editmgt_jax.models.transformer import TransformerConfig
 from editmgt_jax.models.vq import RELEASED_CONFIG as VQ

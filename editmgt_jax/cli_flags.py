@@ -13,12 +13,31 @@ def parse_blocks(text: str) -> tuple[int, ...]:
     """'28-36', '2,3,4', '2+3' or '' -> block indices."""
     out: list[int] = []
     for part in filter(None, (p.strip() for p in re.split(r"[,+]", text))):
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out += list(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise argparse.ArgumentTypeError(f"{part!r}: expected block indices like '28-36' or '2,3,4'")
+        out += list(range(int(m[1]), int(m[2] or m[1]) + 1))
     return tuple(out)
+
+
+# Flag of each numeric sampler setting (SamplerConfig field -> (flag, argparse attribute)).
+SAMPLER_FLAGS = {"steps": ("--steps", "steps"), "guidance_scale": ("--guidance", "guidance"),
+                 "reference_strength": ("--strength", "strength"),
+                 "hold_threshold": ("--hold-threshold", "hold_threshold")}
+
+
+def check_sampler_flags(args) -> None:
+    """Numeric sampler flags out of range -> ``ValueError`` naming the flag, before anything loads
+    (the ranges are ``SamplerConfig``'s: ``sampling.region_hold.check_setting``)."""
+    from editmgt_jax.sampling.region_hold import check_setting
+
+    for name, (flag, attr) in SAMPLER_FLAGS.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            try:
+                check_setting(name, value)
+            except ValueError as e:
+                raise ValueError(f"{flag} {value}: {str(e).split(': ', 1)[-1]}") from None
 
 
 def add_sampler_flags(group: argparse._ActionsContainer) -> None:

@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import threading
+import time
+import warnings
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -33,11 +37,11 @@ from flax import nnx
 
 from editmgt_jax import checkpoints, composite as compositing, imageio, parallel
 from editmgt_jax.convert.registry import COMPONENTS
+from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC, micro_conditions
 from editmgt_jax.sampling.region_hold import TIMESTEP_CONVENTIONS, SamplerConfig, sample
 
-# Defaults of the official demo for the released 1024 px model.
-RELEASE_NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distortion, watermark, logo, signature, "
-                           "text, jpeg artifacts, signature, sketch, duplicate, ugly, identifying mark")
+# The official demo's negative prompt (owned by the checkpoint conventions; kept here for imports).
+RELEASE_NEGATIVE_PROMPT = checkpoints.RELEASE_NEGATIVE_PROMPT
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   "checkpoints", "editmgt-synthetic-64")
@@ -84,6 +88,60 @@ def _check_instructions(instructions: Sequence[str]) -> list[str]:
     return out
 
 
+def _spans(numbers: Sequence[int]) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    out, nums = [], sorted(set(numbers))
+    for x in nums:
+        if out and x == out[-1][1] + 1:
+            out[-1][1] = x
+        else:
+            out.append([x, x])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in out)
+
+
+class StepProgress:
+    """Host side of the sampling loop's per-step callback: a progress bar over the steps.
+
+    The compiled loop calls it once per step (``jax.debug.callback``: a host call per step, no
+    change to the loop's arithmetic). The bar appears only once the remaining steps are expected to
+    take more than ``after_s`` seconds, so short edits print nothing.
+    """
+
+    def __init__(self, after_s: float = 3.0, stream=None):
+        self.after_s = after_s
+        self.stream = stream
+        self._lock = threading.Lock()
+        self.start(0)
+
+    def start(self, steps: int, desc: str = "sampling") -> None:
+        with self._lock:
+            self.steps, self.desc, self.calls, self.t0, self.bar = steps, desc, 0, None, None
+
+    def __call__(self, *_operands) -> None:
+        with self._lock:
+            self.calls += 1
+            done = self.calls - 1                 # called as each step begins
+            now = time.monotonic()
+            if self.t0 is None:
+                self.t0 = now
+            elif self.bar is None and self.steps and done < self.steps:
+                remaining = (now - self.t0) / done * (self.steps - done)
+                if remaining > self.after_s:
+                    from tqdm import tqdm
+
+                    self.bar = tqdm(total=self.steps, initial=done, desc=self.desc, unit="step", leave=False,
+                                    file=self.stream or sys.stderr)
+            if self.bar is not None:
+                self.bar.update(min(done, self.steps) - self.bar.n)
+
+    def finish(self) -> None:
+        with self._lock:
+            if self.bar is not None:
+                self.bar.update(self.steps - self.bar.n)
+                self.bar.close()
+                self.bar = None
+
+
 class Editor:
     """A loaded model: VQ tokenizer, transformer and text side, plus compiled edit programs."""
 
@@ -100,22 +158,34 @@ class Editor:
         self.states = jax.device_put(states, rep)
         self.vq_cfg = modules["vq"].cfg
         self.tr_cfg = modules["transformer"].cfg
-        self.defaults = dict(defaults or {})
-        # The timestep the transformer was trained for (see SamplerConfig.timestep_convention).
-        convention = self.defaults.get("timestep_convention", self.doc.get("timestep_convention",
-                                                                           "step_index"))
-        if convention not in TIMESTEP_CONVENTIONS:
+        # How this model must be driven (mask id, timestep convention, micro-conditions, negative
+        # prompt, recommended sampler settings): the checkpoint's conventions record, the one source.
+        try:
+            self.conventions = checkpoints.read_conventions(self.doc)
+        except checkpoints.CheckpointError as e:
+            raise checkpoints.CheckpointError(f"{path}: {e}") from None
+        conv = self.conventions
+        self.defaults = {**conv.sampler_settings(), "resolution": conv.resolution,
+                         "negative_prompt": conv.negative_prompt, "aesthetic_score": conv.aesthetic_score,
+                         **dict(defaults or {})}
+        if self.defaults["timestep_convention"] not in TIMESTEP_CONVENTIONS:
             raise checkpoints.CheckpointError(
-                f"{path}: config.json timestep_convention={convention!r}; expected one of "
+                f"{path}: timestep_convention={self.defaults['timestep_convention']!r}; expected one of "
                 f"{TIMESTEP_CONVENTIONS}")
-        self.defaults["timestep_convention"] = convention
         self._programs: dict = {}
+        self.progress = StepProgress()
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, *, mesh_shape: Mapping[str, int] | None = None,
              dtype=jnp.float32) -> "Editor":
-        """Load a model checkpoint folder (as written by the converter or exported by training)."""
+        """Load a model checkpoint folder (as written by the converter or exported by training).
+
+        ``dtype``: ``jnp.float32`` (default; parity with the official float32 pipeline) or
+        ``jnp.bfloat16`` for accelerators: parameters are stored in bf16 and the matmuls run in bf16,
+        while normalisation statistics, attention softmax, RoPE, timestep sinusoids and the logits
+        stay float32 as in the official bf16 pipeline, and the sampler's probabilities are float32.
+        """
         if path is None:
             path = DEFAULT_CHECKPOINT
             if not os.path.isfile(os.path.join(path, "config.json")):
@@ -136,8 +206,7 @@ class Editor:
             modules[name] = load_module(path, name, cfg_dict, dtype=dtype)
         text = make_text_side(path, doc, modules)
         mesh = parallel.make_mesh(mesh_shape) if mesh_shape else None
-        return cls(doc, {k: modules[k] for k in ("vq", "transformer")}, text, mesh=mesh,
-                   defaults=doc.get("sampler_defaults", {}), path=path)
+        return cls(doc, {k: modules[k] for k in ("vq", "transformer")}, text, mesh=mesh, path=path)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -188,11 +257,18 @@ class Editor:
             if k not in known:
                 raise EditError(f"unknown sampler setting {k!r}; known: {sorted(known)}")
             base[k] = tuple(v) if isinstance(v, list) else v
-        return SamplerConfig(**base)
+        cfg = SamplerConfig(**base)
+        n = self.tr_cfg.num_blocks
+        bad = [b for b in cfg.consolidation_blocks if b >= n]
+        if bad:
+            raise EditError(f"consolidation_blocks {_spans(bad)} out of range: this model's blocks are 0-{n - 1} "
+                            f"({self.tr_cfg.num_layers} dual-stream, then single-stream)")
+        return cfg
 
     def edit(self, images, instructions: Sequence[str] | str, *, seed: int = 0, masks=None,
              negative_prompt: str | None = None, size: int | None = None, policy: str = "fit",
-             composite: str | None = None, feather: float | None = None, **sampler_overrides) -> EditResult:
+             composite: str | None = None, feather: float | None = None, progress: bool = False,
+             **sampler_overrides) -> EditResult:
         """Edit a batch. ``images``: a list (or one) of paths / PIL images / ``[H, W, 3]`` arrays, of
         any sizes; ``instructions``: one per image. ``masks``: optional ``[H, W]`` bool arrays (True =
         may change; at the input's or the working size) for inpainting mode. Sampler settings
@@ -205,7 +281,9 @@ class Editor:
         that changed, dilated by one token), 'map' (the edit-region map, which needs consolidation),
         or 'none' (``images`` are then the raw model output at the working size); default: the
         checkpoint's ``composite`` sampler default, else 'changed'. ``feather``: width of the soft
-        seam in input pixels (default: a quarter of a token, at least 3 px)."""
+        seam in input pixels (default: a quarter of a token, at least 3 px).
+        ``progress``: show a bar over the sampling steps (on stderr) when they take more than a few
+        seconds (``StepProgress``)."""
         if isinstance(instructions, str):
             instructions = [instructions]
         if not isinstance(images, (list, tuple)):
@@ -246,9 +324,15 @@ class Editor:
             if masks is not None:
                 inpaint = np.stack([self._mask_to_grid(self._mask_to_work(masks[i], originals[i], size, policy),
                                                        shape[:2], (gh, gw), i) for i in idx])
-            micro = np.tile(np.array([[shape[1], shape[0], 0, 0, float(self.defaults.get("aesthetic_score", 6.0))]],
-                                     np.float32), (len(idx), 1))
-            out = self._run(cfg, src, txt[idx], pooled[idx], ntxt[idx], npooled[idx], micro, keys[idx], inpaint)
+            micro = np.tile(micro_conditions(shape[1], shape[0],
+                                             aesthetic=float(self.defaults.get("aesthetic_score", DEFAULT_AESTHETIC))),
+                            (len(idx), 1))
+            self.progress.start(cfg.steps)
+            try:
+                out = self._run(cfg, src, txt[idx], pooled[idx], ntxt[idx], npooled[idx], micro, keys[idx],
+                                inpaint, progress)
+            finally:
+                self.progress.finish()
             for k, i in enumerate(idx):
                 outs[i] = {name: v[k] for name, v in out.items()}
         raw = [o["image"] for o in outs]
@@ -324,7 +408,10 @@ class Editor:
             raise EditError(f"mask {i}: selects no pixels")
         return g
 
-    def _run(self, cfg, src, txt, pooled, ntxt, npooled, micro, keys, inpaint):
+    def _on_step(self, *operands) -> None:
+        self.progress(*operands)   # looked up per call: ``self.progress`` may be replaced
+
+    def _run(self, cfg, src, txt, pooled, ntxt, npooled, micro, keys, inpaint, progress=False):
         """``keys``: ``[b, 2] uint32`` raw PRNG keys, one per image (so an image's draw does not depend on
         the other images of the call or on padding)."""
         n_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -335,18 +422,19 @@ class Editor:
             arrays = [np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) for a in arrays]
             keys = np.concatenate([keys, np.repeat(keys[-1:], pad, axis=0)])
         key = jax.device_put(keys, parallel.replicated(self.mesh))
-        sig = (cfg, tuple(a.shape for a in arrays), inpaint is not None)
+        sig = (cfg, tuple(a.shape for a in arrays), inpaint is not None, progress)
         prog = self._programs.get(sig)
         if prog is None:
-            prog = self._programs[sig] = self._compile(cfg, arrays, inpaint is not None)
+            prog = self._programs[sig] = self._compile(cfg, arrays, inpaint is not None, progress)
         batch_sh = [parallel.batch_sharding(self.mesh, a.ndim) for a in arrays]
         placed = [jax.device_put(np.asarray(a), s) for a, s in zip(arrays, batch_sh)]
         out = prog(self.states, key, *placed)
         return {k: np.asarray(v)[:b] for k, v in out.items()}
 
-    def _compile(self, cfg: SamplerConfig, arrays, has_mask: bool):
+    def _compile(self, cfg: SamplerConfig, arrays, has_mask: bool, progress: bool = False):
         graphdefs = self.graphdefs
-        mask_id = self.tr_cfg.vocab_size - 1
+        on_step = self._on_step
+        mask_id = cfg.mask_token_id          # the checkpoint's conventions (sampler_config)
         n_codes = self.vq_cfg.num_vq_embeddings
 
         def program(states, key, src, txt, pooled, ntxt, npooled, micro, *maybe_mask):
@@ -354,9 +442,16 @@ class Editor:
             tr = nnx.merge(graphdefs["transformer"], states["transformer"])
             pixels = src.astype(jnp.float32) / 255.0
             ref_ids = vq.encode_ids(pixels)
-            res = sample(tr, ref_ids, txt, pooled, ntxt, npooled, cfg, key=key, micro_conds=micro,
+            model_fn = tr
+            if progress:
+                def model_fn(ids, *args, **kwargs):   # one host call per step, as the step begins
+                    jax.debug.callback(on_step, args[-1])
+                    return tr(ids, *args, **kwargs)
+            res = sample(model_fn, ref_ids, txt, pooled, ntxt, npooled, cfg, key=key, micro_conds=micro,
                          inpaint_mask=maybe_mask[0] if maybe_mask else None)
             tokens = res["tokens"]
+            # leftover mask ids (and anything outside the codebook) decode as code 0, as the official
+            # pipeline's decode does
             safe = jnp.where((tokens >= n_codes) | (tokens == mask_id), 0, tokens)
             img = jnp.clip(vq.decode_ids(safe), 0.0, 1.0)
             out = {"image": jnp.round(img * 255.0).astype(jnp.uint8), "tokens": tokens, "ref_ids": ref_ids}
@@ -371,24 +466,13 @@ class Editor:
 
 # ---------------------------------------------------------------------- components
 def load_module(path: str, name: str, cfg_dict: Mapping, *, dtype=jnp.float32) -> nnx.Module:
-    """Build component ``name`` from its config and restore its parameters from ``path``."""
-    if name == "small_text":
-        from editmgt_jax.models.text.small import SmallTextConfig, SmallTextEncoder
+    """Build component ``name`` from its config and restore its parameters from ``path``.
 
-        cfg = SmallTextConfig.from_dict(cfg_dict)
-        abstract = nnx.eval_shape(lambda: SmallTextEncoder(cfg, rngs=nnx.Rngs(0)))
-    else:
-        comp = COMPONENTS[name]
-        config_cls, model_cls = comp.classes()
-        try:
-            cfg = config_cls.from_dict(cfg_dict)
-        except (TypeError, ValueError, KeyError) as e:
-            raise checkpoints.CheckpointError(f"{path}: config of component {name!r} is not valid: {e}") from e
-        abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0), dtype=dtype))
-    graphdef, state = nnx.split(abstract)
-    params = checkpoints.load_component(path, name, state.to_pure_dict())
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    ``dtype`` is both the parameter and the compute dtype (stored float32 parameters are cast on
+    restore); float32 statistics and softmax are the modules' own business. See
+    :func:`editmgt_jax.checkpoints.load_module`.
+    """
+    return checkpoints.load_module(path, name, cfg_dict, dtype=dtype)
 
 
 class ReleaseTextSide:
@@ -402,6 +486,7 @@ class ReleaseTextSide:
         from editmgt_jax.models.text.release import ReleaseTextEncoder
 
         self.tokenizer = tokenizer
+        self._warned: set[str] = set()
         gd, self._state = nnx.split(ReleaseTextEncoder(clip, gemma))
         self._fn = jax.jit(lambda st, clip_ids, gemma_ids: nnx.merge(gd, st)(clip_ids, gemma_ids))
 
@@ -412,7 +497,22 @@ class ReleaseTextSide:
 
     def encode(self, prompts: Sequence[str], allow_empty: bool = False):
         ids = self.tokenizer(list(prompts), allow_empty=allow_empty)
+        for i, cut in enumerate(self.tokenizer.truncated(list(prompts))):
+            if cut:
+                _warn_text(f"instruction {i} is longer than the {' and '.join(cut)} tokenizer takes; "
+                           f"the end is cut off: {prompts[i]!r}", self._warned)
         return self.encode_ids(ids["clip_ids"], ids["gemma_ids"])
+
+
+class InstructionWarning(UserWarning):
+    """An instruction the model reads only in part (unknown words, cut to the maximum length)."""
+
+
+def _warn_text(message: str, seen: set) -> None:
+    """Warn once per distinct message and text side (each set of unread words is named once)."""
+    if message not in seen:
+        seen.add(message)
+        warnings.warn(message, InstructionWarning, stacklevel=4)
 
 
 class SmallTextSide:
@@ -420,12 +520,25 @@ class SmallTextSide:
 
     def __init__(self, encoder, tokenizer):
         self.tokenizer = tokenizer
+        self._warned: set[str] = set()
         gd, self._state = nnx.split(encoder)
         self._fn = jax.jit(lambda st, ids: nnx.merge(gd, st)(ids))
 
     def encode(self, prompts: Sequence[str], allow_empty: bool = False):
         if not allow_empty:
             _check_instructions(prompts)
+        from editmgt_jax.models.text.word_tokenizer import split_words
+
+        for i, p in enumerate(prompts):
+            words = split_words(p)
+            unknown = sorted({w for w in words if w not in self.tokenizer.ids})
+            if unknown:
+                _warn_text(f"instruction {i}: words outside the model's vocabulary carry no meaning and are "
+                           f"read as unknown: {', '.join(unknown)}", self._warned)
+            if len(words) > self.tokenizer.max_length:
+                _warn_text(f"instruction {i}: {len(words)} words, the model reads the first "
+                           f"{self.tokenizer.max_length}; dropped: {' '.join(words[self.tokenizer.max_length:])}",
+                           self._warned)
         ids = self.tokenizer(list(prompts))
         ids = ids["ids"] if isinstance(ids, Mapping) else ids
         states, pooled = self._fn(self._state, jnp.asarray(ids))
@@ -434,27 +547,12 @@ class SmallTextSide:
 
 def make_text_side(path: str, doc: Mapping, modules: Mapping):
     comps = doc.get("components", {})
-    if "small_text" in comps:
-        from editmgt_jax.data.text import WordTokenizer
-
-        tok = WordTokenizer.load(os.path.join(path, "vocab.txt"))
-        return SmallTextSide(modules["small_text"], tok)
+    if checkpoints.SMALL_TEXT in comps:
+        return SmallTextSide(modules[checkpoints.SMALL_TEXT], checkpoints.word_tokenizer(path))
     if "clip" in comps and "gemma" in comps:
         return ReleaseTextSide(modules["clip"], modules["gemma"], release_tokenizer(path))
     raise checkpoints.CheckpointError(f"{path}: checkpoint has no text encoder (clip + gemma, or small_text)")
 
 
-RELEASE_TOKENIZER_DIRS = ("tokenizer", "llm_tokenizer")
-
-
-def release_tokenizer(path: str):
-    """The ``PromptTokenizer`` of a checkpoint with ``clip`` + ``gemma`` components (its
-    ``tokenizer/`` and ``llm_tokenizer/`` folders)."""
-    from editmgt_jax.models.text.tokenize import PromptTokenizer
-
-    tok_dir, llm_dir = (os.path.join(path, d) for d in RELEASE_TOKENIZER_DIRS)
-    if not (os.path.isdir(tok_dir) and os.path.isdir(llm_dir)):
-        raise checkpoints.CheckpointError(
-            f"{path}: the text encoders need tokenizer files in tokenizer/ and llm_tokenizer/ "
-            f"(the converter copies them from the release's tokenizer/ and llm_encoder/ folders)")
-    return PromptTokenizer.from_dirs(tok_dir, llm_dir)
+RELEASE_TOKENIZER_DIRS = checkpoints.TOKENIZER_DIRS
+release_tokenizer = checkpoints.release_tokenizer

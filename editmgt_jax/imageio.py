@@ -5,6 +5,8 @@ Stated policy (what ``load_image`` and ``fit_to_grid`` do with unusual inputs):
 - Orientation: EXIF orientation is applied, as the official pipeline does.
 - Modes: grayscale (``L``, ``LA``, ``I``), palette (``P``), CMYK and 16-bit images are converted to
   8-bit RGB; 16-bit values are scaled by 255/65535 (not clipped). Alpha is composited over white.
+- Pixel limit: files over ``MAX_PIXELS`` (100 megapixels, e.g. 10000 x 10000) are refused with
+  an ``ImageError`` before decoding.
 - Size: ``policy='fit'`` (the editor's default): keep the aspect ratio; scale so the long side is
   ``size``, then round each side to the nearest multiple of the model's pixel granularity (VQ factor
   x transformer down-sampling), at least one granule. Nothing is cut off; the aspect ratio moves by
@@ -19,10 +21,15 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import numpy as np
 
 POLICIES = ("crop", "fit")
+
+# Largest image accepted, in pixels (10000 x 10000; 300 MB as 8-bit RGB). Larger files are refused
+# before their pixels are decoded, whatever Pillow's own decompression-bomb limit is.
+MAX_PIXELS = 100_000_000
 
 
 class ImageError(ValueError):
@@ -35,15 +42,29 @@ def load_image(path_or_bytes, *, name: str | None = None) -> np.ndarray:
 
     label = name or (os.fspath(path_or_bytes) if not isinstance(path_or_bytes, (bytes, bytearray)) else "<bytes>")
     try:
-        if isinstance(path_or_bytes, (bytes, bytearray)):
-            im = Image.open(io.BytesIO(path_or_bytes))
-        else:
-            if not os.path.exists(path_or_bytes):
-                raise ImageError(f"{label}: file not found")
-            if os.path.isdir(path_or_bytes):
-                raise ImageError(f"{label}: is a directory, not an image file")
-            im = Image.open(path_or_bytes)
-        im.load()
+        with warnings.catch_warnings():
+            # Size is checked below against MAX_PIXELS; Pillow's own warning would only repeat it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if isinstance(path_or_bytes, (bytes, bytearray)):
+                im = Image.open(io.BytesIO(path_or_bytes))
+            else:
+                if not os.path.exists(path_or_bytes):
+                    raise ImageError(f"{label}: file not found")
+                if os.path.isdir(path_or_bytes):
+                    raise ImageError(f"{label}: is a directory, not an image file")
+                im = Image.open(path_or_bytes)
+            try:
+                check_pixel_count(im.width, im.height, label)
+                im.load()
+            except BaseException:
+                im.close()
+                raise
+    except Image.DecompressionBombError as e:   # beyond Pillow's own limit: it gives only the count
+        import re
+
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(m[1]) / 1e6:.0f} megapixels" if m else "too many pixels"
+        raise ImageError(f"{label}: image is {size}; {_LIMIT_NOTE}") from None
     except UnidentifiedImageError:
         raise ImageError(f"{label}: not a readable image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -52,6 +73,43 @@ def load_image(path_or_bytes, *, name: str | None = None) -> np.ndarray:
         raise ImageError(f"{label}: image data is corrupt or truncated ({e})") from None
     im = ImageOps.exif_transpose(im)
     return to_rgb8(im, label)
+
+
+def check_pixel_count(width: int, height: int, label: str) -> None:
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{label}: image is {width}x{height} ({width * height / 1e6:.0f} megapixels); "
+                         f"{_LIMIT_NOTE}")
+
+
+_LIMIT_NOTE = (f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels (editmgt_jax.imageio.MAX_PIXELS): "
+               f"downscale it first")
+
+
+WRITABLE_NOTE = "give a file name ending in an image extension, e.g. .png"
+
+
+def check_output_path(path: str, flag: str = "--out") -> None:
+    """Raise ``ImageError`` unless ``save_image(path, ...)`` can write there: a file name whose
+    extension Pillow can write, not a directory, in a folder that exists or can be created and is
+    writable. An existing file is fine (it will be replaced)."""
+    from PIL import Image
+
+    Image.init()
+    ext = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path):
+        raise ImageError(f"{flag} {path}: is a directory; {WRITABLE_NOTE}")
+    if not ext:
+        raise ImageError(f"{flag} {path}: no file extension; {WRITABLE_NOTE}")
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ImageError(f"{flag} {path}: cannot write images of type {ext!r}; {WRITABLE_NOTE}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ImageError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ImageError(f"{flag} {path}: folder {parent} is not writable")
 
 
 def to_rgb8(im, label: str = "<image>") -> np.ndarray:

@@ -7,11 +7,14 @@ each program (train step, sampler), the pjit model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -149,3 +152,56 @@ def replicated_fraction(state, shardings) -> float:
         if all(a is None for a in s.spec):
             rep += n
     return rep / max(total, 1)
+
+
+# ----------------------------------------------------------------------------- per-block gathering
+# Name of the gathered copies of block parameters in checkpoint policies: a block's backward pass
+# gathers its parameters again instead of keeping the gathered copy from the forward pass.
+GATHERED_NAME = "fsdp_gathered"
+_BLOCK_GATHER: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("block_gather", default=None)
+
+
+@contextlib.contextmanager
+def gather_per_block(gather: Callable[[nnx.Module], nnx.Module]) -> Iterator[None]:
+    """While tracing a model under this context, each transformer block passes through
+    ``gather(block) -> block`` (its parameters all-gathered over the ``fsdp`` axis) right before it
+    runs, so only one block's gathered parameters are live at a time (FSDP / ZeRO-3 per layer)."""
+    token = _BLOCK_GATHER.set(gather)
+    try:
+        yield
+    finally:
+        _BLOCK_GATHER.reset(token)
+
+
+def block_gather() -> Callable[[nnx.Module], nnx.Module] | None:
+    """The per-block gather function of the enclosing :func:`gather_per_block`, or ``None``."""
+    return _BLOCK_GATHER.get()
+
+
+def without_axes(sharding: NamedSharding, axes: tuple[str, ...]) -> NamedSharding:
+    """The same sharding with the mesh ``axes`` removed from every dimension (gathered over them)."""
+    spec = []
+    for entry in sharding.spec:
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept = tuple(n for n in names if n not in axes)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return NamedSharding(sharding.mesh, P(*spec))
+
+
+def module_gatherer(mesh: Mesh, rules=DEFAULT_RULES, axes: tuple[str, ...] = ("fsdp",)
+                    ) -> Callable[[nnx.Module], nnx.Module]:
+    """``gather(module)``: the module with every parameter constrained to its rule sharding without
+    the mesh ``axes`` (gathered over them), each gathered value named :data:`GATHERED_NAME`."""
+
+    def gather(module: nnx.Module) -> nnx.Module:
+        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+        def one(var, sharding):
+            value = jax.lax.with_sharding_constraint(var.get_value(), without_axes(sharding, axes))
+            return var.replace(checkpoint_name(value, GATHERED_NAME))
+
+        is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+        params = jax.tree.map(one, params, state_shardings(params, mesh, rules), is_leaf=is_var)
+        return nnx.merge(graphdef, params, rest)
+
+    return gather

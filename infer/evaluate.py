@@ -56,7 +56,7 @@ import os
 import sys
 import time
 
-from editmgt_jax.cli_flags import add_sampler_flags
+from editmgt_jax.cli_flags import add_sampler_flags, check_sampler_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    try:   # before any data or model is loaded
+        check_sampler_flags(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import editmgt_jax  # noqa: F401
     from editmgt_jax import checkpoints, imageio
     from editmgt_jax.editor import EditError

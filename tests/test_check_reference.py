@@ -9,18 +9,22 @@ from editmgt_jax.tools import check_reference as cr
 
 
 @pytest.mark.slow
-def test_fixture_set_passes_every_case(tiny_dir, capsys):
-    results = cr.check_reference(str(tiny_dir))
+@pytest.mark.parametrize("fixture", ["editmgt-tiny-v1", "editmgt-tiny-v2"])
+def test_fixture_set_passes_every_case(tiny_dir, fixture, capsys):
+    """v1: vocabulary = codebook + 1 (mask id 64). v2: vocabulary 112 > codebook 96 + 1, mask id 111 as
+    in the release; the mask id is read from the folder, as the converter reads a release."""
+    results = cr.check_reference(str(tiny_dir.parent / fixture))
     failed = [r.line() for r in results if not r.ok]
     assert not failed, "\n".join(failed)
     names = {r.name for r in results}
     # All four cases ran: transformer, VQ, text encoders, the step-by-step pipeline.
     for must in ("a_logits_ref_s11_rows", "a_logits_noref_argmax", "b_ids", "b_decoded", "c_clip_text_embeds",
-                 "c_gemma_hidden_states_m2", "d_tokens_after", "d_hold", "d_score_upsampled",
-                 "d_final_tokens_lambda101", "d_final_image_crop"):
+                 "c_gemma_hidden_states_m2", "mask_token_id", "d_tokens_before", "d_tokens_after", "d_hold",
+                 "d_score_upsampled", "d_final_tokens_lambda101", "d_final_image_crop"):
         assert must in names
     out = capsys.readouterr().out
     assert out.count("PASS") == len(results)
+    assert f"mask token id {64 if fixture.endswith('v1') else 111} (from transformer vocab_size - 1)" in out
 
 
 def test_perturbed_reference_fails_and_missing_parts_are_skipped(tiny_dir, tmp_path, capsys):

@@ -87,6 +87,32 @@ def test_partial_checkpoints_are_never_picked_up(program_and_state, tmp_path):
     assert not tmp.exists(), "leftover temporary checkpoint directories are cleaned up"
 
 
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(program_and_state, tmp_path):
+    c, program, state = program_and_state
+    d = tmp_path / "ck"
+    ck = TrainCheckpointer(d, keep=5)
+    ck.save(2, state, c)
+    ck.save(4, state, c)
+    ck.close()
+    biggest = max((p for p in (d / "4" / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:50])
+    ck = TrainCheckpointer(d, keep=5)
+    step, restored, saved_config = ck.restore_latest(program.abstract_state)
+    assert step == 2 and saved_config["task"] == "vq"
+    jax.tree.map(np.testing.assert_array_equal, _host(restored), _host(state))
+    assert [s for s, _ in ck.skipped] == [4] and ck.skipped[0][1]
+    damaged = [p.name for p in d.iterdir() if p.name.startswith("damaged-4-")]
+    assert len(damaged) == 1 and (d / damaged[0] / "state").is_dir()     # kept, out of the way
+    assert ck.all_steps() == [2]
+    ck.save(4, state, c)                                                  # the step can be written again
+    ck.wait()
+    assert ck.restore_latest(program.abstract_state)[0] == 4 and ck.skipped == []
+    ck.close()
+    empty = TrainCheckpointer(tmp_path / "none")
+    assert empty.restore_latest(program.abstract_state) is None
+    empty.close()
+
+
 def test_keep_n_and_async_save_under_donation(program_and_state, tmp_path):
     c, program, state = program_and_state
     bump = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0,
@@ -163,8 +189,9 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tokens_dir, tmp_pat
     subprocess.run(_command(run_dir, tokens_dir, steps), cwd=REPO, env=env, check=True,
                    capture_output=True, timeout=600)
     lines = open(run_dir / "metrics.jsonl").read().splitlines()
-    resumed_steps = [json.loads(x)["step"] for x in lines[len(lines_before):] if x.strip()]
-    assert resumed_steps == list(range(resume_from + 1, steps + 1)), "resumed after the checkpoint"
+    assert lines[:resume_from] == lines_before[:resume_from], "rows up to the checkpoint are kept"
+    # The rows the killed run wrote after its checkpoint were replaced: every step appears once.
+    assert [json.loads(x)["step"] for x in lines if x.strip()] == list(range(1, steps + 1))
     after = _losses(run_dir)
     assert after == reference, "bit-identical losses to the uninterrupted run"
     # the steps the killed run had done past its last checkpoint were redone identically

@@ -20,10 +20,12 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from editmgt_jax.data import crispedit, pipeline, synthetic_edits
-from editmgt_jax.data.crispedit import EDIT_CATEGORIES, CrispEditSchemaError
+from editmgt_jax.data import crispedit, pipeline
+from editmgt_jax.data.categories import EDIT_CATEGORIES
+from editmgt_jax.data.crispedit import CrispEditSchemaError
 from editmgt_jax.data.synthetic_edits import SYNTHETIC_VOCAB, generate_example
-from editmgt_jax.data.text import WordTokenizer
+from editmgt_jax.data.synthetic_edits import builder as synthetic_edits
+from editmgt_jax.models.text.word_tokenizer import WordTokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SYN_RES = 64
@@ -251,6 +253,28 @@ def test_crispedit_bad_shard_fails_naming_file_and_column(crisp_raw, tmp_path, c
     assert not list((tmp_path / "cli").rglob("*.array_record*"))
 
 
+def test_crispedit_cli_empty_input_and_all_rows_bad_are_one_report(tmp_path, cli):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  proc = cli("train.build_dataset", "crispedit", "--data-dir", tmp_path / "a", "--manual-dir", empty)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.count("\n") == 1 and f"--manual-dir {empty} holds no parquet shards" in proc.stderr
+  # Every row unusable: the per-reason report is written and printed, not lost in TFDS's error.
+  raw = tmp_path / "raw"
+  (raw / "data").mkdir(parents=True)
+  rows = [_row(i, "add", src=b"\x89PNG\r\n\x1a\n truncated") for i in range(3)]
+  rows.append(_row(3, "add", instruction=" "))
+  _write_shard(raw / "data" / "add_00000.parquet", rows)
+  out = tmp_path / "b"
+  proc = cli("train.build_dataset", "crispedit", "--data-dir", out, "--manual-dir", raw)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+  assert "all 4 rows read were skipped" in proc.stderr
+  assert "3 x source image undecodable" in proc.stderr and "1 x empty instruction" in proc.stderr
+  report = json.loads((out / "crispedit" / "default" / "skipped_rows.json").read_text())
+  assert report["skipped"] == 4 and report["skipped_by_reason"]["empty instruction"] == 1
+  assert not list(out.rglob("*.array_record*"))
+
+
 # ------------------------------------------------------------------------------------ pipeline
 
 
@@ -335,13 +359,18 @@ def _resume_config(syn_dir) -> pipeline.PipelineConfig:
   return _config(syn_dir, crop="independent", resolution=24)
 
 
-def test_exact_resume_with_orbax(syn_dir, tmp_path):
-  cfg, tok = _resume_config(syn_dir), WordTokenizer(SYNTHETIC_VOCAB)
+def _save_at_k(cfg, tok, ckpt) -> list[dict]:
+  """Runs `_RESUME_K` batches, saves the iterator to `ckpt`; returns the `_RESUME_N` batches after it."""
   it = iter(pipeline.make_dataset(cfg, tokenize=tok, shard_index=0, shard_count=1))
   for _ in range(_RESUME_K):
     next(it)
-  _orbax_save(tmp_path / "ckpt", _RESUME_K, it)
-  expected = [next(it) for _ in range(_RESUME_N)]
+  _orbax_save(ckpt, _RESUME_K, it)
+  return [next(it) for _ in range(_RESUME_N)]
+
+
+def test_exact_resume_with_orbax(syn_dir, tmp_path):
+  cfg, tok = _resume_config(syn_dir), WordTokenizer(SYNTHETIC_VOCAB)
+  expected = _save_at_k(cfg, tok, tmp_path / "ckpt")
 
   fresh = iter(pipeline.make_dataset(cfg, tokenize=tok, shard_index=0, shard_count=1))
   restored = _orbax_restore(tmp_path / "ckpt", _RESUME_K, fresh)
@@ -353,11 +382,7 @@ def test_resume_into_worker_processes(syn_dir, tmp_path):
   # The state is a batch index, not a worker layout: a state saved without workers restores into
   # two worker processes, which produce the very same stream.
   cfg, tok = _resume_config(syn_dir), WordTokenizer(SYNTHETIC_VOCAB)
-  it = iter(pipeline.make_dataset(cfg, tokenize=tok, shard_index=0, shard_count=1))
-  for _ in range(_RESUME_K):
-    next(it)
-  _orbax_save(tmp_path / "ckpt", _RESUME_K, it)
-  expected = [next(it) for _ in range(_RESUME_N)]
+  expected = _save_at_k(cfg, tok, tmp_path / "ckpt")
 
   with_workers = pipeline.make_dataset(
       pipeline.PipelineConfig(**{**cfg.__dict__, "worker_count": 2}), tokenize=tok,

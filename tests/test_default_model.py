@@ -6,8 +6,6 @@ reconstruction ceiling (and better than without hold), and the README's main com
 The quality targets it misses (edit success 70%, edit-region IoU 0.5, leakage 35 dB with its
 default settings) are reported in the README from `python -m infer.evaluate`, not asserted here."""
 
-import editmgt_jax  # noqa: F401  (library setup first)
-
 import os
 
 import jax.numpy as jnp

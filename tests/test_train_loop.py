@@ -147,3 +147,48 @@ def test_nonfinite_loss_names_the_step(data, tmp_path):
     assert f"step {e.step}" in str(e) and f"batch #{e.step - 1}" in str(e)
     assert e.example_ids is not None and len(e.example_ids) == 4
     assert os.path.exists(e.dump)
+
+
+# ---------------------------------------------------------------------------- when things go wrong
+
+
+def test_damaged_checkpoint_fallback_export_on_rerun_lock_and_metrics(data, tmp_path, capsys):
+    """A run into a locked workdir stops naming the holder; a damaged newest checkpoint is skipped
+    (named, kept aside) and the resumed steps repeat the lost ones exactly, each once in
+    metrics.jsonl; a run killed after its last checkpoint but before the export exports on rerun."""
+    from editmgt_jax import checkpoints
+    from editmgt_jax.training.loop import train
+    from editmgt_jax.training.workdir import WorkdirBusyError, WorkdirLock
+
+    c = data_config(vq_tiny.get_config(), data, steps=6, batch_size=4)
+    c.train.update(checkpoint_every=2, keep_checkpoints=5, export=True)
+    wd = tmp_path / "run"
+    wd.mkdir()
+    with WorkdirLock(str(wd)):
+        with pytest.raises(WorkdirBusyError, match=f"is in use by pid {os.getpid()}"):
+            train(c, str(wd), compiler_options=FAST, progress=False)
+    first = train(c, str(wd), compiler_options=FAST, progress=False)
+    assert sorted(first.losses) == [1, 2, 3, 4, 5, 6]
+    assert checkpoints.read_config(wd / "model")["training"]["step"] == 6
+
+    # Killed between the last checkpoint and the export: the rerun only exports.
+    import shutil
+
+    shutil.rmtree(wd / "model")
+    again = train(c, str(wd), compiler_options=FAST, progress=False)
+    assert again.losses == {} and again.model_dir and checkpoints.read_config(wd / "model")["training"]["step"] == 6
+
+    # The newest checkpoint damaged: resume from step 4, say so, keep the damaged one aside.
+    state_dir = wd / "checkpoints" / "6" / "state"
+    biggest = max((p for p in state_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:40])
+    capsys.readouterr()
+    resumed = train(c, str(wd), compiler_options=FAST, progress=False)
+    err = capsys.readouterr().err
+    assert "checkpoint step 6 skipped: it cannot be read back" in err and "resuming from step 4" in err
+    assert sorted(resumed.losses) == [5, 6]
+    assert [resumed.losses[s] for s in (5, 6)] == [first.losses[s] for s in (5, 6)]   # exact resume
+    assert any(p.name.startswith("damaged-6-") for p in (wd / "checkpoints").iterdir())
+    rows = [json.loads(x) for x in open(wd / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]                          # each step once
+    assert [r["loss"] for r in rows][4:] == [first.losses[5], first.losses[6]]

@@ -2,7 +2,7 @@
 
 import os
 
-from editmgt_jax.data import synthetic_edits
+from editmgt_jax.data.synthetic_edits import builder as synthetic_edits
 
 RES, N_TRAIN, N_TEST = 32, 32, 8
 DATA_NAME = f"synthetic_edits/{synthetic_edits.config_name(RES, N_TRAIN, N_TEST, 0)}"

@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _synthetic_builder(args, config_name: str | None):
-  from editmgt_jax.data import synthetic_edits as se  # pylint: disable=g-import-not-at-top
+  from editmgt_jax.data.synthetic_edits import builder as se  # pylint: disable=g-import-not-at-top
 
   if args.manual_dir or args.holdout_fraction is not None:
     raise SystemExit("--manual-dir and --holdout-fraction apply to crispedit only.")
@@ -143,10 +143,20 @@ def main(argv: list[str] | None = None) -> int:
   if dataset not in DATASETS:
     print(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}.", file=sys.stderr)
     return 2
-  if dataset == "crispedit" and args.manual_dir and not os.path.isdir(args.manual_dir):
-    print(f"input missing: --manual-dir {args.manual_dir} is not a directory.\n"
-          + ce.CrispEdit.MANUAL_DOWNLOAD_INSTRUCTIONS, file=sys.stderr)
-    return 2
+  if dataset == "crispedit" and args.manual_dir:
+    # Checked here so a missing or empty folder is one line, not a TFDS traceback.
+    problem = None
+    if not os.path.isdir(args.manual_dir):
+      problem = "is not a directory"
+    else:
+      try:
+        ce.find_shards(args.manual_dir)
+      except FileNotFoundError:
+        problem = "holds no parquet shards in data/ or at its top level"
+    if problem:
+      print(f"input missing: --manual-dir {args.manual_dir} {problem} (it should hold CrispEdit-2M's "
+            f"data/*.parquet files, downloaded beforehand; nothing is downloaded here)", file=sys.stderr)
+      return 2
   builder = (_synthetic_builder if dataset == "synthetic_edits" else _crispedit_builder)(
       args, config_name or None
   )
@@ -165,6 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   except FileNotFoundError as e:
     print(f"input missing: {e}", file=sys.stderr)
+    return 2
+  except Exception:  # pylint: disable=broad-except
+    # Every row skipped: TFDS refuses an empty split. Say why, from the report written first.
+    report = getattr(builder, "skip_report", None)
+    if dataset != "crispedit" or report is None or not report.rows_read or report.total < report.rows_read:
+      raise
+    path = ce.write_failed_skip_report(builder)
+    print(f"no examples: all {report.rows_read:,} rows read were skipped; nothing written. "
+          f"Reasons (details in {path}):", file=sys.stderr)
+    for reason, count in report.counts.most_common():
+      print(f"  {count:,} x {reason}", file=sys.stderr)
     return 2
   print()
   if already:

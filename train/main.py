@@ -25,6 +25,7 @@ samples/, loss.png, model/).
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -63,18 +64,67 @@ class _QuietOrbax:
         return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
 
 
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_arg(argv) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def parse_flags(argv):
+    """absl flag parsing with one-line errors (exit status 2) for a missing config file, a config
+    override naming no field, and any other flag error."""
+    path = _config_arg(argv)
+    if path is not None and not os.path.isfile(path.split(":", 1)[0]):
+        _fail(f"--config {path}: no such file")
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e))
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        # A --config.FIELD=VALUE override of a field the config lacks, or a value of the wrong type.
+        import re
+
+        raw = " ".join(str(e).replace("\\'", "'").replace("\\n", " ").split())
+        field = (re.findall(r"'(\w+)'", raw) or [""])[0]
+        flag = next((a for a in argv[1:] if a.startswith("--config.") and field and field in a),
+                    "a --config.FIELD override")
+        if isinstance(e, (KeyError, AttributeError)) and field:
+            hint = re.search(r'[Dd]id you mean "\w+"', raw)
+            _fail(f"{flag}: the config has no field {field!r}" + (f" ({hint[0].lower()}?)" if hint else ""))
+        _fail(f"{flag}: {raw.strip(chr(39))}")
+
+
 def main(argv):
     import logging as py_logging
 
     py_logging.getLogger("absl").addFilter(_QuietOrbax())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or not _WORKDIR.value:
+    try:
+        config = _CONFIG.value
+    except Exception as e:  # noqa: BLE001  (the config file itself failed to load)
+        cause = e.__cause__ or e.__context__ or e
+        _fail(f"--config {_config_arg(sys.argv)}: cannot be loaded ({type(cause).__name__}: {cause})")
+    if config is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required")
     _init_distributed()
+    from editmgt_jax import checkpoints
+    from editmgt_jax.training.checkpoint import CheckpointDamagedError
     from editmgt_jax.training.loop import train
+    from editmgt_jax.training.workdir import WorkdirBusyError
 
-    result = train(_CONFIG.value, _WORKDIR.value)
+    try:
+        result = train(config, _WORKDIR.value)
+    except (FileNotFoundError, WorkdirBusyError, CheckpointDamagedError, checkpoints.CheckpointError) as e:
+        _fail(str(e))
     import jax
 
     if jax.process_index() == 0:
@@ -84,4 +134,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    if any(a in ("--help", "-h", "--helpshort", "-?") for a in sys.argv[1:]):
+        app.usage(shorthelp=True, writeto_stdout=True)   # absl exits 1 after help; asking is not an error
+        sys.exit(0)
+    app.run(main, flags_parser=parse_flags)

@@ -6,7 +6,7 @@ API is :func:`convert_release` and, per component, :func:`convert_component`.
 
 from editmgt_jax.convert.core import ConversionError, Rule, TensorSource, convert_tensors
 from editmgt_jax.convert.registry import COMPONENTS, Component, convert_component
-from editmgt_jax.convert.release import convert_release, load_fixture_component
+from editmgt_jax.convert.release import convert_release, fixture_conventions, load_fixture_component
 
 __all__ = ["COMPONENTS", "Component", "ConversionError", "Rule", "TensorSource", "convert_component",
-           "convert_release", "convert_tensors", "load_fixture_component"]
+           "convert_release", "convert_tensors", "fixture_conventions", "load_fixture_component"]

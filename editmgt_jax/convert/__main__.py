@@ -10,6 +10,7 @@ The release folder holds one subfolder per component, each with ``config.json`` 
   text_encoder/ CLIP text tower with projection      (optional)
   llm_encoder/  Gemma-2 language model, used as an encoder (optional)
   tokenizer/    CLIP tokenizer files                 (optional, copied)
+  scheduler/    scheduler_config.json: the mask token id (optional; default vocab_size - 1)
 No PyTorch is needed; tensors are read one at a time.
 """
 

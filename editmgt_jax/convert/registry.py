@@ -72,9 +72,9 @@ def abstract_params(component: Component, cfg) -> dict:
     """Shape/dtype tree of the component's parameters (no memory allocated)."""
     from flax import nnx
 
-    _, model_cls = component.classes()
-    model = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
-    return nnx.to_pure_dict(nnx.split(model)[1])
+    from editmgt_jax import checkpoints
+
+    return nnx.to_pure_dict(nnx.split(checkpoints.abstract_module(component.name, cfg))[1])
 
 
 def convert_component(component: Component, cfg, source: TensorSource, *, dtype=np.float32,
@@ -92,19 +92,9 @@ def find_release_dir(root: str, component: Component) -> str | None:
 
 
 def instantiate(component: Component | str, cfg, params: Mapping, **kwargs):
-    """An NNX module of ``component`` with ``params`` (nested dicts of arrays) loaded, no init cost."""
-    import jax.numpy as jnp
-    from flax import nnx
+    """An NNX module of ``component`` with ``params`` (nested dicts of arrays) loaded, no init cost
+    (:func:`editmgt_jax.checkpoints.abstract_module` + :func:`~editmgt_jax.checkpoints.merge_params`)."""
+    from editmgt_jax import checkpoints
 
-    comp = COMPONENTS[component] if isinstance(component, str) else component
-    _, model_cls = comp.classes()
-    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0), **kwargs))
-    graphdef, state = nnx.split(abstract)
-    nnx.replace_by_pure_dict(state, jax_tree_map(jnp.asarray, params))
-    return nnx.merge(graphdef, state)
-
-
-def jax_tree_map(fn, tree):
-    import jax
-
-    return jax.tree.map(fn, tree)
+    name = component if isinstance(component, str) else component.name
+    return checkpoints.merge_params(checkpoints.abstract_module(name, cfg, **kwargs), params)

@@ -27,9 +27,12 @@ def convert_release(official_dir: str, out_dir: str, *, components: Sequence[str
                     dtype=np.float32, overwrite: bool = False,
                     log: Callable[[str], None] = _log) -> str:
     """Convert a release folder (``vqvae/``, ``editmgt/`` or ``transformer/``, ``text_encoder/``,
-    ``llm_encoder/``, ``tokenizer/``) into a model checkpoint at ``out_dir``.
+    ``llm_encoder/``, ``tokenizer/``, ``scheduler/``) into a model checkpoint at ``out_dir``.
 
-    Components are converted and written one at a time, so peak memory is one component.
+    Components are converted and written one at a time, so peak memory is one component. The
+    release's conventions (:func:`editmgt_jax.checkpoints.release_conventions`: the mask id from
+    ``scheduler/scheduler_config.json``, else ``vocab_size - 1``) go into the checkpoint's
+    ``config.json``.
     """
     from tqdm import tqdm
 
@@ -51,39 +54,80 @@ def convert_release(official_dir: str, out_dir: str, *, components: Sequence[str
             log(f"[convert] {n}: no {'/'.join(comp.release_dirs)}/ folder, skipped")
             continue
         found[n] = d
+    conventions = None
+    if "transformer" in found:   # read (and checked) before anything is written
+        tcfg = read_json(os.path.join(found["transformer"], "config.json"))
+        try:
+            conventions = checkpoints.release_conventions(official_dir, {**_TRANSFORMER_DEFAULTS, **tcfg})
+        except checkpoints.CheckpointError as e:
+            raise ConversionError(str(e)) from None
+        log(f"[convert] mask token id {conventions.mask_token_id} (from {conventions.source})")
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir):
-        if not overwrite:
-            raise ConversionError(f"--out {out_dir}: already exists (use --overwrite)")
-        shutil.rmtree(out_dir)
-    os.makedirs(os.path.join(out_dir, "params"))
-    configs = {}
-    for n, d in found.items():
-        comp = COMPONENTS[n]
-        cfg = config_from_official(comp, read_json(os.path.join(d, "config.json")), d)
-        source = TensorSource.from_dir(d)
-        bar = tqdm(total=len(source), desc=f"convert {n}", unit="tensor", leave=False)
-        params = convert_component(comp, cfg, source, dtype=dtype, progress=lambda _k: bar.update())
-        bar.close()
-        checkpoints.save_component(out_dir, n, params)
-        configs[n] = cfg.to_dict()
-        log(f"[convert] {n}: {len(source)} tensors from {d}, "
-            f"{sum(int(np.prod(x.shape)) for x in _leaves(params)):,} parameters")
-        del params
-    for dest, srcs in TOKENIZER_DIRS.items():
-        for s in srcs:
-            src = os.path.join(official_dir, s)
-            files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
-            if files:
-                os.makedirs(os.path.join(out_dir, dest), exist_ok=True)
-                for f in files:
-                    shutil.copy2(os.path.join(src, f), os.path.join(out_dir, dest, f))
-                log(f"[convert] {dest}: {len(files)} file(s) from {src}")
-                break
-    checkpoints.write_config(out_dir, configs, {"source": os.path.abspath(official_dir),
-                                                "timestep_convention": "step_index"})
+    # Written into a temporary sibling and renamed when complete: a failed or killed conversion
+    # leaves --out as it was, and --overwrite replaces only a model checkpoint.
+    try:
+        checkpoints.check_replaceable(out_dir, overwrite=overwrite, flag="--overwrite")
+    except checkpoints.CheckpointError as e:
+        raise ConversionError(f"--out {e}") from None
+    with checkpoints.writing_checkpoint(out_dir, overwrite=overwrite) as tmp:
+        configs = {}
+        for n, d in found.items():
+            comp = COMPONENTS[n]
+            cfg = config_from_official(comp, read_json(os.path.join(d, "config.json")), d)
+            source = TensorSource.from_dir(d)
+            bar = tqdm(total=len(source), desc=f"convert {n}", unit="tensor", leave=False)
+            params = convert_component(comp, cfg, source, dtype=dtype, progress=lambda _k: bar.update())
+            bar.close()
+            checkpoints.save_component(tmp, n, params)
+            configs[n] = cfg.to_dict()
+            log(f"[convert] {n}: {len(source)} tensors from {d}, "
+                f"{sum(int(np.prod(x.shape)) for x in _leaves(params)):,} parameters")
+            del params
+            _release_freed_memory()
+        for dest, srcs in TOKENIZER_DIRS.items():
+            for s in srcs:
+                src = os.path.join(official_dir, s)
+                files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
+                if files:
+                    os.makedirs(os.path.join(tmp, dest), exist_ok=True)
+                    for f in files:
+                        shutil.copy2(os.path.join(src, f), os.path.join(tmp, dest, f))
+                    log(f"[convert] {dest}: {len(files)} file(s) from {src}")
+                    break
+        checkpoints.write_config(tmp, configs, {"source": os.path.abspath(official_dir),
+                                                "timestep_convention": "step_index"},
+                                 conventions=conventions)
     log(f"[convert] wrote {out_dir}")
     return out_dir
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory of a written component back to the system before the next one: its many
+    small tensors were freed into the allocator's heap, which otherwise keeps them resident."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: nothing to trim
+        pass
+
+
+# vocab_size / codebook_size of an official transformer config.json that leaves them out.
+_TRANSFORMER_DEFAULTS = {"vocab_size": 8256, "codebook_size": 8192}
+
+
+def fixture_conventions(fixture_dir: str) -> "checkpoints.Conventions":
+    """The conventions of a reference-fixture folder, read as from a release: the mask id from
+    ``scheduler_config.json`` in the folder when present, else ``vocab_size - 1`` of
+    ``transformer_config.json``."""
+    tcfg = read_json(os.path.join(fixture_dir, f"{COMPONENTS['transformer'].fixture_prefix}_config.json"))
+    try:
+        return checkpoints.release_conventions(fixture_dir, {**_TRANSFORMER_DEFAULTS, **tcfg},
+                                               scheduler_config="scheduler_config.json")
+    except checkpoints.CheckpointError as e:
+        raise ConversionError(str(e)) from None
 
 
 def _leaves(tree):

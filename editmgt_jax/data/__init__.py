@@ -1,21 +1,7 @@
 """Datasets and the input pipeline.
 
-Importing this package registers the TFDS builders `crispedit` and `synthetic_edits`, so
-`tfds.builder("synthetic_edits/default", data_dir=...)` and `tfds.data_source(...)` find them.
-Build them with `python -m train.build_dataset`; read them with `editmgt_jax.data.pipeline`.
+`categories` (the seven edit categories), `crispedit` and `synthetic_edits` (TFDS builders; the
+builder classes live in `crispedit` and `synthetic_edits.builder`), `pipeline` (Grain batches from
+built datasets; `sources` and `transforms` behind it) and `pretokenize`. Importing this package imports none of them: TFDS is loaded only
+where a builder is needed (`train.build_dataset`, `sources.tfds_source`).
 """
-
-from editmgt_jax.data.crispedit import EDIT_CATEGORIES, CrispEdit, CrispEditConfig, CrispEditSchemaError
-from editmgt_jax.data.synthetic_edits import SYNTHETIC_VOCAB, SyntheticEdits, SyntheticEditsConfig
-from editmgt_jax.data.text import WordTokenizer
-
-__all__ = [
-    "EDIT_CATEGORIES",
-    "SYNTHETIC_VOCAB",
-    "CrispEdit",
-    "CrispEditConfig",
-    "CrispEditSchemaError",
-    "SyntheticEdits",
-    "SyntheticEditsConfig",
-    "WordTokenizer",
-]

@@ -51,20 +51,16 @@ otherwise call `absl.flags.FLAGS.mark_as_parsed()`).
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image
 
-Tokenize = Callable[[Sequence[str]], Mapping[str, np.ndarray]]
+from editmgt_jax.data.sources import token_source, tfds_source
+from editmgt_jax.data.transforms import Collate, DecodeAndCrop, ParseTokens, Standardize, Tokenize
 
 CROP_POLICIES = ("center", "random", "independent")
-_IMAGE_FEATURES = ("source_image", "target_image")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,102 +165,6 @@ def from_config(config: Any) -> PipelineConfig:
   return PipelineConfig(**kwargs)
 
 
-# ---------------------------------------------------------------------------------------------
-# Pre-tokenised records (written by train.pretokenize).
-
-TOKENS_METADATA = "metadata.json"
-
-
-_TOKEN_MAGIC = b"EMT1"
-
-
-def serialize_token_record(
-    source_ids: np.ndarray, target_ids: np.ndarray, category: int, instruction: str
-) -> bytes:
-  """One pre-tokenised example as bytes.
-
-  Layout: `b"EMT1"`, a little-endian uint32 header length, a JSON header (`grid`, `category`,
-  `instruction`), then source and target ids as little-endian int32 in row-major order. Parsing is
-  a couple of `np.frombuffer` calls, no pickle and no zip.
-  """
-  source_ids = np.asarray(source_ids, "<i4")
-  target_ids = np.asarray(target_ids, "<i4")
-  if source_ids.shape != target_ids.shape or source_ids.ndim != 2:
-    raise ValueError(f"token grids must be equal 2-D shapes, got {source_ids.shape} and {target_ids.shape}.")
-  header = json.dumps(
-      {"grid": list(source_ids.shape), "category": int(category), "instruction": instruction}
-  ).encode()
-  return b"".join([
-      _TOKEN_MAGIC, np.uint32(len(header)).astype("<u4").tobytes(), header,
-      source_ids.tobytes(), target_ids.tobytes(),
-  ])
-
-
-def parse_token_record(data: bytes) -> dict[str, Any]:
-  """Inverse of `serialize_token_record`: ids `[h, w] int32`, category int, instruction str."""
-  if data[:4] != _TOKEN_MAGIC:
-    raise ValueError("not a pre-tokenised record (bad magic); rewrite it with train.pretokenize.")
-  n = int(np.frombuffer(data, "<u4", 1, 4)[0])
-  header = json.loads(data[8 : 8 + n])
-  h, w = header["grid"]
-  ids = np.frombuffer(data, "<i4", 2 * h * w, 8 + n).astype(np.int32).reshape(2, h, w)
-  return {
-      "source_ids": ids[0],
-      "target_ids": ids[1],
-      "category": header["category"],
-      "instruction": header["instruction"],
-  }
-
-
-def _token_source(spec: DatasetSpec):
-  meta_path = os.path.join(spec.tokens_dir, TOKENS_METADATA)
-  if not os.path.exists(meta_path):
-    raise FileNotFoundError(
-        f"{meta_path} not found: {spec.tokens_dir} is not a pre-tokenised dataset "
-        "(write one with `python -m train.pretokenize`)."
-    )
-  with open(meta_path) as f:
-    meta = json.load(f)
-  files = [os.path.join(spec.tokens_dir, name) for name in meta["files"]]
-  return grain.sources.ArrayRecordDataSource(files), meta
-
-
-# ---------------------------------------------------------------------------------------------
-# TFDS sources.
-
-
-def tfds_source(spec: DatasetSpec):
-  """`(random-access source of spec.split with the images still encoded, whether it has edit masks)`
-  for a built TFDS dataset; a missing dataset or split raises an error naming it."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  import editmgt_jax.data  # pylint: disable=g-import-not-at-top,unused-import  (registers builders)
-
-  try:
-    builder = tfds.builder(spec.name, data_dir=spec.data_dir)
-  except Exception as e:  # pylint: disable=broad-except
-    raise FileNotFoundError(
-        f"dataset {spec.name!r} not found in data_dir {spec.data_dir!r} ({e}). Build it with "
-        f"`python -m train.build_dataset {spec.name.split('/')[0]} --data-dir DIR`."
-    ) from e
-  if not builder.is_prepared():
-    raise FileNotFoundError(
-        f"dataset {spec.name!r} is not built in {builder.data_dir}. Build it with "
-        f"`python -m train.build_dataset {spec.name.split('/')[0]} --data-dir DIR`."
-    )
-  features = builder.info.features
-  missing = [k for k in (*_IMAGE_FEATURES, "instruction", "category") if k not in features]
-  if missing:
-    raise ValueError(f"dataset {spec.name!r} lacks the feature(s) {missing} the pipeline needs.")
-  # Images stay encoded here and are decoded in the pipeline's map, where the crop size is known.
-  decoders = {k: tfds.decode.SkipDecoding() for k in (*_IMAGE_FEATURES, "edit_mask") if k in features}
-  try:
-    source = builder.as_data_source(split=spec.split, decoders=decoders)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(
-        f"dataset {spec.name!r}: split {spec.split!r} not available "
-        f"(splits: {list(builder.info.splits)}): {e}"
-    ) from e
-  return source, "edit_mask" in features
 
 
 def _shard_index_and_count(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
@@ -281,128 +181,6 @@ def _shard_index_and_count(shard_index: int | None, shard_count: int | None) -> 
 def _derive_seed(*parts: int) -> int:
   """An independent 32-bit seed per (seed, purpose, ...) so that per-epoch seeds never collide."""
   return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-example transforms (run in worker processes: module-level, picklable).
-
-
-@dataclasses.dataclass(frozen=True)
-class Standardize:
-  """Raw TFDS record -> the common dict every mixed dataset yields."""
-
-  dataset_id: int
-  keep_mask: bool
-  num_records: int
-
-  def __call__(self, index: int, record: Mapping[str, Any]) -> dict[str, Any]:
-    index %= self.num_records  # later epochs ask for index + epoch * num_records
-    out = {
-        "source_image": record["source_image"],
-        "target_image": record["target_image"],
-        "instruction": record["instruction"],
-        "category": int(record["category"]),
-        "index": index,
-        "dataset_id": self.dataset_id,
-    }
-    if self.keep_mask:
-      out["edit_mask"] = record["edit_mask"]
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class _ParseTokens:
-  dataset_id: int
-  num_records: int
-
-  def __call__(self, index: int, data: bytes) -> dict[str, Any]:
-    out = parse_token_record(data)
-    out["index"] = index % self.num_records
-    out["dataset_id"] = self.dataset_id
-    return out
-
-
-def _load_image(data: bytes, resolution: int) -> tuple[Image.Image, tuple[int, int]]:
-  """Decodes to RGB with the short side resized to `resolution`; also returns the original (h, w)."""
-  with Image.open(io.BytesIO(data)) as im:
-    w, h = im.size
-    scale = resolution / min(w, h)
-    # JPEG: let the decoder downscale by up to 8x while keeping the short side >= resolution.
-    im.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
-    rgb = _resize_short_side(im.convert("RGB"), resolution, Image.BICUBIC)
-  return rgb, (h, w)
-
-
-def _resize_short_side(im: Image.Image, resolution: int, resample) -> Image.Image:
-  w, h = im.size
-  scale = resolution / min(w, h)
-  size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-  return im if size == im.size else im.resize(size, resample)
-
-
-def _crop(array: np.ndarray, u: tuple[float, float], resolution: int) -> tuple[np.ndarray, tuple[int, int]]:
-  """Crops `[H, W, ...]` to `[R, R, ...]` at relative position `u` in [0, 1]^2."""
-  top = int(round(u[0] * (array.shape[0] - resolution)))
-  left = int(round(u[1] * (array.shape[1] - resolution)))
-  return array[top : top + resolution, left : left + resolution], (top, left)
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeAndCrop:
-  """Decodes both images (and the mask), resizes the short side to R and crops R x R."""
-
-  resolution: int
-  crop: str
-
-  def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    r = self.resolution
-    if self.crop == "center":
-      u_src = u_tgt = (0.5, 0.5)
-    elif self.crop == "random":
-      u_src = u_tgt = tuple(rng.random(2))
-    else:  # independent
-      u_src, u_tgt = tuple(rng.random(2)), tuple(rng.random(2))
-    out = {k: v for k, v in example.items() if k not in (*_IMAGE_FEATURES, "edit_mask")}
-
-    src, _ = _load_image(example["source_image"], r)
-    out["source"], _ = _crop(np.asarray(src), u_src, r)
-    tgt, original_size = _load_image(example["target_image"], r)
-    out["target"], crop_tl = _crop(np.asarray(tgt), u_tgt, r)
-    if "edit_mask" in example:
-      with Image.open(io.BytesIO(example["edit_mask"])) as im:
-        # The mask belongs to the target: same resized size, same crop, nearest neighbour.
-        mask = im.convert("L").resize(tgt.size, Image.NEAREST)
-        out["edit_mask"], _ = _crop(np.asarray(mask) > 127, u_tgt, r)
-    out["original_size"] = np.asarray(original_size, np.int32)
-    out["crop_top_left"] = np.asarray(crop_tl, np.int32)
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class _Collate:
-  """List of examples -> dict of stacked arrays (+ tokenised instructions)."""
-
-  tokenize: Tokenize | None
-  image_dtype: str
-  with_ids: bool
-
-  def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-    skip = {"instruction"} if self.with_ids else {"instruction", "index", "dataset_id"}
-    keys = [k for k in examples[0] if k not in skip]
-    batch = {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
-    batch["category"] = batch["category"].astype(np.int32)
-    if self.with_ids:
-      batch["index"] = batch["index"].astype(np.int64)
-      batch["dataset_id"] = batch["dataset_id"].astype(np.int32)
-    if self.image_dtype == "float32":
-      for k in ("source", "target"):
-        if k in batch:
-          batch[k] = batch[k].astype(np.float32) / np.float32(255)
-    if self.tokenize is not None:
-      texts = [e["instruction"] for e in examples]
-      texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
-      batch.update({f"instruction_{k}": np.asarray(v) for k, v in self.tokenize(texts).items()})
-    return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,8 +229,8 @@ def make_map_dataset(
   per_dataset = []
   if all(pretokenised):
     for i, spec in enumerate(config.datasets):
-      source, _ = _token_source(spec)
-      ds = grain.MapDataset.source(source).map_with_index(_ParseTokens(i, len(source)))
+      source, _ = token_source(spec)
+      ds = grain.MapDataset.source(source).map_with_index(ParseTokens(i, len(source)))
       per_dataset.append(_per_host(ds, spec, config, i, shard_index, shard_count))
   else:
     sources = [tfds_source(spec) for spec in config.datasets]
@@ -476,7 +254,7 @@ def make_map_dataset(
   return ds.batch(
       config.batch_size,
       drop_remainder=True,
-      batch_fn=_Collate(tokenize, config.image_dtype, config.with_ids),
+      batch_fn=Collate(tokenize, config.image_dtype, config.with_ids),
   )
 
 
@@ -567,14 +345,6 @@ class BatchDataset(grain.IterDataset):
     return len(self.batches)
 
 
-def _ensure_absl_flags_parsed() -> None:
-  """Grain reads its absl flags when it starts workers; programs without absl never parse them."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
 def make_dataset(
     config: PipelineConfig | Any,
     *,
@@ -599,13 +369,8 @@ __all__ = [
     "BatchDataset",
     "BatchIterator",
     "DatasetSpec",
-    "DecodeAndCrop",
     "PipelineConfig",
-    "Standardize",
     "from_config",
     "make_dataset",
     "make_map_dataset",
-    "parse_token_record",
-    "serialize_token_record",
-    "tfds_source",
 ]

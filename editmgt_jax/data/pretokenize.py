@@ -86,17 +86,17 @@ def _image_batches(dataset: str, split: str, data_dir: str | None, resolution: i
                    batch_size: int, limit: int | None):
   """(iterator over lists of decoded, centre-cropped examples in record order, number of examples)."""
   import grain  # pylint: disable=g-import-not-at-top
-  from editmgt_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from editmgt_jax.data import pipeline, sources, transforms  # pylint: disable=g-import-not-at-top
 
-  source, _ = pipeline.tfds_source(
+  source, _ = sources.tfds_source(
       pipeline.DatasetSpec(name=dataset, split=split, data_dir=data_dir)
   )
   ds = grain.MapDataset.source(source)
   if limit is not None:
     ds = ds[:limit]
-  decode = pipeline.DecodeAndCrop(resolution, "center")
+  decode = transforms.DecodeAndCrop(resolution, "center")
   ds = (
-      ds.map_with_index(pipeline.Standardize(0, False, len(source)))
+      ds.map_with_index(transforms.Standardize(0, False, len(source)))
       .map(lambda ex: decode(ex, None))  # centre crops draw no random numbers
       .batch(batch_size, drop_remainder=False, batch_fn=list)
   )
@@ -134,7 +134,7 @@ def pretokenize(
   """
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from editmgt_jax.data.pipeline import TOKENS_METADATA, serialize_token_record  # pylint: disable=g-import-not-at-top
+  from editmgt_jax.data.sources import TOKENS_METADATA, serialize_token_record  # pylint: disable=g-import-not-at-top
 
   batches, total = _image_batches(dataset, split, data_dir, resolution, batch_size, limit)
   if total == 0:

@@ -133,7 +133,29 @@ def _load_triplet(source: str, target: str, mask: str | None):
 
 
 # ------------------------------------------------------------------------------------ folders
-class ManifestSet(EvalSet):
+class _EntrySet(EvalSet):
+    """An `EvalSet` of `entries`: dicts with `id`, `source`, `target`, `mask` (image paths; mask may
+    be None), `instruction`, `category` and, optionally, `where` (prefixed to a read error)."""
+
+    entries: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        e = self.entries[i]
+        try:
+            src, tgt, m = _load_triplet(e["source"], e["target"], e["mask"])
+        except EvalDataError as err:
+            if "where" not in e:
+                raise
+            raise EvalDataError(f"{e['where']}: {err}") from None
+        return EvalItem(e["id"], src, tgt, e["instruction"], m, e["category"])
+
+
+class ManifestSet(_EntrySet):
     """Layout 1: a JSONL manifest (see the module docstring)."""
 
     def __init__(self, manifest: str):
@@ -184,19 +206,6 @@ class ManifestSet(EvalSet):
         if not self.entries:
             raise EvalDataError(f"{self.manifest}: manifest holds no items")
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        e = self.entries[i]
-        try:
-            src, tgt, m = _load_triplet(e["source"], e["target"], e["mask"])
-        except EvalDataError as err:
-            raise EvalDataError(f"{e['where']}: {err}") from None
-        return EvalItem(e["id"], src, tgt, e["instruction"], m, e["category"])
-
     def describe(self) -> dict:
         return {"name": self.name, "kind": "folder", "layout": "manifest", "path": self.manifest,
                 "num_items": len(self)}
@@ -220,7 +229,7 @@ def _read_text(path: str) -> str:
         raise EvalDataError(f"{path}: not UTF-8 text") from None
 
 
-class FolderSet(EvalSet):
+class FolderSet(_EntrySet):
     """Layout 2: one sub-folder per edit (see the module docstring)."""
 
     def __init__(self, root: str):
@@ -255,16 +264,6 @@ class FolderSet(EvalSet):
             raise EvalDataError(
                 f"{self.root}: no evaluation items found: expected {MANIFEST_NAME} or sub-folders "
                 f"<id>/ with source.<ext>, target.<ext> and instruction.txt")
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        e = self.entries[i]
-        src, tgt, m = _load_triplet(e["source"], e["target"], e["mask"])
-        return EvalItem(e["id"], src, tgt, e["instruction"], m, e["category"])
 
     def describe(self) -> dict:
         return {"name": self.name, "kind": "folder", "layout": "per-item folders", "path": self.root,

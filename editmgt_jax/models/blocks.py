@@ -12,111 +12,58 @@ Attention tensors use the layout ``[B, heads, S, head_dim]``.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from editmgt_jax.models.attention import (CAPTURE_MODES, Segments, attention, naive_attention,
+                                          naive_capture, reference_bias)  # noqa: F401 (re-exported)
 from editmgt_jax.models.embeddings import apply_rope
 from editmgt_jax.models.layers import Linear, RMSNorm, gelu_tanh, layer_norm
 
-CAPTURE_MODES = ("official", "model")
 QK_NORM_EPS = 1e-6
 
 
 # ----------------------------------------------------------------------------- attention core
-@dataclasses.dataclass(frozen=True)
-class Segments:
-    """Static lengths of the joint sequence ``[text, image, reference]``."""
-
-    text: int
-    image: int
-    reference: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.text + self.image + self.reference
-
-
-def reference_bias(seg: Segments, log_strength: jax.Array | float | None) -> jax.Array | None:
-    """Additive logit bias ``[S, S] float32``: ``log_strength`` between a reference token and a
-    non-reference token (both directions), 0 elsewhere. ``None`` when there is nothing to add."""
-    if seg.reference == 0 or log_strength is None:
-        return None
-    is_ref = jnp.arange(seg.total) >= seg.text + seg.image
-    cross = is_ref[:, None] != is_ref[None, :]
-    return jnp.where(cross, jnp.asarray(log_strength, jnp.float32), jnp.float32(0.0))
-
-
-def _logits(q: jax.Array, k: jax.Array) -> jax.Array:
-    """Scaled dot products ``[B, H, Sq, Sk] float32`` of ``q [B, H, Sq, D]`` and ``k [B, H, Sk, D]``."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    return jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-
-
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           bias: jax.Array | None = None) -> jax.Array:
-    """Softmax attention, scale ``1/sqrt(head_dim)``, logits and softmax in float32.
-
-    Args:
-      q: ``[B, H, Sq, D]``; k, v: ``[B, H, Sk, D]``, all of one dtype.
-      bias: ``None`` or additive float32 bias broadcastable to ``[B, H, Sq, Sk]``.
-    Returns:
-      ``[B, H, Sq, D]`` in ``v.dtype``.
-    """
-    logits = _logits(q, k)
-    if bias is not None:
-        logits = logits + bias
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.astype(v.dtype)
+    """Softmax attention with full ``[B, H, Sq, Sk]`` float32 logits (the textbook formula; the model
+    uses :func:`editmgt_jax.models.attention.attention`)."""
+    return naive_attention(q, k, v, bias)
 
 
 def text_to_image_attention(q: jax.Array, k: jax.Array, seg: Segments, bias: jax.Array | None,
                             mode: str) -> jax.Array:
-    """Attention of the text queries over the image keys, averaged over heads and text rows.
+    """Attention of the text queries over the image keys from full logits, ``[B, seg.image] float32``
+    (the textbook formula of what :func:`~editmgt_jax.models.attention.attention` captures).
 
     ``mode="official"``: softmax over the ``[text, image]`` keys only, without the reference bias (what
     the reference implementation records). ``mode="model"``: the rows of the attention actually
     used (all keys, bias included), restricted to the image columns.
-
-    Args:
-      q, k: rotated queries / keys ``[B, H, S, D]`` of the whole joint sequence.
-    Returns:
-      ``[B, seg.image] float32``.
     """
-    if mode not in CAPTURE_MODES:
-        raise ValueError(f"capture_mode must be one of {CAPTURE_MODES}, got {mode!r}")
-    q_text = q[:, :, : seg.text]
-    if mode == "official":
-        logits = _logits(q_text, k[:, :, : seg.text + seg.image])
-    else:
-        logits = _logits(q_text, k)
-        if bias is not None:
-            logits = logits + bias[: seg.text]
-    probs = jax.nn.softmax(logits, axis=-1)[..., seg.text: seg.text + seg.image]
-    return jnp.mean(probs, axis=(1, 2))
+    return naive_capture(q, k, seg, bias, mode)
 
 
 def joint_attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array,
-                    seg: Segments, bias: jax.Array | None,
-                    capture_mode: str | None) -> tuple[jax.Array, jax.Array | None]:
+                    seg: Segments, log_strength: jax.Array | None,
+                    capture_mode: str | None,
+                    implementation: str | None = None) -> tuple[jax.Array, jax.Array | None]:
     """RoPE + attention over the joint sequence.
 
     Args:
       q, k, v: ``[B, H, S, D]`` with ``S = seg.total``, q and k already QK-normalised.
       cos, sin: ``[S, D] float32`` rotary tables of the joint sequence.
-      bias: :func:`reference_bias` of the sequence, or ``None``.
+      log_strength: ``log`` of the reference strength (float32 scalar), or ``None`` for no bias.
       capture_mode: ``None`` or one of :data:`CAPTURE_MODES`.
+      implementation: attention implementation (:data:`~editmgt_jax.models.attention.IMPLEMENTATIONS`),
+        ``None`` for the backend's default.
     Returns:
       ``(out [B, S, H*D], score [B, seg.image] float32 or None)``.
     """
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-    out = dot_product_attention(q, k, v, bias)
-    score = None if capture_mode is None else text_to_image_attention(q, k, seg, bias, capture_mode)
+    out, score = attention(q, k, v, seg, log_strength, capture_mode=capture_mode,
+                           implementation=implementation)
     b, h, s, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(b, s, h * d), score
 
@@ -247,8 +194,9 @@ class DualStreamBlock(nnx.Module):
         self.ff_context = FeedForward(dim, mult=mlp_ratio, **kw)
 
     def __call__(self, txt: jax.Array, img: jax.Array, temb: jax.Array, ref_temb: jax.Array | None,
-                 cos: jax.Array, sin: jax.Array, *, seg: Segments, bias: jax.Array | None = None,
-                 capture_mode: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+                 cos: jax.Array, sin: jax.Array, *, seg: Segments, log_strength: jax.Array | None = None,
+                 capture_mode: str | None = None, attention_impl: str | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """One block.
 
         Args:
@@ -256,7 +204,8 @@ class DualStreamBlock(nnx.Module):
           img: ``[B, N + Nr, D]`` image tokens followed by the ``Nr`` reference tokens (``seg``).
           temb, ref_temb: ``[B, D]`` conditioning of the target / reference stream.
           cos, sin: ``[L + N + Nr, head_dim] float32`` rotary tables of the joint sequence.
-          bias: :func:`reference_bias` of ``seg`` or ``None``.
+          log_strength: ``log`` of the reference strength, or ``None`` (no bias).
+          attention_impl: attention implementation, ``None`` for the backend's default.
         Returns:
           ``(txt, img, score)``; ``score`` is ``[B, N] float32`` when ``capture_mode`` is set.
         """
@@ -265,7 +214,7 @@ class DualStreamBlock(nnx.Module):
         qt, kt, vt = self.attn.context_qkv(modulate(txt, *mod_txt[:2]))
         qi, ki, vi = self.attn.qkv(modulate(img, *mod_img[:2]))
         q, k, v = (jnp.concatenate(p, axis=2) for p in ((qt, qi), (kt, ki), (vt, vi)))
-        out, score = joint_attention(q, k, v, cos, sin, seg, bias, capture_mode)
+        out, score = joint_attention(q, k, v, cos, sin, seg, log_strength, capture_mode, attention_impl)
         img = _residual_mlp(img, self.attn.to_out(out[:, seg.text:]), mod_img, self.ff)
         txt = _residual_mlp(txt, self.attn.to_add_out(out[:, : seg.text]), mod_txt, self.ff_context)
         return txt, img, score
@@ -287,19 +236,22 @@ class SingleStreamBlock(nnx.Module):
         self.attn = Attention(dim, num_heads, head_dim, context=False, pre_only=True, **kw)
 
     def __call__(self, x: jax.Array, temb: jax.Array, ref_temb: jax.Array | None, cos: jax.Array,
-                 sin: jax.Array, *, seg: Segments, bias: jax.Array | None = None,
-                 capture_mode: str | None = None) -> tuple[jax.Array, jax.Array | None]:
+                 sin: jax.Array, *, seg: Segments, log_strength: jax.Array | None = None,
+                 capture_mode: str | None = None, attention_impl: str | None = None
+                 ) -> tuple[jax.Array, jax.Array | None]:
         """One block.
 
         Args:
           x: ``[B, L + N + Nr, D]``: text, image, then reference tokens (``seg``).
           temb, ref_temb: ``[B, D]``. cos, sin: ``[L + N + Nr, head_dim] float32``.
-          bias: :func:`reference_bias` of ``seg`` or ``None``.
+          log_strength: ``log`` of the reference strength, or ``None`` (no bias).
+          attention_impl: attention implementation, ``None`` for the backend's default.
         Returns:
           ``(x, score)``; ``score`` is ``[B, N] float32`` when ``capture_mode`` is set.
         """
         shift, scale, gate = self.norm.per_token(temb, ref_temb, seg.text + seg.image, seg.reference)
         h = modulate(x, shift, scale)
-        out, score = joint_attention(*self.attn.qkv(h), cos, sin, seg, bias, capture_mode)
+        out, score = joint_attention(*self.attn.qkv(h), cos, sin, seg, log_strength, capture_mode,
+                                     attention_impl)
         mlp = gelu_tanh(self.proj_mlp(h))
         return x + gate * self.proj_out(jnp.concatenate([out, mlp], axis=-1)), score

@@ -25,6 +25,7 @@ from editmgt_jax.models.layers import Linear
 
 SINUSOID_DIM = 256        # width of one sinusoidal embedding (timestep and each micro-condition)
 NUM_MICRO_CONDS = 5       # [width, height, crop_top, crop_left, aesthetic]
+DEFAULT_AESTHETIC = 6.0   # the aesthetic score fed when none is given (the release's demo value)
 
 
 # ----------------------------------------------------------------------------- sinusoids
@@ -67,6 +68,13 @@ def micro_condition_embedding(micro_conds: jax.Array, dim: int = SINUSOID_DIM) -
     """
     b, k = micro_conds.shape
     return sinusoidal_embedding(micro_conds.reshape(b * k), dim).reshape(b, k * dim)
+
+
+def micro_conditions(width, height, crop_top=0, crop_left=0, aesthetic=DEFAULT_AESTHETIC) -> np.ndarray:
+    """The micro-conditions ``[..., 5] float32`` ``[width, height, crop_top, crop_left, aesthetic]``
+    (sizes in pixels). Arguments broadcast: scalars give one row ``[5]``, ``[B]`` arrays ``[B, 5]``."""
+    fields = (width, height, crop_top, crop_left, aesthetic)
+    return np.stack(np.broadcast_arrays(*(np.asarray(v, np.float32) for v in fields)), axis=-1)
 
 
 class TimestepEmbedding(nnx.Module):
@@ -179,7 +187,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 __all__ = [
-    "SINUSOID_DIM", "NUM_MICRO_CONDS", "sinusoidal_embedding", "micro_condition_embedding",
+    "SINUSOID_DIM", "NUM_MICRO_CONDS", "DEFAULT_AESTHETIC", "sinusoidal_embedding", "micro_condition_embedding",
+    "micro_conditions",
     "TimestepEmbedding", "CombinedTimestepTextProjEmbeddings", "grid_position_ids", "rope_tables",
     "joint_rope_tables", "apply_rope",
 ]

@@ -22,7 +22,9 @@ ones = nnx.initializers.ones_init()
 
 
 def partitioned(init, axes: Axes):
-    return nnx.with_partitioning(init, tuple(axes))
+    # Logical axis names only: shardings are applied at the jit boundary (editmgt_jax.parallel),
+    # never eagerly at construction, whatever nnx.use_eager_sharding says.
+    return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
 
 
 class Linear(nnx.Linear):

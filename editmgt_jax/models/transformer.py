@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from editmgt_jax.models.blocks import (CAPTURE_MODES, DualStreamBlock, Segments, SingleStreamBlock,
-                                       reference_bias)
+from editmgt_jax.models.attention import IMPLEMENTATIONS
+from editmgt_jax.models.blocks import CAPTURE_MODES, DualStreamBlock, Segments, SingleStreamBlock
 from editmgt_jax.models.embeddings import (NUM_MICRO_CONDS, SINUSOID_DIM, CombinedTimestepTextProjEmbeddings,
                                            TimestepEmbedding, joint_rope_tables, micro_condition_embedding)
 from editmgt_jax.models.layers import Conv2d, Linear, RMSNorm, partitioned
+from editmgt_jax.parallel import GATHERED_NAME, block_gather
 
 NORM_EPS = 1e-6
 
@@ -266,14 +267,18 @@ class EditTransformer(nnx.Module):
 
     Parameters are created in ``param_dtype``; activations run in ``dtype`` (norm statistics, RoPE,
     sinusoids, softmax and the logits in float32). ``remat=True`` recomputes each block's
-    activations in the backward pass instead of storing them (training memory).
+    activations in the backward pass instead of storing them (training memory). ``attention`` picks
+    the attention implementation (:mod:`editmgt_jax.models.attention`; ``None``: the backend's).
     """
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False):
+                 remat: bool = False, attention: str | None = None):
+        if attention is not None and attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention implementation {attention!r}: use one of {IMPLEMENTATIONS}")
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
+        self.attention = attention
         d = cfg.inner_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
@@ -398,10 +403,10 @@ class EditTransformer(nnx.Module):
             temb = self.conditioning(pooled, micro_conds, timestep)
 
         seg = Segments(text=txt.shape[1], image=gh * gw, reference=gh * gw if has_ref else 0)
-        if isinstance(reference_strength, (int, float)) and reference_strength == 1.0:
-            bias = None     # a static strength of 1: no bias at all
+        if not has_ref or (isinstance(reference_strength, (int, float)) and reference_strength == 1.0):
+            log_strength = None     # no reference, or a static strength of 1: no bias at all
         else:
-            bias = reference_bias(seg, jnp.log(jnp.asarray(reference_strength, jnp.float32)))
+            log_strength = jnp.log(jnp.asarray(reference_strength, jnp.float32))
         cos, sin = joint_rope_tables(seg.text, gh, gw, copies=2 if has_ref else 1,
                                      axes_dims=cfg.axes_dims_rope, theta=cfg.rope_theta)
         scores: dict[int, jax.Array] = {}
@@ -409,24 +414,41 @@ class EditTransformer(nnx.Module):
         def mode(i):
             return capture_mode if i in capture_blocks else None
 
+        # Under parallel.gather_per_block (FSDP), each block gathers its own parameters inside its
+        # checkpointed call; without remat every activation is still saved except those gathered
+        # copies, so the backward pass gathers the block again instead of keeping all blocks gathered.
+        gather = block_gather()
+
+        def wrap(call):
+            def gathered(block, *args):
+                return call(gather(block), *args)
+            if gather is None:
+                return nnx.remat(call) if self.remat else call
+            if self.remat:
+                return nnx.remat(gathered)
+            return nnx.remat(gathered, policy=jax.checkpoint_policies.save_anything_except_these_names(
+                GATHERED_NAME))
+
         def dual_call(m):
-            def call(block, txt, img, temb, ref_temb, bias):
-                return block(txt, img, temb, ref_temb, cos, sin, seg=seg, bias=bias, capture_mode=m)
-            return nnx.remat(call) if self.remat else call
+            def call(block, txt, img, temb, ref_temb, log_strength):
+                return block(txt, img, temb, ref_temb, cos, sin, seg=seg, log_strength=log_strength,
+                             capture_mode=m, attention_impl=self.attention)
+            return wrap(call)
 
         def single_call(m):
-            def call(block, x, temb, ref_temb, bias):
-                return block(x, temb, ref_temb, cos, sin, seg=seg, bias=bias, capture_mode=m)
-            return nnx.remat(call) if self.remat else call
+            def call(block, x, temb, ref_temb, log_strength):
+                return block(x, temb, ref_temb, cos, sin, seg=seg, log_strength=log_strength,
+                             capture_mode=m, attention_impl=self.attention)
+            return wrap(call)
 
         for i, block in enumerate(self.transformer_blocks):
-            txt, img, s = dual_call(mode(i))(block, txt, img, temb, ref_temb, bias)
+            txt, img, s = dual_call(mode(i))(block, txt, img, temb, ref_temb, log_strength)
             if s is not None:
                 scores[i] = s
         x = jnp.concatenate([txt, img], axis=1)                                 # [text; image; reference]
         for j, block in enumerate(self.single_transformer_blocks):
             i = cfg.num_layers + j
-            x, s = single_call(mode(i))(block, x, temb, ref_temb, bias)
+            x, s = single_call(mode(i))(block, x, temb, ref_temb, log_strength)
             if s is not None:
                 scores[i] = s
 

@@ -10,7 +10,8 @@ honours this contract plugs in::
              reference_strength, capture_blocks, capture_mode)
         -> (logits [N, H, W, K] float32, scores [N, len(capture_blocks), h*w] float32 or None)
 
-``ids`` / ``ref_ids`` are ``[N, H, W] int32`` (the mask id is ``K``, the codebook size), ``timestep``
+``ids`` / ``ref_ids`` are ``[N, H, W] int32`` (``SamplerConfig.mask_token_id`` where unknown: an
+embedding row outside the codebook, named by the model checkpoint's conventions), ``timestep``
 is ``[N] int32``: the step index counting down (``steps-1 .. 0``), as the reference pipeline passes it.
 ``scores`` are the text-to-image attention of the ``capture_blocks`` (global block indices), averaged
 over heads and text rows, on the transformer's ``h x w`` grid.
@@ -47,6 +48,26 @@ F32_MAX = float(np.finfo(np.float32).max)  # confidence of known tokens: never s
 PROB_FLOOR = 1e-20  # probabilities are clamped before the log, as the reference does
 
 
+# Numeric settings: (lowest allowed value, whether the lowest value itself is allowed). Every one
+# must also be finite; guidance_scale <= 1 means no guidance.
+NUMERIC_RANGES = {"steps": (1, True), "guidance_scale": (0.0, True), "reference_strength": (0.0, False),
+                  "hold_threshold": (0.0, True), "temperature_start": (0.0, True), "temperature_end": (0.0, True)}
+
+
+def check_setting(name: str, value) -> None:
+    """Raise ``ValueError("name=value: ...")`` unless ``value`` is allowed for numeric setting ``name``."""
+    lo, inclusive = NUMERIC_RANGES[name]
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or isinstance(value, (bool, str)) or (name == "steps" and not number.is_integer()):
+        raise ValueError(f"{name}={value!r}: must be {'an integer' if name == 'steps' else 'a number'}")
+    if not np.isfinite(number) or number < lo or (number == lo and not inclusive):
+        raise ValueError(f"{name}={value!r}: must be {'an integer' if name == 'steps' else 'finite and'} "
+                         f"{'>=' if inclusive else '>'} {lo:g}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
     """Static sampler settings; hashable, so one configuration and input shape compile once.
@@ -70,7 +91,9 @@ class SamplerConfig:
         schedule (``mask_len`` is clamped to the still-free masked positions).
       temperature_start, temperature_end: Gumbel-noise temperature, linear over the steps.
       micro_conds: ``[width, height, crop_top, crop_left, aesthetic]`` used when the caller passes none.
-      mask_token_id: the mask id; ``None`` takes it from the model's logits width (codebook size).
+      mask_token_id: the mask id, as the model checkpoint's conventions name it
+        (``editmgt_jax.checkpoints.read_conventions``; the release: 8255, its scheduler config's).
+        Required by :func:`sample`; never the logits width (the codebook size).
       score_grid: ``(h, w)`` of the captured scores; ``None`` infers it (the id grid, or half of it
         when the transformer downsamples by 2).
       timestep_convention: what the transformer gets as its timestep. ``"step_index"`` (the
@@ -99,10 +122,12 @@ class SamplerConfig:
         object.__setattr__(self, "micro_conds", tuple(float(m) for m in self.micro_conds))
         if self.score_grid is not None:
             object.__setattr__(self, "score_grid", tuple(int(g) for g in self.score_grid))
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.hold_threshold < 0:
-            raise ValueError(f"hold_threshold must be >= 0, got {self.hold_threshold}")
+        for name in NUMERIC_RANGES:
+            check_setting(name, getattr(self, name))
+        if min(self.consolidation_blocks, default=0) < 0:
+            raise ValueError(f"consolidation_blocks={self.consolidation_blocks}: block indices are >= 0")
+        if not np.all(np.isfinite(self.micro_conds)):
+            raise ValueError(f"micro_conds={self.micro_conds}: must be finite")
         if self.hold_threshold > 0 and not self.consolidation_blocks:
             raise ValueError("region hold (hold_threshold > 0) needs consolidation_blocks")
         if len(self.micro_conds) != 5:
@@ -409,13 +434,16 @@ def sample(model_fn: Callable[..., Any], ref_ids, text_states, pooled, neg_text_
                         reference_strength=cfg.reference_strength, capture_blocks=cfg.consolidation_blocks,
                         capture_mode=cfg.capture_mode)
 
-    # shapes the loop needs before it runs (mask id, record sizes): traced abstractly, never computed
     mask_id = cfg.mask_token_id
+    if mask_id is None:
+        raise ValueError("SamplerConfig.mask_token_id is not set: take it from the model checkpoint's "
+                         "conventions (editmgt_jax.checkpoints.read_conventions(CKPT).mask_token_id; "
+                         "Editor.sampler_config() does)")
+    # shapes the loop needs before it runs (record sizes): traced abstractly, never computed
     n_codes = n_scores = None
-    if mask_id is None or (record and (cfg.captures or record_logits)):
+    if record and (cfg.captures or record_logits):
         lg_shape, sc_shape = jax.eval_shape(lambda r: call_model(r, 0), ref_ids)
         n_codes = int(lg_shape.shape[-1])
-        mask_id = n_codes if mask_id is None else mask_id  # the mask id follows the codebook
         n_scores = None if sc_shape is None else int(sc_shape.shape[-1])
 
     if inpaint_mask is None:

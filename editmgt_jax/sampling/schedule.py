@@ -68,10 +68,3 @@ def temperature_schedule(steps: int, start: float = 2.0, end: float = 0.0) -> np
     upper = end32 - step * (steps - 1 - i).astype(np.float32)
     return np.where(i < steps // 2, lower, upper).astype(np.float32)
 
-
-def training_mask_ratio(t):
-    """Training mask ratio ``cos(pi/2 * t)`` for ``t ~ U(0, 1)``; any shape, float32.
-
-    The training step masks that fraction of each target, and at least one token.
-    """
-    return jnp.cos(jnp.float32(math.pi / 2) * jnp.asarray(t, jnp.float32))

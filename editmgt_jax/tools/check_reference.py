@@ -1,6 +1,7 @@
 """Numerical parity against a reference-fixture folder made by running the official code.
 
   python -m editmgt_jax.tools.check_reference tests/fixtures/editmgt-tiny-v1
+  python -m editmgt_jax.tools.check_reference tests/fixtures/editmgt-tiny-v2 --checkpoint CKPT
 
 The folder holds ``<component>_config.json`` + ``<component>.safetensors`` for each component it
 covers (``transformer``, ``vqvae``, ``clip_text``, ``gemma2``), a ``cases.npz`` of inputs and
@@ -12,6 +13,13 @@ through the same converter as a release; every case whose arrays are present is 
   b  VQ encode (latents), ids, decode from ids
   c  CLIP pooled embeddings and Gemma-2 hidden states
   d  the whole deterministic edit (greedy sampling, region hold, consolidation), step by step
+
+The mask id and the other conventions are read as the converter reads them from a release: the
+folder's ``scheduler_config.json`` when present, else ``vocab_size - 1`` of its transformer config
+(never the logits width); the fixture's own ``mask_token_id`` is checked against it. With
+``--checkpoint CKPT`` the models and conventions come from a converted model checkpoint instead
+(e.g. ``tools/tiny_release`` of the fixture, converted): the fixture folder then only supplies
+the cases.
 
 One line per check: max abs error, tolerance, PASS/FAIL. Float tolerance: ``1e-4 * max(1, max|ref|)``
 (``1e-4 * max|ref|`` for the small raw attention scores); token ids exact (argmax exact except at
@@ -161,23 +169,29 @@ def case_c(models, cases) -> list[Result]:
     return out
 
 
-def case_d(models, cases, fixture_dir) -> list[Result]:
+def case_d(models, cases, fixture_dir, conventions) -> list[Result]:
     import jax
     import jax.numpy as jnp
 
     from editmgt_jax.sampling.region_hold import SamplerConfig, sample
 
     tr, vq = models["transformer"], models["vq"]
+    mask_id = conventions.mask_token_id
     src = os.path.join(fixture_dir, "source.png")
     if os.path.isfile(src):
         ref_ids = np.asarray(jax.jit(vq.encode_ids)(load_png(src)[None]))
     else:
         ref_ids = cases["d_ref_ids"]
     out = [exact_check("d_ref_ids (pipeline)", ref_ids, cases["d_ref_ids"])]
+    if "mask_token_id" in cases:
+        r = exact_check("mask_token_id", np.int64(mask_id), np.int64(cases["mask_token_id"]))
+        r.note = f"{mask_id} ({conventions.source}), fixture {int(cases['mask_token_id'])}"
+        out.append(r)
     steps = int(cases["d_num_inference_steps"])
     blocks = tuple(int(b) for b in cases["d_attention_blocks"])
     base = dict(steps=steps, guidance_scale=float(cases["d_guidance_scale"]),
-                reference_strength=float(cases["d_reference_strength"]), greedy=True)
+                reference_strength=float(cases["d_reference_strength"]), greedy=True,
+                mask_token_id=mask_id, timestep_convention=conventions.timestep_convention)
     mc = jnp.asarray(cases["d_micro_conds"], jnp.float32)[None]
 
     def run(**over):
@@ -211,7 +225,9 @@ def case_d(models, cases, fixture_dir) -> list[Result]:
     final = rec["tokens"]
     out.append(exact_check("d_final_tokens", final, cases["d_final_tokens"]))
     if "d_final_image_crop" in cases:
-        img = np.clip(np.asarray(jax.jit(vq.decode_ids)(jnp.where(final >= vq.cfg.num_vq_embeddings, 0, final))), 0, 1)
+        # leftover mask ids (none after the last step) decode as code 0, as the official decode does
+        safe = jnp.where((final >= vq.cfg.num_vq_embeddings) | (final == mask_id), 0, final)
+        img = np.clip(np.asarray(jax.jit(vq.decode_ids)(safe)), 0, 1)
         h, w = cases["d_final_image_crop"].shape[:2]
         out.append(float_check("d_final_image_crop", img[0, :h, :w], cases["d_final_image_crop"]))
     if "d_final_tokens_lambda0" in cases:
@@ -242,9 +258,27 @@ def load_models(fixture_dir: str, log: Callable[[str], None]) -> dict:
     return models
 
 
-def check_reference(fixture_dir: str, *, cases_filter: str = "abcd",
+def load_checkpoint_models(ckpt: str, log: Callable[[str], None]) -> dict:
+    """The components of a converted model checkpoint, as the Editor loads them."""
+    from editmgt_jax import checkpoints
+    from editmgt_jax.convert import COMPONENTS
+    from editmgt_jax.editor import load_module
+
+    models = {}
+    for name, cfg in checkpoints.read_config(ckpt)["components"].items():
+        if name in COMPONENTS:
+            t0 = time.time()
+            models[name] = load_module(ckpt, name, cfg)
+            log(f"       loaded {name} from {ckpt} ({time.time() - t0:.1f}s)")
+    return models
+
+
+def check_reference(fixture_dir: str, *, cases_filter: str = "abcd", checkpoint: str | None = None,
                     log: Callable[[str], None] = print) -> list[Result]:
     import jax
+
+    from editmgt_jax import checkpoints
+    from editmgt_jax.convert import fixture_conventions
 
     fixture_dir = os.fspath(fixture_dir)
     npz = os.path.join(fixture_dir, "cases.npz")
@@ -254,7 +288,15 @@ def check_reference(fixture_dir: str, *, cases_filter: str = "abcd",
         cases = {k: z[k] for k in z.files}
     results: list[Result] = []
     with jax.default_matmul_precision("highest"):
-        models = load_models(fixture_dir, log)
+        if checkpoint is not None:
+            models = load_checkpoint_models(os.fspath(checkpoint), log)
+        else:
+            models = load_models(fixture_dir, log)
+        conventions = None
+        if "transformer" in models:
+            conventions = (checkpoints.read_conventions(os.fspath(checkpoint)) if checkpoint is not None
+                           else fixture_conventions(fixture_dir))
+            log(f"       mask token id {conventions.mask_token_id} (from {conventions.source})")
         plan = [
             ("a", "transformer forward", lambda: case_a(models, cases),
              "transformer" in models and "a_ids" in cases),
@@ -262,7 +304,7 @@ def check_reference(fixture_dir: str, *, cases_filter: str = "abcd",
              "vq" in models and ("b_image" in cases or "d_ref_latents" in cases)),
             ("c", "text encoders", lambda: case_c(models, cases),
              ("clip" in models and "c_clip_ids" in cases) or ("gemma" in models and "c_gemma_ids" in cases)),
-            ("d", "edit pipeline", lambda: case_d(models, cases, fixture_dir),
+            ("d", "edit pipeline", lambda: case_d(models, cases, fixture_dir, conventions),
              "transformer" in models and "vq" in models and "d_tokens_after" in cases),
         ]
         for key, title, fn, present in plan:
@@ -286,11 +328,14 @@ def main(argv=None) -> int:
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("fixture_dir", help="folder with *_config.json, *.safetensors and cases.npz")
     p.add_argument("--cases", default="abcd", help="which cases to run (letters, default abcd)")
+    p.add_argument("--checkpoint", default=None, metavar="CKPT",
+                   help="check a converted model checkpoint (its components and conventions) against "
+                        "the folder's cases instead of the folder's own weights")
     args = p.parse_args(argv)
     import editmgt_jax  # noqa: F401
 
     try:
-        results = check_reference(args.fixture_dir, cases_filter=args.cases)
+        results = check_reference(args.fixture_dir, cases_filter=args.cases, checkpoint=args.checkpoint)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Lay out a reference-fixture folder as an official release folder, tokenizers included.
 
-  python -m editmgt_jax.tools.tiny_release tests/fixtures/editmgt-tiny-v1 /tmp/tiny-release
+  python -m editmgt_jax.tools.tiny_release tests/fixtures/editmgt-tiny-v2 /tmp/tiny-release
   python -m editmgt_jax.convert --official /tmp/tiny-release --out /tmp/tiny-ckpt
   python -m infer.edit --checkpoint /tmp/tiny-ckpt --image photo.png --instruction "make it red"
 
@@ -8,8 +8,12 @@ A fixture folder holds weights and configs but no tokenizer files. This tool wri
 tokenizers that fit the fixture's text encoders (their vocabularies are tiny): a CLIP-style
 byte-level BPE (``vocab.json`` + ``merges.txt``, start/end-of-text as the two largest ids, as in the
 laion CLIP vocabulary, so the legacy ``argmax(ids)`` pooling finds the end-of-text token) and a
-Gemma-style BPE ``tokenizer.json`` (``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, left padding). The result
-exercises the whole release path: converter, tokenisation, text encoders, sampler, CLI.
+Gemma-style BPE ``tokenizer.json`` (``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, left padding), and the
+release's ``scheduler/scheduler_config.json`` naming the mask token id: the fixture's own
+``mask_token_id`` (``cases.npz``) or ``vocab_size - 1``, or ``--mask-token-id`` (any id in
+``[codebook_size, vocab_size)``, to lay out a release whose scheduler names another vocabulary row).
+The result exercises the whole release path: converter, conventions, tokenisation, text encoders,
+sampler, CLI.
 """
 
 from __future__ import annotations
@@ -102,7 +106,23 @@ LAYOUT = {  # fixture prefix -> (release folder, weights file name)
 }
 
 
-def make_release(fixture_dir: str, out_dir: str) -> str:
+def scheduler_config(fixture_dir: str, mask_token_id: int | None = None) -> dict:
+    """The release's ``scheduler/scheduler_config.json`` for a fixture folder."""
+    if mask_token_id is None:
+        npz = os.path.join(fixture_dir, "cases.npz")
+        if os.path.isfile(npz):
+            import numpy as np
+
+            with np.load(npz) as z:
+                if "mask_token_id" in z.files:
+                    mask_token_id = int(z["mask_token_id"])
+    if mask_token_id is None:
+        with open(os.path.join(fixture_dir, "transformer_config.json")) as fh:
+            mask_token_id = int(json.load(fh)["vocab_size"]) - 1
+    return {"_class_name": "Scheduler", "mask_token_id": int(mask_token_id), "masking_schedule": "cosine"}
+
+
+def make_release(fixture_dir: str, out_dir: str, *, mask_token_id: int | None = None) -> str:
     """Write the release layout of ``fixture_dir`` (weights copied) to ``out_dir``."""
     for prefix, (folder, weights) in LAYOUT.items():
         cfg = os.path.join(fixture_dir, f"{prefix}_config.json")
@@ -123,6 +143,9 @@ def make_release(fixture_dir: str, out_dir: str) -> str:
         for name, text in files.items():
             with open(os.path.join(out_dir, folder, name), "w") as fh:
                 fh.write(text)
+    os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
+    with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as fh:
+        json.dump(scheduler_config(fixture_dir, mask_token_id), fh, indent=2)
     return out_dir
 
 
@@ -131,9 +154,11 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("fixture_dir")
     p.add_argument("out_dir")
+    p.add_argument("--mask-token-id", type=int, default=None, metavar="ID",
+                   help="mask id the scheduler config names (default: the fixture's, else vocab_size - 1)")
     args = p.parse_args(argv)
     try:
-        print(make_release(args.fixture_dir, args.out_dir))
+        print(make_release(args.fixture_dir, args.out_dir, mask_token_id=args.mask_token_id))
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC, micro_conditions
+
 
 def pipeline_config(config, split: str, process_count: int):
     """The Grain pipeline config for ``split`` (pre-tokenised data: ``data.tokens_dir`` for the
@@ -59,8 +61,8 @@ def prepare_batch(raw: Mapping[str, np.ndarray], config) -> dict[str, np.ndarray
     if "original_size" in raw and "crop_top_left" in raw:
         h, w = raw["original_size"][:, 0], raw["original_size"][:, 1]
         top, left = raw["crop_top_left"][:, 0], raw["crop_top_left"][:, 1]
-        aes = np.full_like(h, 0, dtype=np.float32) + float(config.editor.get("aesthetic", 6.0))
-        out["micro_conds"] = np.stack([w, h, top, left, aes], axis=1).astype(np.float32)
+        aesthetic = float(config.editor.get("aesthetic", DEFAULT_AESTHETIC))
+        out["micro_conds"] = micro_conditions(w, h, top, left, aesthetic)
     if "index" in raw:
         # Example identity (dataset position): masks and dropout are drawn per example id, so any
         # split of the batch over devices or hosts sees the same randomness.

@@ -18,16 +18,22 @@ shardings (``TrainProgram.abstract_state``), so a checkpoint restores onto any m
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 
+from editmgt_jax.training import losses
 from editmgt_jax.training.state import TrainState
 
 STATE_FIELDS = ("step", "params", "opt_state", "rng")
+
+
+class CheckpointDamagedError(RuntimeError):
+    """No training checkpoint of a run can be read back."""
 
 
 def _state_tree(state: TrainState) -> dict:
@@ -36,18 +42,10 @@ def _state_tree(state: TrainState) -> dict:
 
 def config_to_json(config) -> dict:
     """A ConfigDict / mapping as plain JSON types."""
+    from editmgt_jax import checkpoints
+
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return json.loads(json.dumps(d, default=_json_default))
-
-
-def _json_default(x):
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.floating):
-        return float(x)
-    if isinstance(x, (tuple, set, np.ndarray)):
-        return list(x)
-    raise TypeError(f"config value of type {type(x).__name__} is not JSON serialisable")
+    return json.loads(json.dumps(d, default=checkpoints.json_default))
 
 
 class TrainCheckpointer:
@@ -124,6 +122,50 @@ class TrainCheckpointer:
         config = out["config"] if "config" in saved else None
         return state, config
 
+    def restore_latest(self, abstract_state: TrainState, data_iterator=None
+                       ) -> tuple[int, TrainState, dict | None] | None:
+        """Restore the newest checkpoint that reads back completely: ``(step, state, config)``, or
+        None when there is no checkpoint.
+
+        Restoring reads every byte, so a damaged newest checkpoint (a truncated or missing file, an
+        unreadable index or config) fails here; it is then moved aside to
+        ``<directory>/damaged-<step>-<time>/`` (kept for inspection, out of the step numbering so
+        the step can be written again) and the next older one is tried. Each skip is logged and
+        recorded in ``self.skipped`` as ``(step, reason)``. (With several processes the damaged
+        folder is left in place.)
+        """
+        self.skipped: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, config = self.restore(abstract_state, step, data_iterator=data_iterator)
+            except Exception as e:  # noqa: BLE001  (any read failure means: not usable)
+                from editmgt_jax.checkpoints import _quiet_orphaned_reads
+
+                _quiet_orphaned_reads()
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                aside = self._move_aside(step)
+                self.skipped.append((step, reason))
+                logging.warning("checkpoint step %d skipped, it cannot be read back (%s); %s",
+                                step, reason, f"moved to {aside}" if aside else "left in place")
+                continue
+            return step, state, config
+        if self.skipped:
+            raise CheckpointDamagedError(
+                f"{self.directory}: no checkpoint reads back completely (skipped steps "
+                f"{', '.join(str(s) for s, _ in self.skipped)}); the damaged ones are kept as damaged-*/")
+        return None
+
+    def _move_aside(self, step: int) -> str | None:
+        import jax
+
+        if jax.process_count() > 1:   # several processes share the folder: leave it where it is
+            return None
+        self.manager.wait_until_finished()
+        aside = os.path.join(self.directory, f"damaged-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(os.path.join(self.directory, str(step)), aside)
+        self.manager.reload()
+        return aside
+
     def _item_names(self, step: int) -> set[str]:
         path = os.path.join(self.directory, str(step))
         return {n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n))}
@@ -150,7 +192,8 @@ class TrainCheckpointer:
 
 def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
                  vq_params: Mapping | None = None, vq_config: Mapping | None = None,
-                 tokenizer=None, overwrite: bool = False, metadata: Mapping | None = None) -> str:
+                 tokenizer=None, overwrite: bool = False, metadata: Mapping | None = None,
+                 finish=None) -> str:
     """Write a model checkpoint (``editmgt_jax.checkpoints`` layout, what ``Editor.load`` reads)
     from trained parameters.
 
@@ -161,6 +204,9 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
     sampler must feed: ``"mask_fraction"`` (fraction of still-masked target tokens) for models
     trained with that convention, ``"step_index"`` (the release's) for ``"release"`` fine-tunes.
     vq task: component ``vq`` only.
+
+    Atomic: the folder appears complete (tokenizer files and whatever ``finish(folder)`` adds
+    included) or not at all, so a run killed while exporting never leaves a half-written model.
     """
     from editmgt_jax import checkpoints
     from editmgt_jax.training import state as state_lib
@@ -179,10 +225,7 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
             comps["vq"] = jax.device_get(vq_params)
             cfgs["vq"] = dict(vq_config)
         res = int(config.data.resolution)
-        # What inference must feed as the timestep (SamplerConfig.timestep_convention; the
-        # converter writes "step_index", the release's sampler).
-        sampler_convention = ("mask_fraction" if config.editor.timestep_convention == "mask_fraction"
-                              else "step_index")
+        sampler_convention = losses.sampler_timestep_convention(config.editor.timestep_convention)
         meta["sampler_defaults"] = {
             "resolution": res, "micro_conds": [float(res), float(res), 0.0, 0.0,
                                                float(config.editor.get("aesthetic", 6.0))],
@@ -194,33 +237,27 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
             meta["sampler_defaults"][k] = list(v) if isinstance(v, tuple) else v
         meta["training"]["timestep_convention"] = config.editor.timestep_convention
         meta["timestep_convention"] = sampler_convention
+        from editmgt_jax.training.step import mask_token_id
+        meta["conventions"] = checkpoints.legacy_conventions(
+            {"components": cfgs, **meta}, mask_token_id=mask_token_id(config),
+            source="the training config (editor.transformer / init_from)")
     else:
         comps["vq"] = params
         cfgs["vq"] = state_lib.vq_config(config).to_dict()
     meta.update(metadata or {})
-    out = checkpoints.save_model(path, comps, cfgs, metadata=meta, overwrite=overwrite)
-    if tokenizer is not None:
-        tokenizer.save(os.path.join(out, "vocab.txt"))
-    return out
+    def complete(folder: str) -> None:
+        if tokenizer is not None:
+            tokenizer.save(os.path.join(folder, checkpoints.WORD_VOCAB_FILE))
+        if finish is not None:
+            finish(folder)
+
+    return checkpoints.save_model(path, comps, cfgs, metadata=meta, overwrite=overwrite, finish=complete)
 
 
 def load_vq(path: str | os.PathLike, dtype=None):
     """The ``vq`` component of a model checkpoint as a ``VQModel`` (e.g. a tokenizer exported by a
     ``vq`` training run), for ``python -m train.pretokenize --vq-loader
     editmgt_jax.training.checkpoint:load_vq --vq-checkpoint PATH``."""
-    import jax.numpy as jnp
-    from flax import nnx
-
     from editmgt_jax import checkpoints
-    from editmgt_jax.models.vq import VQConfig, VQModel
 
-    path = os.path.expanduser(os.fspath(path))
-    comps = checkpoints.read_config(path).get("components", {})
-    if "vq" not in comps:
-        raise checkpoints.CheckpointError(f"{path}: no 'vq' component")
-    cfg = VQConfig.from_dict(comps["vq"])
-    abstract = nnx.eval_shape(lambda: VQModel(cfg, rngs=nnx.Rngs(0), dtype=dtype or jnp.float32))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    loaded = checkpoints.load_component(path, "vq", nnx.to_pure_dict(params))
-    nnx.replace_by_pure_dict(params, loaded)
-    return nnx.merge(graphdef, params, rest)
+    return checkpoints.load_module(os.path.expanduser(os.fspath(path)), "vq", dtype=dtype)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -76,7 +77,36 @@ def check_resume_config(saved: Mapping | None, config) -> None:
 
 def train(config, workdir: str, *, compiler_options: Mapping[str, Any] | None = None,
           progress: bool = True) -> TrainResult:
-    """Run (or resume) training as configured; returns the losses of the steps run here."""
+    """Run (or resume) training as configured; returns the losses of the steps run here.
+
+    The data is opened before the workdir is created (a dataset that is not built fails at once and
+    leaves nothing behind), and process 0 holds ``WORKDIR/.lock`` for the whole run
+    (``editmgt_jax.training.workdir``): a second run into the same workdir stops, naming this one.
+    """
+    import jax
+
+    from editmgt_jax.data.pipeline import make_dataset
+    from editmgt_jax.training.workdir import WorkdirLock
+
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    pidx, pcount = jax.process_index(), jax.process_count()
+    tokenizer = make_tokenizer(config)
+    dataset = make_dataset(pipeline_config(config, config.data.split, pcount), tokenize=tokenizer,
+                           shard_index=pidx, shard_count=pcount)
+    os.makedirs(workdir, exist_ok=True)
+    lock = WorkdirLock(workdir) if pidx == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _train(config, workdir, dataset, tokenizer, compiler_options=compiler_options,
+                      progress=progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mapping[str, Any] | None,
+           progress: bool) -> TrainResult:
     import jax
     from tqdm import tqdm
 
@@ -86,9 +116,8 @@ def train(config, workdir: str, *, compiler_options: Mapping[str, Any] | None = 
     from editmgt_jax.training.checkpoint import TrainCheckpointer, export_model
     from editmgt_jax.training.state import TrainProgram, mesh_shape_from_config, rules_from_config
     from editmgt_jax.training.step import global_batch, loss_from_config, make_steps
+    from editmgt_jax.training.workdir import export_matches, trim_metrics
 
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
     pidx, pcount = jax.process_index(), jax.process_count()
     lead = pidx == 0
     mesh = make_mesh(mesh_shape_from_config(config))
@@ -119,22 +148,25 @@ def train(config, workdir: str, *, compiler_options: Mapping[str, Any] | None = 
     if config.task == "editor" and config.editor.text.kind == "precomputed":
         aux["frozen"].update(load_uncond_text(config))
 
-    tokenizer = make_tokenizer(config)
-    dataset = make_dataset(pipeline_config(config, config.data.split, pcount), tokenize=tokenizer,
-                           shard_index=pidx, shard_count=pcount)
     it = iter(dataset)
 
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"),
                              keep=int(config.train.keep_checkpoints),
                              async_save=bool(config.train.async_checkpoints))
-    start = ckpt.latest_step()
-    if start is not None:
-        state, saved_config = ckpt.restore(program.abstract_state, start, data_iterator=it)
+    # The newest checkpoint that reads back completely (a damaged one is moved aside and named).
+    restored = ckpt.restore_latest(program.abstract_state, data_iterator=it)
+    if restored is not None:
+        start, state, saved_config = restored
         check_resume_config(saved_config, config)
         rest = program.model.init(int(config.seed), compiler_options)[1] if jax.tree.leaves(
             program.model.abstract_rest) else {}
         if lead:
+            for skipped, why in ckpt.skipped:
+                print(f"checkpoint step {skipped} skipped: it cannot be read back ({why}); "
+                      f"resuming from step {start}", file=sys.stderr, flush=True)
             logging.info("resumed from %s/%d", ckpt.directory, start)
+            # Steps after the checkpoint are run again: their old rows would appear twice.
+            trim_metrics(os.path.join(workdir, "metrics.jsonl"), start)
     else:
         start = 0
         init = load_init_params(config, program) if config.init_from else None
@@ -156,10 +188,12 @@ def train(config, workdir: str, *, compiler_options: Mapping[str, Any] | None = 
     t_window = time.perf_counter()
     pending = None
 
+    def eval_dataset():
+        return make_dataset(pipeline_config(config, config.data.eval_split, pcount), tokenize=tokenizer,
+                            shard_index=pidx, shard_count=pcount)
+
     def eval_batches():
-        ds = make_dataset(pipeline_config(config, config.data.eval_split, pcount), tokenize=tokenizer,
-                          shard_index=pidx, shard_count=pcount)
-        e_it = iter(ds)
+        e_it = iter(eval_dataset())
         for _ in range(int(config.train.eval_batches)):
             yield next(e_it)
 
@@ -257,9 +291,7 @@ def train(config, workdir: str, *, compiler_options: Mapping[str, Any] | None = 
                     finish(pending)
                     pending = None
                 if sampler is None:
-                    eval_raw = eval_raw or next(iter(make_dataset(
-                        pipeline_config(config, config.data.eval_split, pcount), tokenize=tokenizer,
-                        shard_index=pidx, shard_count=pcount)))
+                    eval_raw = eval_raw or next(iter(eval_dataset()))
                     sampler = Sampler(config, program, aux, frozen_programs, eval_raw, mesh)
                 grid = sampler.grid(state.params)
                 if grid is not None and lead:
@@ -288,7 +320,10 @@ def train(config, workdir: str, *, compiler_options: Mapping[str, Any] | None = 
             ("held-out changed-token accuracy (masked, one step)", "eval_changed_accuracy"))}
         if any(curves.values()):
             plot_curves(curves, os.path.join(workdir, "curves.png"), f"{config.task}: learning curves")
-    if config.train.export and num_steps > start:
+    # Export after new steps, and whenever the final state has no matching export (a run killed
+    # between its last checkpoint and the export finishes the export when rerun).
+    if config.train.export and (num_steps > start or not export_matches(os.path.join(workdir, "model"),
+                                                                        final_step)):
         params = state.params
         vq_params = aux["frozen"]["vq"][0] if "vq" in aux["frozen"] else None
         if pcount > 1:
@@ -306,7 +341,7 @@ def train(config, workdir: str, *, compiler_options: Mapping[str, Any] | None = 
             model_dir = export_model(os.path.join(workdir, "model"), config, params,
                                      vq_params=vq_params, vq_config=vq_cfg_dict,
                                      tokenizer=tokenizer if text_checkpoint is None else None,
-                                     overwrite=True, metadata={"training": training_meta})
-            if text_checkpoint is not None:
-                add_release_text(model_dir, text_checkpoint)
+                                     overwrite=True, metadata={"training": training_meta},
+                                     finish=None if text_checkpoint is None else
+                                     (lambda folder: add_release_text(folder, text_checkpoint)))
     return TrainResult(final_step=final_step, losses=losses, workdir=workdir, model_dir=model_dir)

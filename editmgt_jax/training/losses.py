@@ -1,8 +1,8 @@
 """Training losses: masked-token cross-entropy for the editor, reconstruction + VQ terms for the
 tokenizer. Pure functions of arrays; randomness comes from explicit keys.
 
-Timestep convention (``TIMESTEP_CONVENTIONS``)
-----------------------------------------------
+Timestep convention (``TRAINING_TIMESTEP_CONVENTIONS``)
+-------------------------------------------------------
 The transformer multiplies its ``timestep`` argument by 1000 before the sinusoidal embedding. The
 release trains with ``timestep = 1000 * mask_ratio`` (so the embedding sees ``1e6 * ratio``) but
 samples with the integer step index ``N-1 ... 0``: the two never agree.
@@ -27,7 +27,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-TIMESTEP_CONVENTIONS = ("mask_fraction", "release")
+TRAINING_TIMESTEP_CONVENTIONS = ("mask_fraction", "release")
+
+
+def sampler_timestep_convention(training_convention: str) -> str:
+    """What inference feeds as the timestep (``SamplerConfig.timestep_convention``, one of
+    ``sampling.region_hold.TIMESTEP_CONVENTIONS``) for a model trained with ``training_convention``:
+    the release's weights want the step index, as the converter writes."""
+    return "mask_fraction" if training_convention == "mask_fraction" else "step_index"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +86,7 @@ def training_timestep(ratio: jax.Array, fraction: jax.Array, convention: str) ->
         return fraction
     if convention == "release":
         return ratio * 1000.0
-    raise ValueError(f"timestep_convention={convention!r}: use one of {TIMESTEP_CONVENTIONS}")
+    raise ValueError(f"timestep_convention={convention!r}: use one of {TRAINING_TIMESTEP_CONVENTIONS}")
 
 
 def condition_dropout(key: jax.Array, p: float, cond: tuple[jax.Array, jax.Array],

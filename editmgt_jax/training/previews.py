@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from editmgt_jax.training.batches import prepare_batch
+from editmgt_jax.training.losses import sampler_timestep_convention
 
 
 def image_grid(columns: list[np.ndarray]) -> np.ndarray:
@@ -44,7 +45,7 @@ class Sampler:
         import jax.numpy as jnp
 
         from editmgt_jax.sampling.region_hold import SamplerConfig, sample
-        from editmgt_jax.training.step import to_unit_range
+        from editmgt_jax.training.step import mask_token_id, to_unit_range
 
         cfg = self.config
         model_prog = self.program.model
@@ -58,9 +59,8 @@ class Sampler:
         text_prog = self.frozen_programs.get("text")
         guidance = 3.0 if float(cfg.editor.cond_dropout) > 0 else 1.0
         scfg = SamplerConfig(steps=int(cfg.train.sample_steps), guidance_scale=guidance,
-                             reference_strength=1.0, greedy=True,
-                             timestep_convention=("mask_fraction" if cfg.editor.timestep_convention
-                                                  == "mask_fraction" else "step_index"))
+                             reference_strength=1.0, greedy=True, mask_token_id=mask_token_id(cfg),
+                             timestep_convention=sampler_timestep_convention(cfg.editor.timestep_convention))
         mask_id = model_prog.abstract_params["transformer"]["mlm_layer"]["conv2"]["kernel"].shape[-1]
 
         def fn(params, aux, batch):

@@ -16,7 +16,6 @@ does not fit on one device never has to.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -132,13 +131,6 @@ def make_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]
 # Models
 
 
-def _accepts(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class EditorModel(nnx.Module):
     """The trainable part of the editor: the transformer and, when the text side is trained
     (``editor.text.kind == "small"``), the small text encoder. Frozen parts (the VQ tokenizer, the
@@ -148,10 +140,8 @@ class EditorModel(nnx.Module):
                  param_dtype=jnp.float32, remat: bool = False):
         from editmgt_jax.models.transformer import EditTransformer
 
-        kwargs = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        if remat and _accepts(EditTransformer.__init__, "remat"):
-            kwargs["remat"] = True
-        self.transformer = EditTransformer(transformer_cfg, **kwargs)
+        self.transformer = EditTransformer(transformer_cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                           remat=remat)
         if text_cfg is not None:
             from editmgt_jax.models.text.small import SmallTextEncoder
 
@@ -199,12 +189,7 @@ def vq_model(cfg, rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     """A ``VQModel`` of ``cfg`` computing in ``dtype`` with ``param_dtype`` parameters."""
     from editmgt_jax.models.vq import VQModel
 
-    kwargs = {}
-    if _accepts(VQModel.__init__, "dtype"):
-        kwargs.update(dtype=dtype)
-    if _accepts(VQModel.__init__, "param_dtype"):
-        kwargs.update(param_dtype=param_dtype)
-    return VQModel(cfg, rngs=rngs, **kwargs)
+    return VQModel(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
 
 def trainable_builder(config) -> Callable[[nnx.Rngs], nnx.Module]:
@@ -333,9 +318,6 @@ class TrainProgram:
                              self.state_shardings.rng)
         step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step)
         return TrainState(step=step, params=fresh, opt_state=opt_state, rng=rng), rest
-
-    def learning_rate(self, step: int) -> float:
-        return float(self.schedule(step // self.grad_accum_steps))
 
 
 def check_replicated_fraction(model: ModelProgram, mesh: Mesh, tolerance: float) -> float:

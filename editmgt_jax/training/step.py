@@ -37,7 +37,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from editmgt_jax.parallel import DEFAULT_RULES, batch_sharding, replicated
+from editmgt_jax.parallel import (DEFAULT_RULES, batch_sharding, gather_per_block, module_gatherer, replicated,
+                                  without_axes)
 from editmgt_jax.training import losses
 from editmgt_jax.training.state import ModelProgram, TrainProgram, TrainState
 
@@ -168,13 +169,36 @@ class VQLoss:
         return loss, metrics
 
 
+def mask_token_id(config, tcfg=None) -> int:
+    """The mask id an editor config trains (and previews) with.
+
+    Fine-tuning a model checkpoint (``init_from``): the mask id its conventions record names (a
+    converted release: the one its scheduler config names). Otherwise the last vocabulary row,
+    ``editor.transformer.vocab_size - 1``, as the official training does.
+    """
+    import os
+
+    from editmgt_jax import checkpoints
+    from editmgt_jax.training.state import transformer_config
+
+    tcfg = tcfg or transformer_config(config)
+    init = os.path.expanduser(config.get("init_from", "") or "")
+    if init and os.path.isfile(os.path.join(init, "config.json")):
+        conv = checkpoints.read_conventions(init)
+        where = f"init_from={init!r}"
+    else:
+        conv = checkpoints.Conventions(mask_token_id=checkpoints.default_mask_token_id(tcfg.to_dict()))
+        where = "editor.transformer"
+    return conv.check_vocabulary(tcfg.vocab_size, tcfg.codebook_size, where).mask_token_id
+
+
 def loss_from_config(config) -> EditorLoss | VQLoss:
     if config.task == "editor":
         from editmgt_jax.training.state import transformer_config
 
         e = config.editor
         tcfg = transformer_config(config)
-        return EditorLoss(mask_id=int(tcfg.vocab_size) - 1, text_kind=e.text.kind,
+        return EditorLoss(mask_id=mask_token_id(config, tcfg), text_kind=e.text.kind,
                           cond_dropout=float(e.cond_dropout),
                           timestep_convention=e.timestep_convention,
                           aesthetic=float(e.get("aesthetic", 6.0)),
@@ -219,18 +243,12 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULE
     return out
 
 
-def without_axes(sharding: NamedSharding, axes: tuple[str, ...]) -> NamedSharding:
-    """The same sharding with the mesh ``axes`` removed from every dimension (gathered over them)."""
-    spec = []
-    for entry in sharding.spec:
-        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
-        kept = tuple(n for n in names if n not in axes)
-        spec.append(None if not kept else kept[0] if len(kept) == 1 else kept)
-    return NamedSharding(sharding.mesh, P(*spec))
-
-
 # ---------------------------------------------------------------------------------------------
 # Steps
+
+
+GATHER_MODES = (True, False, "block", "step")
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
 
 @dataclasses.dataclass
@@ -261,7 +279,7 @@ def aux_shardings(program: TrainProgram, frozen_programs: Mapping[str, ModelProg
 
 def make_steps(program: TrainProgram, loss_fn: LossFn, frozen_programs: Mapping[str, ModelProgram],
                example_batch: Mapping[str, Any], example_aux: Mapping[str, Any], *,
-               rules=DEFAULT_RULES, donate: bool = True, gather_fsdp: bool = True, compiler_options: Mapping[str, Any] | None = None) -> Steps:
+               rules=DEFAULT_RULES, donate: bool = True, gather_fsdp: bool | str = True, compiler_options: Mapping[str, Any] | None = None) -> Steps:
     """Build the jitted train and eval steps.
 
     ``frozen_programs``: name -> ``ModelProgram`` of modules run inside the step without training
@@ -270,9 +288,12 @@ def make_steps(program: TrainProgram, loss_fn: LossFn, frozen_programs: Mapping[
     or shape structs, global shapes) fixing the input structure. Rematerialisation is the model's
     business (``EditTransformer(remat=True)`` recomputes each block in the backward pass).
 
-    ``gather_fsdp``: all-gather the parameters over the ``fsdp`` mesh axis at the start of the
-    forward (ZeRO-3 / FSDP: weights gathered for compute, gradients reduce-scattered back to the
-    stored sharding). Stated explicitly because, left to choose, the XLA SPMD partitioner (jax
+    ``gather_fsdp``: all-gather the parameters over the ``fsdp`` mesh axis for compute (ZeRO-3 /
+    FSDP: weights gathered for compute, gradients reduce-scattered back to the stored sharding).
+    ``True`` or ``"block"``: each transformer block gathers its own parameters right before it runs
+    and again in the backward pass, so a device holds its 1/N shard of the model plus one gathered
+    block (the other parameters are gathered at the start); ``"step"``: every parameter is gathered
+    at the start of the forward (the whole model resident); ``False``: left to the partitioner. Stated explicitly because, left to choose, the XLA SPMD partitioner (jax
     0.10.2) can produce wrong gradients for a chain of matmuls whose weights are sharded over both
     ``fsdp`` and ``tensor`` followed by a norm (openxla/xla#40034 describes the same class of bug);
     the mesh-equivalence test catches it. ``compiler_options``: XLA options for the programs
@@ -296,14 +317,27 @@ def make_steps(program: TrainProgram, loss_fn: LossFn, frozen_programs: Mapping[
                   for name, value in aux["frozen"].items()}
         return model, frozen
 
-    gathered = (jax.tree.map(lambda s: without_axes(s, ("fsdp",)), model_prog.param_shardings)
-                if gather_fsdp and mesh.shape.get("fsdp", 1) > 1 else None)
+    if gather_fsdp not in GATHER_MODES:
+        raise ValueError(f"gather_fsdp must be one of {GATHER_MODES}, got {gather_fsdp!r}")
+    mode = gather_fsdp if mesh.shape.get("fsdp", 1) > 1 else False
+    mode = "block" if mode is True else mode
+    gathered = None
+    if mode:
+        def target(path, s):
+            # per block: the transformer blocks stay sharded here and gather inside the model
+            in_block = any(getattr(k, "key", None) in BLOCK_LISTS for k in path)
+            return s if mode == "block" and in_block else without_axes(s, ("fsdp",))
+        gathered = jax.tree_util.tree_map_with_path(target, model_prog.param_shardings)
+    gather_block = module_gatherer(mesh, rules) if mode == "block" else None
 
     def compute_loss(params, aux, batch, key):
         if gathered is not None:
             params = jax.lax.with_sharding_constraint(params, gathered)
         model, frozen = modules(params, aux)
-        return loss_fn(model, frozen, batch, key)
+        if gather_block is None:
+            return loss_fn(model, frozen, batch, key)
+        with gather_per_block(gather_block):
+            return loss_fn(model, frozen, batch, key)
 
     def train_step(state: TrainState, batch, aux):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)

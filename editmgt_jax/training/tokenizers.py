@@ -30,7 +30,7 @@ def make_tokenizer(config):
     if config.editor.text.kind == "release":
         return ReleaseInstructionTokenizer(release_text_checkpoint(config)[0])
     from editmgt_jax.data.synthetic_edits import SYNTHETIC_VOCAB
-    from editmgt_jax.data.text import WordTokenizer
+    from editmgt_jax.models.text.word_tokenizer import WordTokenizer
 
     tok = WordTokenizer(SYNTHETIC_VOCAB, max_length=int(config.editor.text.max_length))
     if tok.vocab_size > int(config.editor.text.vocab_size):

@@ -252,6 +252,15 @@ class PromptTokenizer:
     def _ids(tok, prompts: list[str]) -> np.ndarray:
         return np.asarray([e.ids for e in tok.encode_batch(prompts, add_special_tokens=True)], dtype=np.int32)
 
+    def truncated(self, prompts: Sequence[str]) -> list[tuple[str, ...]]:
+        """For each prompt, the tokenizers (``"CLIP"``, ``"Gemma"``) that cut it to their length."""
+        cut = [[] for _ in prompts]
+        for name, tok in (("CLIP", self.clip), ("Gemma", self.gemma)):
+            for i, e in enumerate(tok.encode_batch(list(prompts), add_special_tokens=True)):
+                if e.overflowing:
+                    cut[i].append(name)
+        return [tuple(c) for c in cut]
+
     def __call__(self, prompts: str | Sequence[str], *, allow_empty: bool = False) -> dict[str, np.ndarray]:
         """``prompts`` (B strings) -> ``{"clip_ids": [B, 77] int32, "gemma_ids": [B, 256] int32}``.
 

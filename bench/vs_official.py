@@ -1,0 +1,268 @@
+"""Side by side with the official PyTorch pipeline: the same random release, the same edit settings.
+
+    python -m bench.vs_official --official-src CHECKOUT --official-python PY [--size 1024] [--steps 12]
+        [--rounds 3] [--threads 2] [--record]
+
+``CHECKOUT`` is a local checkout of the official repository (weichow23/EditMGT); ``PY`` a Python with
+PyTorch, diffusers, transformers and peft (what the checkout imports). The official code is only
+imported from the checkout, by ``bench/official_side.py`` running under ``PY``.
+
+1. Lays out a random release in the official folder layout under ``--workdir``: the transformer of
+   ``--config`` (default the medium benchmark configuration), a VQ of the fixture's shape (channels 8,
+   16x down-sampling) with the transformer's codebook size, CLIP and Gemma-2 text encoders of the
+   fixture's shape with the widths the transformer expects, small tokenizers; the weights are drawn by
+   the official classes (seeded) under ``PY``.
+2. Converts the release with ``editmgt_jax.convert``.
+3. Times both pipelines on the same source image and instruction in alternating rounds (the order
+   flips every round), each side timing only its edit call, after one untimed warm-up edit each (ours
+   compiles there): ``--size`` px, ``--steps``, CFG 6, reference strength 1.1, consolidation over the
+   single-stream blocks, lambda 0.3.
+4. One transformer forward per step, each side: the official's from its transformer calls during the
+   timed edits (summed per step), ours a compiled forward on the CFG batch.
+5. Both frameworks' float32 matmul peaks (2048^3) in the same run, and the load average before and
+   after. Ratios are official / ours (above 1: ours is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "editmgt-tiny-v1")
+SIDE = os.path.join(HERE, "official_side.py")
+
+
+def _read(path):
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _write(path, doc):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(doc, fh, indent=2)
+
+
+def write_release_configs(release: str, transformer_cfg: dict) -> None:
+    """Configs and tokenizers of the random release (weights come from ``official_side.py layout``)."""
+    from editmgt_jax.tools.tiny_release import clip_tokenizer_files, gemma_tokenizer_files
+
+    _write(os.path.join(release, "editmgt", "config.json"), transformer_cfg)
+    vq = _read(os.path.join(FIXTURE, "vqvae_config.json"))
+    vq["num_vq_embeddings"] = int(transformer_cfg["codebook_size"])
+    _write(os.path.join(release, "vqvae", "config.json"), vq)
+    clip = _read(os.path.join(FIXTURE, "clip_text_config.json"))
+    clip["projection_dim"] = int(transformer_cfg["pooled_projection_dim"])
+    _write(os.path.join(release, "text_encoder", "config.json"), clip)
+    gemma = _read(os.path.join(FIXTURE, "gemma2_config.json"))
+    gemma["hidden_size"] = int(transformer_cfg["joint_attention_dim"])
+    _write(os.path.join(release, "llm_encoder", "config.json"), gemma)
+    for folder, files in (("tokenizer", clip_tokenizer_files(clip["vocab_size"])),
+                          ("llm_encoder", gemma_tokenizer_files(gemma["vocab_size"]))):
+        os.makedirs(os.path.join(release, folder), exist_ok=True)
+        for name, text in files.items():
+            with open(os.path.join(release, folder, name), "w") as fh:
+                fh.write(text)
+
+
+def _side(python: str, *args, **kw):
+    return subprocess.run([python, SIDE, *args], check=True, **kw)
+
+
+class Official:
+    """The official pipeline in a child process (one JSON request / reply per line)."""
+
+    def __init__(self, python: str, src: str, release: str, threads: int):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        self.proc = subprocess.Popen([python, SIDE, "serve", src, release, str(threads)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.info = self._reply()
+
+    def _reply(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the official side exited (code {self.proc.wait()})")
+            line = line.strip()
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def ask(self, **req) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self):
+        try:
+            self.ask(op="quit")
+        except (RuntimeError, BrokenPipeError, ValueError):
+            pass
+        self.proc.wait(timeout=60)
+
+
+def our_forward_seconds(editor, size: int, text_len: int, repeats: int = 3) -> float:
+    """Median time of one compiled transformer forward on the CFG batch (2) at ``size`` px."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    tr = editor.tr_cfg
+    g = size // editor.vq_cfg.downsample_factor
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, tr.codebook_size, (2, g, g)), jnp.int32)
+    text = jnp.asarray(rng.standard_normal((2, text_len, tr.joint_attention_dim), dtype=np.float32))
+    pooled = jnp.asarray(rng.standard_normal((2, tr.pooled_projection_dim), dtype=np.float32))
+    micro = jnp.tile(jnp.asarray([[size, size, 0.0, 0.0, 6.0]], jnp.float32), (2, 1))
+    blocks = tuple(range(tr.num_layers, tr.num_blocks))
+    graphdef, state = editor.graphdefs["transformer"], editor.states["transformer"]
+
+    def fwd(st, ids, ref, text, pooled, micro):
+        return nnx.merge(graphdef, st)(ids, ref, text, pooled, micro, jnp.full((2,), 3, jnp.int32),
+                                       reference_strength=1.1, capture_blocks=blocks)
+
+    f = jax.jit(fwd).lower(state, ids, ids, text, pooled, micro).compile()
+    jax.block_until_ready(f(state, ids, ids, text, pooled, micro))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(state, ids, ids, text, pooled, micro))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def our_matmul_gflops(n: int = 2048) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.vs_official", description=__doc__.split("\n\n")[0])
+    p.add_argument("--official-src", required=True, help="checkout of the official repository")
+    p.add_argument("--official-python", required=True, help="a Python with torch, diffusers, transformers, peft")
+    p.add_argument("--config", default=os.path.join(HERE, "medium_transformer_config.json"))
+    p.add_argument("--workdir", default="/tmp/editmgt-vs-official")
+    p.add_argument("--size", type=int, default=1024, help="edit size (the official pipeline: 1024 only)")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the official side)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    args = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.official_src, "src", "pipeline.py")):
+        print(f"error: --official-src {args.official_src}: no src/pipeline.py (not an official checkout)",
+              file=sys.stderr)
+        return 2
+    if shutil.which(args.official_python) is None and not os.access(args.official_python, os.X_OK):
+        print(f"error: --official-python {args.official_python}: not an executable", file=sys.stderr)
+        return 2
+    if args.size != 1024:
+        # The official pipeline builds its rotary position ids for a 1024 px edit only (it doubles
+        # the id grid when height != 1024, which then no longer matches the token count).
+        print(f"error: --size {args.size}: the official pipeline runs at 1024 px only", file=sys.stderr)
+        return 2
+    load0 = os.getloadavg()
+
+    import editmgt_jax  # noqa: F401
+    from editmgt_jax.convert.release import convert_release
+    from editmgt_jax.editor import Editor
+
+    release = os.path.join(args.workdir, "release")
+    ckpt = os.path.join(args.workdir, "ckpt")
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    write_release_configs(release, _read(args.config))
+    print("laying out the random release (official classes) ...", flush=True)
+    _side(args.official_python, "layout", args.official_src, release, str(args.seed))
+    convert_release(release, ckpt, log=lambda m: None)
+
+    editor = Editor.load(ckpt)
+    tr = editor.tr_cfg
+    blocks = list(range(tr.num_layers, tr.num_blocks))
+    settings = dict(steps=args.steps, guidance_scale=6.0, reference_strength=1.1, hold_threshold=0.3)
+    rng = np.random.default_rng(args.seed)
+    image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
+    instruction = "make the sky red"
+
+    official = Official(args.official_python, args.official_src, release, args.threads)
+    try:
+        req = dict(op="edit", size=args.size, instruction=instruction, image=image.tolist(), blocks=blocks,
+                   seed=args.seed, **settings)
+
+        def ours():
+            t = time.perf_counter()
+            editor.edit([image], [instruction], seed=args.seed, size=args.size,
+                        consolidation_blocks=tuple(blocks), **settings)
+            return time.perf_counter() - t
+
+        warm_ours = ours()                      # compiles
+        warm_off = official.ask(**req)["edit_s"]
+        off_s, our_s, off_fwd = [], [], []
+        for r in range(args.rounds):
+            order = ("official", "ours") if r % 2 == 0 else ("ours", "official")
+            for side in order:
+                if side == "ours":
+                    our_s.append(ours())
+                else:
+                    rep = official.ask(**req)
+                    off_s.append(rep["edit_s"])
+                    calls = rep["forward_s"]
+                    off_fwd.append(sum(calls) / args.steps)   # the transformer's time per step
+            print(f"round {r + 1}: official {off_s[-1]:.2f} s, ours {our_s[-1]:.2f} s", flush=True)
+        torch_peak = official.ask(op="matmul", n=2048)["gflops"]
+        torch_version = official.info.get("torch")
+    finally:
+        official.close()
+    text_len = 256
+    our_fwd = our_forward_seconds(editor, args.size, text_len)
+    xla_peak = our_matmul_gflops(2048)
+    load1 = os.getloadavg()
+
+    med = statistics.median
+    rows = [("whole edit (median of rounds)", med(off_s), med(our_s)),
+            ("transformer per step (CFG batch)", med(off_fwd), our_fwd)]
+    table = ("| | official (PyTorch %s, %d threads) | ours (jax) | official / ours |\n|---|---|---|---|\n"
+             % (torch_version, args.threads))
+    for name, a, b in rows:
+        table += f"| {name} | {a:.2f} s | {b:.2f} s | {a / b:.2f} |\n"
+    table += f"| fp32 matmul 2048^3 | {torch_peak:.0f} GFLOP/s | {xla_peak:.0f} GFLOP/s | |\n"
+    meta = (f"{args.size} px, {args.steps} steps, CFG 6, strength 1.1, consolidation over blocks "
+            f"{blocks[0]}-{blocks[-1]}, lambda 0.3, {args.rounds} alternating rounds after one warm-up "
+            f"each (warm-up: official {warm_off:.1f} s, ours {warm_ours:.1f} s incl. compile); "
+            f"1/5/15-min load average {'/'.join(f'{x:.1f}' for x in load0)} before, "
+            f"{'/'.join(f'{x:.1f}' for x in load1)} after; per round official "
+            f"{', '.join(f'{x:.1f}' for x in off_s)} s, ours {', '.join(f'{x:.1f}' for x in our_s)} s")
+    print(table)
+    print(meta)
+    if args.record:
+        from bench.results import append_to_section
+        command = "python -m bench.vs_official " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        append_to_section("## Versus the official pipeline",
+                          f"\n`{command}` ({datetime.date.today().isoformat()})\n\n{meta}\n\n{table}",
+                          intro=__doc__.split("\n\n", 2)[2].split("\n\n")[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

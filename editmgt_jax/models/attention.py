@@ -1,0 +1,412 @@
+"""Attention core of the joint sequence ``[text, image, reference]``.
+
+One function, :func:`attention`, with interchangeable implementations:
+
+``"xla"``
+    Blocked attention in plain XLA, the reference and the CPU default. A ``lax.map`` over the
+    ``B * H`` heads, and inside each head a scan over query blocks against all keys, so one
+    ``[block_q, S]`` block of logits exists at a time (never ``[B, H, S, S]``). The softmax scale is
+    folded into the query block, the reference-strength bias is made inside the block from the
+    segment boundaries (two iotas and a compare), softmax statistics are float32 and the
+    normalisation happens after the ``P @ V`` product. The captured text-to-image attention comes out
+    of the first query block of the same pass (the text rows). The backward pass is a custom VJP that
+    recomputes each block's probabilities from the saved log-sum-exp (flash-attention style): it
+    stores ``q, k, v``, the output and ``[B, H, S]`` statistics, never ``[B, H, S, S]``.
+``"cudnn"``
+    ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU).
+``"pallas"``
+    The Pallas TPU flash-attention kernel (``jax.experimental.pallas.ops.tpu.flash_attention``).
+``"naive"``
+    Full ``[B, H, S, S]`` logits with a materialised bias: the textbook formula, kept for tests.
+
+The reference-strength bias adds ``log s`` to the logits between a reference token and a
+non-reference token (both directions). Kernels without a bias operand get it through one extra
+head-dimension channel: with ``q_x = +1`` for non-reference queries, ``-1`` for reference queries
+and ``k_x = log(s) / scale`` for reference keys (0 otherwise), ``scale * q_x * k_x`` adds ``+log s``
+to the reference keys of a non-reference query and ``-log s`` to the reference keys of a reference
+query; the latter differs from the wanted ``+log s`` on the non-reference keys by the constant
+``-log s`` over the whole row, which the softmax removes. So the kernels see plain attention with
+``head_dim + 1`` channels (zero-padded to the kernel's alignment) and no ``[S, S]`` operand. The
+kernels do not expose probabilities: with a capture, the text rows' block of logits ``[B, H, L, S]``
+is computed next to the kernel call.
+
+The default implementation follows the backend (``cpu``: ``xla``, ``gpu``: ``cudnn``, ``tpu``:
+``pallas``); ``EDITMGT_ATTENTION=<name>`` or the ``implementation`` argument overrides it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+CAPTURE_MODES = ("official", "model")
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "naive")
+_BACKEND_DEFAULT = {"cpu": "xla", "gpu": "cudnn", "cuda": "cudnn", "rocm": "xla", "tpu": "pallas"}
+ENV_VAR = "EDITMGT_ATTENTION"
+# Elements of one block of float32 logits in the xla implementation (32 MiB).
+BLOCK_ELEMENTS = 8 * 1024 * 1024
+PALLAS_SEQ_MULTIPLE = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Segments:
+    """Static lengths of the joint sequence ``[text, image, reference]``."""
+
+    text: int
+    image: int
+    reference: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.text + self.image + self.reference
+
+    @property
+    def reference_start(self) -> int:
+        return self.text + self.image
+
+
+def default_implementation() -> str:
+    """``$EDITMGT_ATTENTION`` if set, else the backend's implementation."""
+    name = os.environ.get(ENV_VAR)
+    if name:
+        if name not in IMPLEMENTATIONS:
+            raise ValueError(f"{ENV_VAR}={name!r}: use one of {IMPLEMENTATIONS}")
+        return name
+    return _BACKEND_DEFAULT.get(jax.default_backend(), "xla")
+
+
+def _check_capture(mode: str | None):
+    if mode is not None and mode not in CAPTURE_MODES:
+        raise ValueError(f"capture_mode must be one of {CAPTURE_MODES}, got {mode!r}")
+
+
+# ----------------------------------------------------------------------------- naive
+def reference_bias(seg: Segments, log_strength: jax.Array | float | None) -> jax.Array | None:
+    """Additive logit bias ``[S, S] float32``: ``log_strength`` between a reference token and a
+    non-reference token (both directions), 0 elsewhere. ``None`` when there is nothing to add."""
+    if seg.reference == 0 or log_strength is None:
+        return None
+    is_ref = jnp.arange(seg.total) >= seg.reference_start
+    cross = is_ref[:, None] != is_ref[None, :]
+    return jnp.where(cross, jnp.asarray(log_strength, jnp.float32), jnp.float32(0.0))
+
+
+def _naive_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    return jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+
+
+def naive_attention(q, k, v, bias=None):
+    """``softmax(q k^T / sqrt(D) + bias) v`` with full ``[B, H, Sq, Sk]`` float32 logits."""
+    logits = _naive_logits(q, k)
+    if bias is not None:
+        logits = logits + bias
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(v.dtype)
+
+
+def naive_capture(q, k, seg: Segments, bias, mode: str) -> jax.Array:
+    """Text-to-image attention from full logits, ``[B, seg.image] float32`` (see :func:`attention`)."""
+    _check_capture(mode)
+    q_text = q[:, :, : seg.text]
+    if mode == "official":
+        logits = _naive_logits(q_text, k[:, :, : seg.reference_start])
+    else:
+        logits = _naive_logits(q_text, k)
+        if bias is not None:
+            logits = logits + bias[: seg.text]
+    probs = jax.nn.softmax(logits, axis=-1)[..., seg.text: seg.reference_start]
+    return jnp.mean(probs, axis=(1, 2))
+
+
+def _naive(q, k, v, seg, log_strength, capture_mode):
+    bias = reference_bias(seg, log_strength)
+    out = naive_attention(q, k, v, bias)
+    score = None if capture_mode is None else naive_capture(q, k, seg, bias, capture_mode)
+    return out, score
+
+
+# ----------------------------------------------------------------------------- xla (blocked)
+def _plan(seg: Segments, block_q: int | None, capture: bool) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """``(block_q, spans)``: query rows per block and the row spans ``[a, b)`` blocked separately.
+    A block never straddles the start of the reference segment, so the bias of a block is one row
+    vector over the keys."""
+    s = seg.total
+    bq = block_q or max(1, BLOCK_ELEMENTS // s)
+    if capture:
+        bq = max(bq, seg.text)          # the text rows live in the first block
+    spans = ((0, seg.reference_start), (seg.reference_start, s)) if seg.reference else ((0, s),)
+    return min(bq, s), tuple((a, b) for a, b in spans if b > a)
+
+
+def _block_logits(qb, k, ref_rows: bool, seg: Segments, ls, scale: float):
+    """Float32 logits ``[bq, S]`` of a block of query rows with the bias added, and the bias pattern
+    ``[S] bool`` of those rows (``None`` without bias).
+
+    The rows of a block are all reference or all non-reference (``ref_rows``, :func:`_plan`), so
+    the bias is ``log s`` on the keys of the other kind: a row vector broadcast inside the fused add
+    (a ``[bq, S]`` bias array would be loop-invariant, and XLA would hoist it out of the loops,
+    building the full ``[S, S]`` operand again).
+    """
+    s = jnp.dot((qb * scale).astype(qb.dtype), k.T, preferred_element_type=jnp.float32)
+    if ls is None:
+        return s, None
+    k_ref = jnp.arange(k.shape[0]) >= seg.reference_start
+    cross = ~k_ref if ref_rows else k_ref
+    return s + jnp.where(cross, ls, jnp.float32(0.0))[None, :], cross
+
+
+def _blocked(fn, rows, bq: int, carry=None):
+    """Apply ``fn`` to ``bq``-row blocks of the arrays ``rows`` (leading axis: rows), one block at a
+    time (a scan); the rows are zero-padded to a multiple of ``bq``. ``fn(carry, blocks) ->
+    (carry, per-row outputs)``. Returns ``(carry, outputs)`` with the padding removed."""
+    n = rows[0].shape[0]
+    nb = -(-n // bq)
+    pad = nb * bq - n
+    blocks = tuple(jnp.pad(r, [(0, pad)] + [(0, 0)] * (r.ndim - 1)).reshape((nb, bq) + r.shape[1:])
+                   for r in rows)
+    carry, outs = jax.lax.scan(fn, carry, blocks)
+    return carry, jax.tree.map(lambda o: o.reshape((nb * bq,) + o.shape[2:])[:n], outs)
+
+
+def _block_capture(s, seg: Segments, mode: str) -> jax.Array:
+    """``[image]`` sum over the text rows of their probabilities on the image keys."""
+    if mode == "official":
+        # The text rows over [text, image] keys without the bias: for text rows the bias is 0 there.
+        s = s[: seg.text, : seg.reference_start]
+    else:
+        s = s[: seg.text]
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.sum(p[:, seg.text: seg.reference_start], axis=0)
+
+
+def _fwd_block(qb, k, v, ref_rows, ls, seg, scale):
+    s, _ = _block_logits(qb, k, ref_rows, seg, ls, scale)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32) / l   # normalise after P V
+    return s, o.astype(v.dtype), (m + jnp.log(l))[:, 0]
+
+
+def _xla_head_fwd(q, k, v, ls, *, seg, plan, capture_mode, scale):
+    """One head: ``q, k, v [S, D]`` -> ``(out [S, D], lse [S] float32, capture [image] or [0])``."""
+    bq, spans = plan
+    outs, lses, cap = [], [], jnp.zeros((0,), jnp.float32)
+    for a, b in spans:
+        ref_rows = a >= seg.reference_start
+        if capture_mode is not None and a == 0:
+            # The first block (the text rows and more) also gives the captured attention.
+            s, o, lse = _fwd_block(q[: min(bq, b)], k, v, ref_rows, ls, seg, scale)
+            cap = _block_capture(s, seg, capture_mode)
+            outs.append(o)
+            lses.append(lse)
+            a = min(bq, b)
+            if a == b:
+                continue
+
+        def body(_, qb, ref_rows=ref_rows):
+            return None, _fwd_block(qb[0], k, v, ref_rows, ls, seg, scale)[1:]
+
+        _, (o, lse) = _blocked(body, (q[a:b],), bq)
+        outs.append(o)
+        lses.append(lse)
+    return jnp.concatenate(outs, 0), jnp.concatenate(lses, 0), cap
+
+
+def _xla_head_bwd(q, k, v, ls, lse, delta, do, *, seg, plan, scale):
+    """Gradients of one head from the saved ``lse`` and ``delta = sum(do * out, -1)``."""
+    bq, spans = plan
+    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32), jnp.float32(0.0))
+    dqs = []
+    for a, b in spans:
+        ref_rows = a >= seg.reference_start
+
+        def body(carry, blk, ref_rows=ref_rows):
+            dk, dv, dls = carry
+            qb, dob, lseb, deltab = blk
+            s, cross = _block_logits(qb, k, ref_rows, seg, ls, scale)
+            p = jnp.exp(s - lseb[:, None])
+            dv = dv + jnp.dot(p.T.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
+            dp = jnp.dot(dob, v.T, preferred_element_type=jnp.float32)
+            ds = p * (dp - deltab[:, None])
+            dq = jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * scale
+            dk = dk + jnp.dot(ds.T.astype(qb.dtype), qb, preferred_element_type=jnp.float32) * scale
+            if cross is not None:
+                dls = dls + jnp.sum(jnp.sum(ds, axis=0) * cross)
+            return (dk, dv, dls), dq
+
+        carry, dq = _blocked(body, (q[a:b], do[a:b], lse[a:b], delta[a:b]), bq, carry)
+        dqs.append(dq)
+    dk, dv, dls = carry
+    return jnp.concatenate(dqs, 0), dk, dv, dls
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _xla_core(q, k, v, ls, seg, plan, capture_mode):
+    out, _, cap = _xla_core_fwd(q, k, v, ls, seg, plan, capture_mode)[0]
+    return out, cap
+
+
+def _flat(x):
+    b, h, s, d = x.shape
+    return x.reshape(b * h, s, d)
+
+
+def _xla_core_fwd(q, k, v, ls, seg, plan, capture_mode):
+    b, h, s, d = q.shape
+    scale = 1.0 / math.sqrt(d)
+    fn = partial(_xla_head_fwd, seg=seg, plan=plan, capture_mode=capture_mode, scale=scale)
+    ls_ = None if ls is None else jnp.asarray(ls, jnp.float32)
+    out, lse, cap = jax.lax.map(lambda a: fn(*a, ls_), (_flat(q), _flat(k), _flat(v)))
+    out = out.reshape(b, h, s, d)
+    cap = jax.lax.stop_gradient(cap.reshape(b, h, cap.shape[-1]))
+    return (out, lse, cap), (q, k, v, ls, out, lse)
+
+
+def _xla_fwd(q, k, v, ls, seg, plan, capture_mode):
+    (out, _, cap), res = _xla_core_fwd(q, k, v, ls, seg, plan, capture_mode)
+    return (out, cap), res
+
+
+def _xla_bwd(seg, plan, capture_mode, res, cts):
+    # The captured attention is an observation (stop-gradient): its cotangent is dropped.
+    q, k, v, ls, out, lse = res
+    do = cts[0]
+    b, h, s, d = q.shape
+    scale = 1.0 / math.sqrt(d)
+    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).reshape(b * h, s)
+    ls_ = None if ls is None else jnp.asarray(ls, jnp.float32)
+    fn = partial(_xla_head_bwd, seg=seg, plan=plan, scale=scale)
+    dq, dk, dv, dls = jax.lax.map(lambda a: fn(a[0], a[1], a[2], ls_, a[3], a[4], a[5]),
+                                  (_flat(q), _flat(k), _flat(v), lse, delta, _flat(do.astype(q.dtype))))
+    shape = (b, h, s, d)
+    dls_out = None if ls is None else jnp.sum(dls).astype(jnp.asarray(ls).dtype).reshape(jnp.shape(ls))
+    return (dq.reshape(shape).astype(q.dtype), dk.reshape(shape).astype(k.dtype),
+            dv.reshape(shape).astype(v.dtype), dls_out)
+
+
+_xla_core.defvjp(_xla_fwd, _xla_bwd)
+
+
+def _xla(q, k, v, seg, log_strength, capture_mode, block_q=None):
+    plan = _plan(seg, block_q, capture_mode is not None)
+    ls = None if log_strength is None else jnp.asarray(log_strength, jnp.float32)
+    out, cap = _xla_core(q, k, v, ls, seg, plan, capture_mode)
+    score = None if capture_mode is None else jnp.mean(cap, axis=1) / seg.text
+    return out, score
+
+
+# ----------------------------------------------------------------------------- kernels
+def fold_bias(q, k, v, seg: Segments, log_strength, multiple: int = 8):
+    """``q, k, v`` with the reference-strength bias carried by an extra head channel (module doc),
+    head dims zero-padded to a multiple of ``multiple``. Without bias only the padding is applied."""
+    d = q.shape[-1]
+    parts_q, parts_k = [q], [k]
+    if log_strength is not None:
+        s = q.shape[2]
+        is_ref = (jnp.arange(s) >= seg.reference_start)
+        qx = jnp.where(is_ref, -1.0, 1.0).astype(q.dtype)
+        kx = jnp.where(is_ref, jnp.asarray(log_strength, jnp.float32) * math.sqrt(d), 0.0).astype(k.dtype)
+        parts_q.append(jnp.broadcast_to(qx[:, None], q.shape[:-1] + (1,)))
+        parts_k.append(jnp.broadcast_to(kx[:, None], k.shape[:-1] + (1,)))
+    width = d + len(parts_q) - 1
+    pad = -width % multiple
+    if pad:
+        parts_q.append(jnp.zeros(q.shape[:-1] + (pad,), q.dtype))
+        parts_k.append(jnp.zeros(k.shape[:-1] + (pad,), k.dtype))
+    full = width + pad
+    q2 = jnp.concatenate(parts_q, -1) if len(parts_q) > 1 else q
+    k2 = jnp.concatenate(parts_k, -1) if len(parts_k) > 1 else k
+    v2 = jnp.pad(v, [(0, 0)] * 3 + [(0, full - d)]) if full != d else v
+    return q2, k2, v2
+
+
+def _text_rows_capture(q, k, seg: Segments, log_strength, mode: str) -> jax.Array:
+    """Capture from the text rows' block of logits ``[B, H, L, S]`` (kernel implementations)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, : seg.text] * scale, k, preferred_element_type=jnp.float32)
+    if mode == "official":
+        s = s[..., : seg.reference_start]
+    elif log_strength is not None:
+        s = s + jnp.where(jnp.arange(seg.total) >= seg.reference_start,
+                          jnp.asarray(log_strength, jnp.float32), 0.0)
+    p = jax.nn.softmax(s, axis=-1)[..., seg.text: seg.reference_start]
+    return jax.lax.stop_gradient(jnp.mean(p, axis=(1, 2)))
+
+
+def _nn_kernel(q, k, v, seg, log_strength, capture_mode, nn_implementation="cudnn"):
+    """``jax.nn.dot_product_attention`` with the folded bias (``[B, S, H, D]`` layout)."""
+    d = q.shape[-1]
+    q2, k2, v2 = fold_bias(q, k, v, seg, log_strength, multiple=8)
+    t = lambda x: x.transpose(0, 2, 1, 3)
+    out = jax.nn.dot_product_attention(t(q2), t(k2), t(v2), scale=1.0 / math.sqrt(d),
+                                       implementation=nn_implementation)
+    out = t(out)[..., :d]
+    score = None if capture_mode is None else _text_rows_capture(q, k, seg, log_strength, capture_mode)
+    return out, score
+
+
+def _pallas(q, k, v, seg, log_strength, capture_mode):
+    from jax.experimental.pallas.ops.tpu.flash_attention import SegmentIds, flash_attention
+    b, _, s, d = q.shape
+    q2, k2, v2 = fold_bias(q, k, v, seg, log_strength, multiple=8)
+    # The kernel tiles the sequence by 128: pad it, and keep the padding out of the real rows with
+    # a second segment id.
+    pad = -s % PALLAS_SEQ_MULTIPLE
+    segment_ids = None
+    if pad:
+        q2, k2, v2 = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (q2, k2, v2))
+        ids = jnp.broadcast_to((jnp.arange(s + pad) >= s).astype(jnp.int32), (b, s + pad))
+        segment_ids = SegmentIds(q=ids, kv=ids)
+    out = flash_attention(q2, k2, v2, segment_ids=segment_ids, sm_scale=1.0 / math.sqrt(d))
+    out = out[:, :, :s, :d]
+    score = None if capture_mode is None else _text_rows_capture(q, k, seg, log_strength, capture_mode)
+    return out, score
+
+
+# ----------------------------------------------------------------------------- entry point
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments,
+              log_strength: jax.Array | float | None = None, *, capture_mode: str | None = None,
+              implementation: str | None = None, block_q: int | None = None
+              ) -> tuple[jax.Array, jax.Array | None]:
+    """Softmax attention over the joint sequence with the reference-strength bias.
+
+    Args:
+      q, k, v: ``[B, H, S, D]`` with ``S = seg.total`` (RoPE applied), one dtype.
+      log_strength: ``log s`` added between reference and non-reference tokens, or ``None`` (no
+        bias; also when ``seg.reference == 0``). A python float or traced float32 scalar.
+      capture_mode: ``None``, ``"official"`` (the text rows' softmax over ``[text, image]`` keys
+        without the bias, as the reference implementation records it) or ``"model"`` (the text rows
+        of the attention actually used, image columns).
+      implementation: one of :data:`IMPLEMENTATIONS`, default :func:`default_implementation`.
+      block_q: query rows per block (``xla``), default from :data:`BLOCK_ELEMENTS`.
+    Returns:
+      ``(out [B, H, S, D] in v.dtype, score)``; ``score`` is ``[B, seg.image] float32`` (mean over
+      heads and text rows; not differentiated) when ``capture_mode`` is set, else ``None``.
+    """
+    _check_capture(capture_mode)
+    if q.shape[2] != seg.total:
+        raise ValueError(f"attention: sequence length {q.shape[2]} != segments total {seg.total}")
+    if seg.reference == 0:
+        log_strength = None
+    impl = implementation or default_implementation()
+    if impl == "xla":
+        return _xla(q, k, v, seg, log_strength, capture_mode, block_q)
+    if impl == "naive":
+        return _naive(q, k, v, seg, log_strength, capture_mode)
+    if impl == "cudnn":
+        return _nn_kernel(q, k, v, seg, log_strength, capture_mode, "cudnn")
+    if impl == "pallas":
+        return _pallas(q, k, v, seg, log_strength, capture_mode)
+    raise ValueError(f"attention implementation {impl!r}: use one of {IMPLEMENTATIONS}")
+
+
+__all__ = ["CAPTURE_MODES", "IMPLEMENTATIONS", "Segments", "attention", "default_implementation",
+           "fold_bias", "naive_attention", "naive_capture", "reference_bias"]
