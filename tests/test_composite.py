@@ -114,8 +114,17 @@ def wide():
 @pytest.fixture(scope="module")
 def mixed(editor, wide):
     """One call, two sizes (600x400 and 128x128): two working shapes, two compiled programs.
-    Region hold off, so some tokens change and the region map is not empty."""
-    return editor.edit([wide, SHAPES], [TEXT, TEXT], hold_threshold=0.0, seed=1)
+    Region hold off, so tokens change and the region map is not empty; an inpainting mask over the
+    left part keeps the right part's tokens the source's, so the map is not full either."""
+    return editor.edit([wide, SHAPES], [TEXT, TEXT], hold_threshold=0.0, seed=1,
+                       masks=[_left_part(wide.shape), _left_part((128, 128))])
+
+
+def _left_part(shape):
+    """``[H, W] bool``: True (may change) on the left 40% of the columns."""
+    m = np.zeros(shape[:2], bool)
+    m[:, : int(0.4 * shape[1])] = True
+    return m
 
 
 def test_output_has_the_input_size_and_the_source_outside_the_map(editor, wide, mixed):
@@ -134,13 +143,13 @@ def test_output_has_the_input_size_and_the_source_outside_the_map(editor, wide, 
         np.testing.assert_array_equal(m, expect)
     np.testing.assert_array_equal(mixed.originals[0], wide)
     # an image of a mixed batch gets what it gets alone (its own PRNG stream, its own program)
-    alone = editor.edit(wide, TEXT, hold_threshold=0.0, seed=1)
+    alone = editor.edit(wide, TEXT, hold_threshold=0.0, seed=1, masks=[_left_part(wide.shape)])
     np.testing.assert_array_equal(alone.tokens[0], mixed.tokens[0])
     np.testing.assert_array_equal(alone.images[0], mixed.images[0])
 
 
 def test_modes_none_and_map(editor, wide, mixed):
-    raw = editor.edit(wide, TEXT, hold_threshold=0.0, seed=1, composite="none")
+    raw = editor.edit(wide, TEXT, hold_threshold=0.0, seed=1, composite="none", masks=[_left_part(wide.shape)])
     assert raw.images.shape == (1, 44, 64, 3) and raw.region_maps is None
     np.testing.assert_array_equal(raw.images[0], mixed.raw_images[0])
     by_map = editor.edit(wide, TEXT, hold_threshold=0.0, seed=1, composite="map")

@@ -474,7 +474,7 @@ def test_cli_errors_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "infer.evaluate", "--data", f"folder:{tmp_path}", "--out",
                            str(tmp_path / "o"), "--ablations", "nope"], cwd=repo, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
-        "error: --ablations: unknown group 'nope' in 'nope'; groups: hold, blocks, lambda, steps, cfg, inpaint, "
+        "error: --ablations: unknown group 'nope' in 'nope'; groups: hold, blocks, lambda, steps, cfg, inpaint, composite, "
         "all, none")
 
 

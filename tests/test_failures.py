@@ -273,7 +273,7 @@ def test_batch_skips_bad_lines_with_a_report_and_edits_the_rest(tmp_path, cli):
     assert [ln for ln in proc.stderr.splitlines() if ln.startswith("skipped ")] == [f"skipped {s}" for s in skipped]
     assert "wrote 2 edit(s)" in proc.stderr and "skipped 5" in proc.stderr
     assert sorted(os.listdir(out_dir)) == ["00007.png", "a.png"]
-    assert Image.open(out_dir / "a.png").size == (64, 64)
+    assert Image.open(out_dir / "a.png").size == Image.open(shapes).size     # the input's own size
     # Nothing runnable: refused before the model is loaded, nothing written.
     batch.write_text("\n".join(lines[1:4]) + "\n")
     proc = cli("infer.edit", "--batch", batch, "--out-dir", tmp_path / "none")

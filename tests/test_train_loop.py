@@ -110,7 +110,7 @@ def test_both_tasks_reduce_their_loss(data, tmp_path):
     ed.optim.learning_rate = 2e-3
     ed.precision.compute_dtype = "bfloat16"
     ed.editor.vq_checkpoint = res.model_dir
-    ed.editor.sampler_defaults = dict(steps=5, consolidation_blocks=(0, 1), hold_threshold=0.25)
+    ed.editor.sampler_defaults = dict(steps=5, consolidation_blocks=(0,), hold_threshold=0.25)
     ed.train.update(export=True, sample_every=40, num_samples=2, sample_steps=4)
     res = train(ed, str(tmp_path / "editor"), compiler_options=FAST, progress=False)
     l = [res.losses[s] for s in sorted(res.losses)]
@@ -128,7 +128,7 @@ def test_both_tasks_reduce_their_loss(data, tmp_path):
     assert editor.doc["sampler_defaults"]["timestep_convention"] == "mask_fraction"
     assert editor.sampler_config().timestep_convention == "mask_fraction"   # what edits feed
     scfg = editor.sampler_config()                 # the config's recommended settings ship with it
-    assert (scfg.steps, scfg.consolidation_blocks, scfg.hold_threshold) == (5, (0, 1), 0.25)
+    assert (scfg.steps, scfg.consolidation_blocks, scfg.hold_threshold) == (5, (0,), 0.25)
     assert editor.sampler_config(steps=3).steps == 3
     assert editor.pixel_granularity == 8
 
