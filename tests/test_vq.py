@@ -356,3 +356,28 @@ def test_fsq_model_forward_matches_decode_ids():
 def test_fsq_config_errors(kw, message):
     with pytest.raises(ValueError, match=message):
         _fsq_cfg(**kw)
+
+
+def test_patch_encoder_ids_are_local():
+    """With encoder="patch" an id depends on its own f x f patch only: pixels changed inside one
+    patch re-code that position and no other, and the conv encoder does not have this property."""
+    cfg = _fsq_cfg(encoder="patch")
+    assert VQConfig.from_dict(cfg.to_dict()) == cfg
+    pixels = np.asarray(jax.random.uniform(jax.random.key(2), (1, 16, 16, 3)))
+    edited = pixels.copy()
+    edited[0, 4:8, 8:12] = 1.0 - edited[0, 4:8, 8:12]         # latent cells (2..3, 4..5), f = 2
+    changed = {}
+    for kind in ("patch", "conv"):
+        model = VQModel(_fsq_cfg(encoder=kind), rngs=nnx.Rngs(0))
+        a = np.asarray(model.encode(jnp.asarray(pixels)))
+        b = np.asarray(model.encode(jnp.asarray(edited)))
+        changed[kind] = np.argwhere(np.abs(a - b).max(-1)[0] > 1e-6)
+    assert set(map(tuple, changed["patch"])) <= {(2, 4), (2, 5), (3, 4), (3, 5)}
+    assert len(changed["patch"]) >= 1
+    assert len(changed["conv"]) > len(changed["patch"])
+    # A patch encoder trains and decodes like the conv one.
+    model = VQModel(cfg, rngs=nnx.Rngs(0))
+    recon, _, ids = model(jnp.asarray(pixels))
+    np.testing.assert_allclose(np.asarray(model.decode_ids(ids)), np.asarray(recon), atol=1e-5)
+    with pytest.raises(ValueError, match="encoder 'resnet'"):
+        _fsq_cfg(encoder="resnet")

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from editmgt_jax.models.layers import Conv2d, Linear, checked_fields, ones, partitioned, zeros
+from editmgt_jax.models.patch_encoder import PatchEncoder
 
 GROUP_NORM_EPS = 1e-6       # diffusers Encoder/Decoder/ResnetBlock2D/mid-block attention all use 1e-6
 DEFAULT_BETA = 0.25         # diffusers VQModel builds its VectorQuantizer with beta=0.25
@@ -95,6 +96,10 @@ class VQConfig:
     # no codebook or commitment loss, and every code is reachable (no collapse).
     quantizer: str = "vq"
     fsq_levels: tuple[int, ...] = ()
+    # "conv": the released convolutional encoder. "patch": a token-local encoder (each id depends on
+    # its own f x f patch only; editmgt_jax.models.patch_encoder), so untouched regions keep their ids.
+    encoder: str = "conv"
+    patch_encoder_layers: int = 2            # residual per-position MLP blocks of the "patch" encoder
 
     def __post_init__(self):
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
@@ -125,6 +130,8 @@ class VQConfig:
                                 f"= {len(self.fsq_levels)} with quantizer 'fsq'")
         elif self.fsq_levels:
             problems.append("fsq_levels is set but quantizer is 'vq'")
+        if self.encoder not in ("conv", "patch"):
+            problems.append(f"encoder {self.encoder!r}: use 'conv' or 'patch'")
         if self.act_fn not in _ACTIVATIONS:
             problems.append(f"act_fn {self.act_fn!r} not supported (choose from {sorted(_ACTIVATIONS)})")
         if problems:
@@ -491,7 +498,11 @@ class VQModel(nnx.Module):
         self.dtype = dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         d = cfg.codebook_dim
-        self.encoder = Encoder(cfg, **kw)
+        if cfg.encoder == "patch":
+            self.encoder = PatchEncoder(cfg.in_channels, cfg.latent_channels, cfg.downsample_factor,
+                                        cfg.block_out_channels[-1], cfg.patch_encoder_layers, **kw)
+        else:
+            self.encoder = Encoder(cfg, **kw)
         self.quant_conv = Conv2d(cfg.latent_channels, d, 1, **kw)
         if cfg.quantizer == "fsq":
             self.quantize = FiniteScalarQuantizer(cfg.fsq_levels)
