@@ -131,6 +131,12 @@ def test_both_tasks_reduce_their_loss(data, tmp_path):
     assert (scfg.steps, scfg.consolidation_blocks, scfg.hold_threshold) == (5, (0,), 0.25)
     assert editor.sampler_config(steps=3).steps == 3
     assert editor.pixel_granularity == 8
+    # Rerunning the finished run with a new recommendation re-exports without training.
+    ed.editor.sampler_defaults = dict(steps=7, consolidation_blocks=(0,), hold_threshold=0.0)
+    again = train(ed, str(tmp_path / "editor"), compiler_options=FAST, progress=False)
+    assert again.losses == {}
+    scfg = Editor.load(again.model_dir).sampler_config()
+    assert (scfg.steps, scfg.hold_threshold) == (7, 0.0)
 
 
 def test_nonfinite_loss_names_the_step(data, tmp_path):

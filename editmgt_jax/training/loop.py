@@ -66,9 +66,17 @@ def check_resume_config(saved: Mapping | None, config) -> None:
         return
     from editmgt_jax.training.checkpoint import config_to_json
 
+    def training_part(doc: Mapping, key: str):
+        # The recommended sampler settings shape only the export, not the training: changing them
+        # and rerunning a finished run re-exports the model.
+        value = doc.get(key)
+        if key == "editor" and isinstance(value, Mapping):
+            value = {k: v for k, v in value.items() if k != "sampler_defaults"}
+        return value
+
     now = config_to_json(config)
     for key in ("task", "editor", "vq"):
-        if key in saved and saved.get(key) != now.get(key):
+        if key in saved and training_part(saved, key) != training_part(now, key):
             if key == "editor" and saved.get("task") == "vq":
                 continue
             raise ValueError(f"the checkpoint in this workdir was trained with a different "
@@ -322,8 +330,9 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
             plot_curves(curves, os.path.join(workdir, "curves.png"), f"{config.task}: learning curves")
     # Export after new steps, and whenever the final state has no matching export (a run killed
     # between its last checkpoint and the export finishes the export when rerun).
+    recommended = dict(config.editor.get("sampler_defaults", {}) or {}) if config.task == "editor" else {}
     if config.train.export and (num_steps > start or not export_matches(os.path.join(workdir, "model"),
-                                                                        final_step)):
+                                                                        final_step, recommended)):
         params = state.params
         vq_params = aux["frozen"]["vq"][0] if "vq" in aux["frozen"] else None
         if pcount > 1:

@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Mapping
 
 
 class WorkdirBusyError(RuntimeError):
@@ -92,12 +93,17 @@ def trim_metrics(path: str, last_step: int) -> int:
     return dropped
 
 
-def export_matches(model_dir: str, step: int) -> bool:
-    """Whether ``model_dir`` is a complete model checkpoint exported at training step ``step``."""
+def export_matches(model_dir: str, step: int, sampler_defaults: Mapping | None = None) -> bool:
+    """Whether ``model_dir`` is a complete model checkpoint exported at training step ``step`` that
+    recommends ``sampler_defaults`` (the config's; a changed recommendation means a new export)."""
     from editmgt_jax import checkpoints
 
     try:
         doc = checkpoints.read_config(model_dir)
     except checkpoints.CheckpointError:
         return False
+    exported = doc.get("sampler_defaults") or {}
+    for key, value in dict(sampler_defaults or {}).items():
+        if json.loads(json.dumps(exported.get(key))) != json.loads(json.dumps(value)):
+            return False
     return int((doc.get("training") or {}).get("step", -1)) == int(step)
