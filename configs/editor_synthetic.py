@@ -38,6 +38,12 @@ from editmgt_jax.data.synthetic_edits import SYNTHETIC_VOCAB
 CODEBOOK = VQ_SYNTHETIC["num_vq_embeddings"]
 WIDTH = 64
 HEADS = 4
+# Rotary base for the 16x16 grid. With head width 16 each spatial axis has 3 frequencies; at the
+# release's base 10000 they are 1, 0.046 and 0.002 rad per cell, so a query barely tells cell p from
+# p + 6, and copying the reference token at the same cell (what most of the grid needs) is slow to
+# learn. Base 16 gives 1, 0.40 and 0.16 rad per cell. Measured on a copy task (target = source ids,
+# 200 steps of batch 16): masked-token accuracy 0.58 at base 16 vs 0.25 at base 10000.
+ROPE_THETA = 16.0
 
 
 def get_config():
@@ -52,23 +58,23 @@ def get_config():
     c.optim.learning_rate = 1.5e-3
     c.optim.schedule = "cosine"
     c.optim.warmup_steps = 100
-    c.optim.decay_steps = 1500
+    c.optim.decay_steps = 5000
     c.optim.min_lr_ratio = 0.05
     c.train.batch_size = 16
-    c.train.num_steps = 1500
+    c.train.num_steps = 5000
     c.train.log_every = 20
-    c.train.checkpoint_every = 200
+    c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 20
-    c.train.eval_every = 300
+    c.train.eval_every = 500
     c.train.eval_batches = 2
-    c.train.edit_eval_every = 300      # held-out sampled edits: 10 per category
+    c.train.edit_eval_every = 1000     # held-out sampled edits: 10 per category
     c.train.edit_eval_per_category = 10
     c.train.sample_every = 0
     c.train.sample_steps = 8
     c.editor.transformer = dict(
         num_layers=2, num_single_layers=2, num_attention_heads=HEADS, attention_head_dim=WIDTH // HEADS,
         joint_attention_dim=WIDTH, pooled_projection_dim=WIDTH, axes_dims_rope=(4, 6, 6),
-        vocab_size=CODEBOOK + 1, codebook_size=CODEBOOK, downsample=False,
+        vocab_size=CODEBOOK + 1, codebook_size=CODEBOOK, downsample=False, rope_theta=ROPE_THETA,
     )
     c.editor.text = dict(
         kind="small", vocab_size=len(SYNTHETIC_VOCAB) + 2, max_length=24, width=WIDTH, num_layers=2,

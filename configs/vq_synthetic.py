@@ -22,7 +22,7 @@ from configs import common
 
 VQ_SYNTHETIC = dict(
     block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=8, norm_num_groups=8,
-    quantizer="fsq", fsq_levels=(8, 5, 5, 5), num_vq_embeddings=1000,
+    quantizer="fsq", fsq_levels=(8, 8, 6, 5), num_vq_embeddings=1920, encoder="patch",
 )
 DATASET = "synthetic_edits/default"
 
