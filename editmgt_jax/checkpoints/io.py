@@ -23,6 +23,7 @@ from editmgt_jax.checkpoints.layout import (FORMAT, TOKENIZER_DIRS, VERSION, Che
 # ---------------------------------------------------------------------------------------------
 # Writing
 
+
 def save_model(path: str | os.PathLike, params: Mapping[str, Mapping], configs: Mapping[str, Mapping],
                *, metadata: Mapping | None = None, conventions: Conventions | None = None,
                overwrite: bool = False, finish: Callable[[str], None] | None = None) -> str:
@@ -164,6 +165,7 @@ def add_components(model_dir: str, source: str, names: Sequence[str], *, tokeniz
 
 # ---------------------------------------------------------------------------------------------
 # Reading
+
 
 def _checkpointer():
     import orbax.checkpoint as ocp
