@@ -270,7 +270,7 @@ def stage_write(release: str, dtype_name: str, log) -> dict:
     import ml_dtypes
 
     from editmgt_jax.models import transformer, vq
-    from editmgt_jax.tools.tiny_release import clip_tokenizer_files, gemma_tokenizer_files
+    from editmgt_jax.tools.tiny_release import write_scheduler_config, write_tokenizers
 
     dtype = ml_dtypes.bfloat16 if dtype_name == "bfloat16" else np.float32
     configs = {"editmgt": dict(transformer.RELEASED_CONFIG), "vqvae": dict(vq.RELEASED_CONFIG),
@@ -284,15 +284,8 @@ def stage_write(release: str, dtype_name: str, log) -> dict:
             json.dump(configs[folder], fh, indent=2)
         tensors = official_tensors(component, configs[folder])
         sizes[folder] = write_component(d, stem, tensors, dtype, seed, log)
-    for folder, files in (("tokenizer", clip_tokenizer_files(CLIP_H_CONFIG["vocab_size"])),
-                          ("llm_encoder", gemma_tokenizer_files(4096))):
-        os.makedirs(os.path.join(release, folder), exist_ok=True)
-        for name, text in files.items():
-            with open(os.path.join(release, folder, name), "w") as fh:
-                fh.write(text)
-    os.makedirs(os.path.join(release, "scheduler"), exist_ok=True)
-    with open(os.path.join(release, "scheduler", "scheduler_config.json"), "w") as fh:
-        json.dump(SCHEDULER_CONFIG, fh, indent=2)
+    write_tokenizers(release, CLIP_H_CONFIG["vocab_size"], 4096)
+    write_scheduler_config(release, SCHEDULER_CONFIG)
     return sizes
 
 

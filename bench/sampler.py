@@ -16,7 +16,7 @@ consolidation over all single-stream blocks, lambda 0.3, seeded stochastic sampl
                    the non-transformer share of a step is ``1 - forward / (loop / steps)``;
       ``post``:    the step without the transformer (CFG combine + consolidation + ``step_update`` on
                    given logits and scores), per call: a direct cross-check of that share;
-  (d) ``matmul``:  a 4096^3 float32 ``jnp.dot``, this machine's matmul peak; the forward's achieved
+  (d) ``matmul``:  a 4096^3 float32 ``jnp.dot`` (``bench.peak``), the matmul peak; the forward's achieved
                    GFLOP/s (FLOPs from XLA's ``cost_analysis``) as a fraction of it;
   (e) ``vq``:      encode + decode of one image with the tiny fixture-style VQ (channels 8, random
                    weights), timed apart: PERFORMANCE.md's official 81.5 s edit included such a VQ,
@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.peak import matmul_call
 from bench.results import RESULTS, append_to_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -231,8 +232,7 @@ def build(name: str, spec: EditSpec, seed: int = 0, matmul_n: int = MATMUL_N) ->
     logits, scores = c_fwd(state, ids_fwd, m_ref, m_text, m_pooled, m_micro, t_fwd)
     c_post, compile_s["post"] = _compile(post, tokens0, heat0, i0, keys, logits, scores, x["ref_ids"])
 
-    mm = jax.random.normal(jax.random.key(7), (2, matmul_n, matmul_n), jnp.float32)
-    c_dot, _ = _compile(lambda m: jnp.dot(m[0], m[1]), mm)
+    run_matmul, matmul_flops = matmul_call(matmul_n)
 
     with open(VQ_CONFIG) as fh:
         vq_cfg = VQConfig.from_official(json.load(fh))
@@ -262,14 +262,14 @@ def build(name: str, spec: EditSpec, seed: int = 0, matmul_n: int = MATMUL_N) ->
         pyloop=run_pyloop,
         forward=lambda: c_fwd(state, ids_fwd, m_ref, m_text, m_pooled, m_micro, t_fwd),
         post=lambda: c_post(tokens0, heat0, i0, keys, logits, scores, x["ref_ids"]),
-        matmul=lambda: c_dot(mm),
+        matmul=run_matmul,
         vq=lambda: c_vq(vq_state, pixels),
     )
     n_params = param_count(state)
     return dict(name=name, spec=spec, tr_cfg=tr_cfg, runs=runs, compile_s=compile_s, n_params=n_params,
                 mask_id=mask_id, forward_flops=_flops(c_fwd), post_flops=_flops(c_post),
                 forward_flops_analytic=analytic_forward_flops(tr_cfg, spec, n_params),
-                matmul_n=matmul_n, matmul_flops=2.0 * matmul_n ** 3)
+                matmul_n=matmul_n, matmul_flops=matmul_flops)
 
 
 def _call(fn) -> tuple[float, Any]:

@@ -23,8 +23,8 @@ memory, ``ru_maxrss``, belongs to that run alone):
 The step is the real ``editmgt_jax.training.step`` train step (masking, condition dropout, text
 encoder, transformer, AdamW with clipping) on random token batches, so data loading is not timed.
 FLOPs per step come from XLA's ``cost_analysis`` of the compiled step (forward, backward and
-optimizer); the peak is a large ``jnp.dot`` timed in the same process (float32 on CPU, bfloat16 on
-GPU). MFU = achieved FLOP/s / peak. tokens/s counts target-token positions.
+optimizer); the peak is a large ``jnp.dot`` timed in the same process (``bench.peak``; float32 on
+CPU, bfloat16 on GPU). MFU = achieved FLOP/s / peak. tokens/s counts target-token positions.
 
 Results are printed and, unless ``--no-record``, appended to bench/RESULTS.md under "## Training".
 """
@@ -42,6 +42,7 @@ import subprocess
 import sys
 import time
 
+from bench.peak import matmul_peak
 from bench.results import RESULTS, append_to_section
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,23 +101,6 @@ def _batch(config, shape, batch: int):
         out["text_states"] = rng.randn(batch, shape["text_len"], t.joint_attention_dim).astype(np.float32)
         out["pooled"] = rng.randn(batch, t.pooled_projection_dim).astype(np.float32)
     return out
-
-
-def matmul_peak(n: int, dtype) -> float:
-    """FLOP/s of an ``n^3`` ``jnp.dot`` (best of a few calls after a warm-up)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n ** 3 / best
 
 
 def run_one(name: str, donate: bool, steps: int, batches: tuple[int, ...] | None = None,

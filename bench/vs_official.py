@@ -38,6 +38,8 @@ import time
 
 import numpy as np
 
+from bench.peak import matmul_peak
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "editmgt-tiny-v1")
@@ -57,7 +59,7 @@ def _write(path, doc):
 
 def write_release_configs(release: str, transformer_cfg: dict) -> None:
     """Configs and tokenizers of the random release (weights come from ``official_side.py layout``)."""
-    from editmgt_jax.tools.tiny_release import clip_tokenizer_files, gemma_tokenizer_files
+    from editmgt_jax.tools.tiny_release import write_tokenizers
 
     _write(os.path.join(release, "editmgt", "config.json"), transformer_cfg)
     vq = _read(os.path.join(FIXTURE, "vqvae_config.json"))
@@ -69,12 +71,7 @@ def write_release_configs(release: str, transformer_cfg: dict) -> None:
     gemma = _read(os.path.join(FIXTURE, "gemma2_config.json"))
     gemma["hidden_size"] = int(transformer_cfg["joint_attention_dim"])
     _write(os.path.join(release, "llm_encoder", "config.json"), gemma)
-    for folder, files in (("tokenizer", clip_tokenizer_files(clip["vocab_size"])),
-                          ("llm_encoder", gemma_tokenizer_files(gemma["vocab_size"]))):
-        os.makedirs(os.path.join(release, folder), exist_ok=True)
-        for name, text in files.items():
-            with open(os.path.join(release, folder, name), "w") as fh:
-                fh.write(text)
+    write_tokenizers(release, clip["vocab_size"], gemma["vocab_size"])
 
 
 def _side(python: str, *args, **kw):
@@ -140,22 +137,6 @@ def our_forward_seconds(editor, size: int, text_len: int, repeats: int = 3) -> f
         jax.block_until_ready(f(state, ids, ids, text, pooled, micro))
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def our_matmul_gflops(n: int = 2048) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(jnp.dot)
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
 
 
 def main(argv=None) -> int:
@@ -236,7 +217,7 @@ def main(argv=None) -> int:
         official.close()
     text_len = 256
     our_fwd = our_forward_seconds(editor, args.size, text_len)
-    xla_peak = our_matmul_gflops(2048)
+    xla_peak = matmul_peak(2048) / 1e9
     load1 = os.getloadavg()
 
     med = statistics.median

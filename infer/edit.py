@@ -31,33 +31,10 @@ is consolidated (global indices: dual-stream blocks first, then single-stream bl
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-from editmgt_jax.cli_flags import add_sampler_flags, check_sampler_flags, sampler_overrides
-from editmgt_jax.edit_batch import read_batch
-
-
-def check_flags(args) -> None:
-    """Flag values the edit cannot use -> ``ValueError`` naming the flag (before anything loads)."""
-    from editmgt_jax import imageio
-
-    check_sampler_flags(args)
-    if args.size is not None and args.size < 1:
-        raise ValueError(f"--size {args.size}: must be a positive number of pixels")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
-    if args.batch:
-        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-            raise ValueError(f"--out-dir {args.out_dir}: is a file, not a folder")
-    else:
-        if not args.instruction.strip():
-            raise ValueError("--instruction: empty instruction")
-        imageio.check_output_path(args.out, "--out")
-        imageio.load_image(args.image, name=f"--image {args.image}")
-        if args.mask:
-            imageio.load_image(args.mask, name=f"--mask {args.mask}")
+from editmgt_jax.cli_flags import add_sampler_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,26 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _save_outputs(result, i: int, out_path: str, heatmap: bool) -> list[str]:
-    from editmgt_jax import imageio
-
-    from editmgt_jax import composite
-
-    imageio.save_image(out_path, result.images[i])
-    written = [out_path]
-    if heatmap:
-        if result.heatmaps is None:
-            print("note: no heatmap: consolidation is off (give --consolidation-blocks)", file=sys.stderr)
-        else:
-            root, _ = os.path.splitext(out_path)
-            hp = f"{root}_heatmap.png"
-            # over the source at the input's own size
-            score = composite.grid_to_input(result.heatmaps[i], result.placements[i])
-            imageio.save_image(hp, imageio.heatmap_overlay(result.originals[i], score))
-            written.append(hp)
-    return written
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not args.batch and not (args.image and args.instruction is not None):
@@ -130,59 +87,31 @@ def main(argv=None) -> int:
     import warnings
 
     import editmgt_jax  # noqa: F401
-    from editmgt_jax import checkpoints, imageio, parallel
-    from editmgt_jax.editor import EditError, Editor
+    from editmgt_jax import checkpoints, edit_cli, imageio
+    from editmgt_jax.edit_batch import read_batch
+    from editmgt_jax.editor import EditError
 
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     try:
-        check_flags(args)
-        skipped: list[str] = []
-        if args.batch:
-            items, skipped = read_batch(args.batch, args.out_dir)
-            for line in skipped:
-                print(f"skipped {line}", file=sys.stderr)
-            if not items:
-                print(f"error: --batch {args.batch}: none of its {len(skipped)} edit(s) can be run "
-                      f"(listed above); nothing written", file=sys.stderr)
-                return 2
-        mesh = parallel.parse_mesh_flag(args.mesh) if args.mesh else None
+        edit_cli.check_flags(args)
+        items, skipped = read_batch(args.batch, args.out_dir) if args.batch else ([], [])
+        for line in skipped:
+            print(f"skipped {line}", file=sys.stderr)
+        if args.batch and not items:
+            print(f"error: --batch {args.batch}: none of its {len(skipped)} edit(s) can be run "
+                  f"(listed above); nothing written", file=sys.stderr)
+            return 2
         t0 = time.time()
-        import jax.numpy as jnp
-
-        editor = Editor.load(args.checkpoint, mesh_shape=mesh,
-                             dtype=jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
+        editor = edit_cli.load_editor(args)
         print(f"loaded {editor.path} in {time.time() - t0:.1f}s", file=sys.stderr)
-        over = sampler_overrides(args)
-        common = dict(seed=args.seed, size=args.size, policy=args.resize, negative_prompt=args.negative_prompt,
-                      composite=args.composite, progress=True, **over)
-        try:   # settings this model cannot take fail before any compile
-            editor.sampler_config(**over)
-        except ValueError as e:
-            raise ValueError(str(e).replace("consolidation_blocks", "--consolidation-blocks", 1)) from None
+        settings = edit_cli.edit_settings(editor, args)
         if not args.batch:
-            masks = [imageio.load_image(args.mask)] if args.mask else None
             t0 = time.time()
-            res = editor.edit([args.image], [args.instruction], masks=masks, **common)
-            for w in _save_outputs(res, 0, args.out, args.save_heatmap):
+            for w in edit_cli.edit_one(editor, args, settings):
                 print(w)
             print(f"edited in {time.time() - t0:.1f}s (compile included)", file=sys.stderr)
             return 0
-        from tqdm import tqdm
-
-        os.makedirs(args.out_dir, exist_ok=True)
-        bar = tqdm(total=len(items), desc="editing", unit="edit")
-        for start in range(0, len(items), args.batch_size):
-            chunk = items[start:start + args.batch_size]
-            with_mask = [c for c in chunk if c.get("mask")]
-            groups = [chunk] if not with_mask or len(with_mask) == len(chunk) else [
-                [c for c in chunk if not c.get("mask")], with_mask]
-            for g in groups:
-                masks = [imageio.load_image(c["mask"]) for c in g] if g[0].get("mask") else None
-                res = editor.edit([c["image"] for c in g], [c["instruction"] for c in g], masks=masks, **common)
-                for i, c in enumerate(g):
-                    _save_outputs(res, i, os.path.join(args.out_dir, c["out"]), args.save_heatmap)
-                bar.update(len(g))
-        bar.close()
+        edit_cli.edit_batch(editor, items, args, settings)
         print(f"wrote {len(items)} edit(s) to {args.out_dir}"
               + (f"; skipped {len(skipped)} (listed above)" if skipped else ""), file=sys.stderr)
         return 2 if skipped else 0

@@ -64,13 +64,21 @@ def test_restore_onto_a_different_mesh(program_and_state, tmp_path):
     ck.close()
 
 
-def test_partial_checkpoints_are_never_picked_up(program_and_state, tmp_path):
-    c, program, state = program_and_state
+@pytest.fixture
+def steps_2_and_4(program_and_state, tmp_path):
+    """A closed checkpoint folder holding steps 2 and 4 of the fixture's state (keep 5)."""
+    c, _, state = program_and_state
     d = tmp_path / "ck"
     ck = TrainCheckpointer(d, keep=5)
     ck.save(2, state, c)
     ck.save(4, state, c)
     ck.close()
+    return d
+
+
+def test_partial_checkpoints_are_never_picked_up(program_and_state, steps_2_and_4):
+    _, program, state = program_and_state
+    d = steps_2_and_4
     # What a process killed mid-save leaves: a temporary directory of a newer step with part of
     # the files (here: a copy of step 4 with its state item cut short and no config).
     tmp = d / "6.orbax-checkpoint-tmp-1733000000000000"
@@ -87,13 +95,9 @@ def test_partial_checkpoints_are_never_picked_up(program_and_state, tmp_path):
     assert not tmp.exists(), "leftover temporary checkpoint directories are cleaned up"
 
 
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(program_and_state, tmp_path):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(program_and_state, steps_2_and_4, tmp_path):
     c, program, state = program_and_state
-    d = tmp_path / "ck"
-    ck = TrainCheckpointer(d, keep=5)
-    ck.save(2, state, c)
-    ck.save(4, state, c)
-    ck.close()
+    d = steps_2_and_4
     biggest = max((p for p in (d / "4" / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[:50])
     ck = TrainCheckpointer(d, keep=5)

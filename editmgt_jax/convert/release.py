@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -13,10 +12,12 @@ from editmgt_jax.convert.core import ConversionError, TensorSource
 from editmgt_jax.convert.registry import (COMPONENTS, Component, config_from_official, convert_component,
                                           find_release_dir, read_json)
 
-# Tokenizer files worth carrying into a converted checkpoint, by destination folder.
+# Tokenizer files worth carrying into a converted checkpoint, and the release folders they come from
+# for each of the checkpoint's tokenizer folders (CLIP's, then Gemma-2's; the first that has them).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json")
-TOKENIZER_DIRS = {"tokenizer": ("tokenizer", "text_encoder"), "llm_tokenizer": ("llm_tokenizer", "llm_encoder")}
+TOKENIZER_DIRS = dict(zip(checkpoints.TOKENIZER_DIRS,
+                          (("tokenizer", "text_encoder"), ("llm_tokenizer", "llm_encoder"))))
 
 
 def _log(msg: str) -> None:
@@ -89,9 +90,7 @@ def convert_release(official_dir: str, out_dir: str, *, components: Sequence[str
                 src = os.path.join(official_dir, s)
                 files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
                 if files:
-                    os.makedirs(os.path.join(tmp, dest), exist_ok=True)
-                    for f in files:
-                        shutil.copy2(os.path.join(src, f), os.path.join(tmp, dest, f))
+                    checkpoints.copy_tokenizer_files(tmp, dest, src, files)
                     log(f"[convert] {dest}: {len(files)} file(s) from {src}")
                     break
         checkpoints.write_config(tmp, configs, {"source": os.path.abspath(official_dir),

@@ -137,16 +137,27 @@ def make_release(fixture_dir: str, out_dir: str, *, mask_token_id: int | None = 
         clip_vocab = json.load(fh)["vocab_size"]
     with open(os.path.join(fixture_dir, "gemma2_config.json")) as fh:
         gemma_vocab = json.load(fh)["vocab_size"]
+    write_tokenizers(out_dir, clip_vocab, gemma_vocab)
+    write_scheduler_config(out_dir, scheduler_config(fixture_dir, mask_token_id))
+    return out_dir
+
+
+def write_tokenizers(release_dir: str, clip_vocab: int, gemma_vocab: int) -> None:
+    """A release's tokenizer files: ``tokenizer/`` (CLIP) and ``llm_encoder/`` (Gemma-2) for these
+    vocabulary sizes."""
     for folder, files in (("tokenizer", clip_tokenizer_files(clip_vocab)),
                           ("llm_encoder", gemma_tokenizer_files(gemma_vocab))):
-        os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
+        os.makedirs(os.path.join(release_dir, folder), exist_ok=True)
         for name, text in files.items():
-            with open(os.path.join(out_dir, folder, name), "w") as fh:
+            with open(os.path.join(release_dir, folder, name), "w") as fh:
                 fh.write(text)
-    os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
-    with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as fh:
-        json.dump(scheduler_config(fixture_dir, mask_token_id), fh, indent=2)
-    return out_dir
+
+
+def write_scheduler_config(release_dir: str, doc: dict) -> None:
+    """A release's ``scheduler/scheduler_config.json``."""
+    os.makedirs(os.path.join(release_dir, "scheduler"), exist_ok=True)
+    with open(os.path.join(release_dir, "scheduler", "scheduler_config.json"), "w") as fh:
+        json.dump(doc, fh, indent=2)
 
 
 def main(argv=None) -> int:

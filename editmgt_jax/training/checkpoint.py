@@ -139,9 +139,9 @@ class TrainCheckpointer:
             try:
                 state, config = self.restore(abstract_state, step, data_iterator=data_iterator)
             except Exception as e:  # noqa: BLE001  (any read failure means: not usable)
-                from editmgt_jax.checkpoints import _quiet_orphaned_reads
+                from editmgt_jax.checkpoints import quiet_orphaned_reads
 
-                _quiet_orphaned_reads()
+                quiet_orphaned_reads()
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
                 aside = self._move_aside(step)
                 self.skipped.append((step, reason))
@@ -247,7 +247,7 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
     meta.update(metadata or {})
     def complete(folder: str) -> None:
         if tokenizer is not None:
-            tokenizer.save(os.path.join(folder, checkpoints.WORD_VOCAB_FILE))
+            checkpoints.save_word_tokenizer(folder, tokenizer)
         if finish is not None:
             finish(folder)
 

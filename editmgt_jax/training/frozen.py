@@ -111,25 +111,9 @@ def add_release_text(model_dir: str, source: str) -> None:
     """Copy the ``clip`` and ``gemma`` components and the tokenizer folders of ``source`` into an
     exported model checkpoint, so ``Editor.load(model_dir)`` has the text side the editor was
     fine-tuned with (the encoders are frozen: the files are exactly what training used)."""
-    import shutil
-
     from editmgt_jax import checkpoints
-    from editmgt_jax.editor import RELEASE_TOKENIZER_DIRS
 
-    src_comps = checkpoints.read_config(source)["components"]
-    doc = checkpoints.read_config(model_dir)
-    comps = dict(doc.pop("components"))
-    for key in ("format", "version"):
-        doc.pop(key, None)
-    for name in ("clip", "gemma"):
-        dst = os.path.join(model_dir, "params", name)
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        shutil.copytree(os.path.join(source, "params", name), dst)
-        comps[name] = src_comps[name]
-    for d in RELEASE_TOKENIZER_DIRS:
-        shutil.copytree(os.path.join(source, d), os.path.join(model_dir, d), dirs_exist_ok=True)
-    checkpoints.write_config(model_dir, comps, doc)
+    checkpoints.add_components(model_dir, source, ("clip", "gemma"), tokenizers=True)
 
 
 def load_init_params(config, program):

@@ -183,7 +183,7 @@ def mask_token_id(config, tcfg=None) -> int:
 
     tcfg = tcfg or transformer_config(config)
     init = os.path.expanduser(config.get("init_from", "") or "")
-    if init and os.path.isfile(os.path.join(init, "config.json")):
+    if init and checkpoints.has_config(init):
         conv = checkpoints.read_conventions(init)
         where = f"init_from={init!r}"
     else:

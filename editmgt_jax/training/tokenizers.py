@@ -45,7 +45,6 @@ def release_text_checkpoint(config) -> tuple[str, str]:
     ``init_from``), checked for its ``clip`` / ``gemma`` components and tokenizer folders. ``field``
     names the config field it came from, for error messages."""
     from editmgt_jax import checkpoints
-    from editmgt_jax.editor import RELEASE_TOKENIZER_DIRS
 
     path = config.editor.text.get("checkpoint", "") or ""
     field = f"editor.text.checkpoint={path!r}"
@@ -69,7 +68,7 @@ def release_text_checkpoint(config) -> tuple[str, str]:
             f"(it has {sorted(doc.get('components', {}))}); editor.text.kind='release' needs the "
             "release's CLIP and Gemma-2 text encoders: convert the release with its text_encoder/ "
             "and llm_encoder/ folders, or point editor.text.checkpoint at such a checkpoint")
-    absent = [d for d in RELEASE_TOKENIZER_DIRS if not os.path.isdir(os.path.join(path, d))]
+    absent = [d for d in checkpoints.TOKENIZER_DIRS if not os.path.isdir(os.path.join(path, d))]
     if absent:
         raise checkpoints.CheckpointError(
             f"{field}: no {' / '.join(d + '/' for d in absent)} tokenizer folder(s) in {path} (the "

@@ -1,0 +1,277 @@
+"""Writing and reading a model checkpoint folder: atomic writes, one Orbax item per component.
+
+Components are stored separately (``params/<name>``) so a large model converts and loads one
+component at a time. Training checkpoints (``editmgt_jax.training.checkpoint``) hold optimizer state
+and the data iterator as well; a model checkpoint can be exported from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from editmgt_jax.checkpoints.conventions import Conventions, read_conventions
+from editmgt_jax.checkpoints.layout import (FORMAT, TOKENIZER_DIRS, VERSION, CheckpointError, dump_config,
+                                            is_model_checkpoint, params_dir, read_config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def save_model(path: str | os.PathLike, params: Mapping[str, Mapping], configs: Mapping[str, Mapping],
+               *, metadata: Mapping | None = None, conventions: Conventions | None = None,
+               overwrite: bool = False, finish: Callable[[str], None] | None = None) -> str:
+    """Write ``params[name]`` (nested dicts of arrays) and ``configs[name]`` (dicts) to ``path``.
+
+    Written atomically (see ``writing_checkpoint``): ``path`` appears complete or not at all.
+    ``finish(folder)`` adds further files (tokenizers, ...) before the folder becomes ``path``.
+    """
+    with writing_checkpoint(path, overwrite=overwrite) as tmp:
+        for name, tree in params.items():
+            save_component(tmp, name, tree)
+        write_config(tmp, configs, metadata, conventions)
+        if finish is not None:
+            finish(tmp)
+    return os.path.abspath(os.fspath(path))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_replaceable(path: str | os.PathLike, *, overwrite: bool = False,
+                      flag: str = "overwrite=True / --overwrite") -> None:
+    """Raise ``CheckpointError`` unless a model checkpoint may be written at ``path``: it does not
+    exist, or ``overwrite`` is set and it is a model checkpoint of this format."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        if not overwrite:
+            raise CheckpointError(f"{path}: already exists (pass {flag})")
+        if not is_model_checkpoint(path):
+            raise CheckpointError(f"{path}: exists and is not a model checkpoint (no config.json of "
+                                  f"format {FORMAT!r}); not replacing it, choose another folder")
+
+
+@contextlib.contextmanager
+def writing_checkpoint(path: str | os.PathLike, *, overwrite: bool = False,
+                       flag: str = "overwrite=True / --overwrite") -> Iterator[str]:
+    """Yield a temporary sibling folder of ``path`` to write a model checkpoint into; on success it
+    is renamed to ``path``, on any error (or a kill) ``path`` is left as it was.
+
+    An existing ``path`` is refused unless ``overwrite``; even then only a model checkpoint of this
+    format is replaced (a folder holding anything else is never deleted). Temporary folders left by
+    killed writers (``.NAME.tmp-PID``) are removed.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent, base = os.path.split(path)
+    check_replaceable(path, overwrite=overwrite, flag=flag)
+    os.makedirs(parent, exist_ok=True)
+    prefix = f".{base}.tmp-"
+    for name in os.listdir(parent):
+        if name.startswith(prefix) and name[len(prefix):].isdigit() and not _pid_alive(int(name[len(prefix):])):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    tmp = os.path.join(parent, f"{prefix}{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(params_dir(tmp))
+    try:
+        yield tmp
+        if os.path.exists(path):
+            old = os.path.join(parent, f".{base}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Bytes in flight while Orbax copies a component's arrays for writing: without a limit it copies
+# the whole component first, doubling the peak memory of a conversion.
+SAVE_CONCURRENT_GB = 1
+
+
+def save_component(path: str, name: str, tree: Mapping) -> None:
+    """Write one component's parameters (nested dicts of numpy or jax arrays).
+
+    Numpy leaves of mutable dicts are replaced in place, one at a time, by host (CPU) jax arrays, and
+    Orbax copies at most :data:`SAVE_CONCURRENT_GB` of them at once, so a component converted in
+    host memory is never held twice (peak: the component plus about one tensor)."""
+    import orbax.checkpoint as ocp
+
+    tree = _host_arrays(tree, jax.devices("cpu")[0])
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=SAVE_CONCURRENT_GB))
+    ckptr.save(params_dir(os.path.abspath(path), name), args=ocp.args.PyTreeSave(tree))
+
+
+def _host_arrays(tree, device):
+    out = tree if isinstance(tree, dict) else dict(tree)
+    for k in list(out):
+        v = out[k]
+        if isinstance(v, Mapping):
+            out[k] = _host_arrays(v, device)
+        elif isinstance(v, np.ndarray) or np.isscalar(v):
+            out[k] = jax.device_put(np.asarray(v), device)
+            del v
+    return out
+
+
+def write_config(path: str, configs: Mapping[str, Mapping], metadata: Mapping | None = None,
+                 conventions: Conventions | None = None) -> None:
+    """Write ``config.json``. A checkpoint with a transformer always gets a conventions record:
+    ``conventions`` (or ``metadata["conventions"]``), else one rebuilt from the older fields."""
+    doc = {"format": FORMAT, "version": VERSION, "components": {k: dict(v) for k, v in configs.items()}}
+    doc.update(metadata or {})
+    if conventions is not None:
+        doc["conventions"] = conventions.to_dict()
+    elif isinstance(doc.get("conventions"), Conventions):
+        doc["conventions"] = doc["conventions"].to_dict()
+    if "transformer" in doc["components"]:
+        doc["conventions"] = read_conventions(doc).to_dict()   # checked against the vocabulary
+    dump_config(path, doc)
+
+
+def add_components(model_dir: str, source: str, names: Sequence[str], *, tokenizers: bool = True) -> None:
+    """Copy components ``names`` (parameters and configs) of the model checkpoint ``source`` into the
+    model checkpoint ``model_dir`` (replacing those it has), and with ``tokenizers`` the tokenizer
+    folders; the files are copied as they are."""
+    src_comps = read_config(source)["components"]
+    doc = read_config(model_dir)
+    comps = dict(doc.pop("components"))
+    for key in ("format", "version"):
+        doc.pop(key, None)
+    for name in names:
+        dst = params_dir(model_dir, name)
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        shutil.copytree(params_dir(source, name), dst)
+        comps[name] = src_comps[name]
+    for d in TOKENIZER_DIRS if tokenizers else ():
+        shutil.copytree(os.path.join(source, d), os.path.join(model_dir, d), dirs_exist_ok=True)
+    write_config(model_dir, comps, doc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
+
+
+def load_component(path: str | os.PathLike, name: str, abstract: Mapping | None = None,
+                   shardings=None) -> dict:
+    """Restore one component's parameters.
+
+    ``abstract`` (a tree of ``jax.ShapeDtypeStruct``) checks shapes against the model config and
+    places arrays; ``shardings`` (same tree of ``jax.sharding.Sharding``) shards them on restore.
+    """
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    item = params_dir(path, name)
+    if not os.path.isdir(item):
+        raise CheckpointError(f"{path}: no parameters for component {name!r} (missing {item})")
+    ckptr = _checkpointer()
+    try:
+        if abstract is None:
+            return ckptr.restore(item)
+        stored = _metadata_quietly(ckptr, item)
+        stored_tree = getattr(stored, "item_metadata", stored)
+        stored_tree = getattr(stored_tree, "tree", stored_tree)
+        if not stored_tree:
+            raise CheckpointError(f"{item}: the parameter index (manifest.ocdbt / _METADATA) is empty or "
+                                  f"unreadable; the checkpoint is damaged or incomplete")
+        _check_shapes(name, path, stored_tree, abstract)
+        if shardings is not None:
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract, shardings)
+        else:
+            target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
+        return ckptr.restore(item, target)
+    except CheckpointError:
+        raise
+    except (ValueError, OSError, RuntimeError, KeyError) as e:
+        quiet_orphaned_reads()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{item}: parameters cannot be read, a file is damaged, truncated or missing "
+                              f"({first[:200]})") from None
+
+
+def _metadata_quietly(ckptr, item):
+    """Orbax logs a warning and returns no tree when the index is unreadable; the caller reports it."""
+    import logging
+
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return ckptr.metadata(item)
+    finally:
+        log.setLevel(level)
+
+
+def quiet_orphaned_reads() -> None:
+    """After a failed restore, reads still in flight complete on an event loop that Orbax has
+    closed and each would print an 'Event loop is closed' traceback; those carry no information
+    beyond the error already raised, so they are dropped (every other unraisable error still prints)."""
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
+def _flat(tree) -> dict:
+    out = {}
+
+    def rec(node, prefix):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                rec(v, prefix + (str(k),))
+        else:
+            out["/".join(prefix)] = node
+
+    rec(tree, ())
+    return out
+
+
+def _check_shapes(name: str, path: str, stored, abstract) -> None:
+    s, a = _flat(stored), _flat(abstract)
+    problems = []
+    missing = sorted(set(a) - set(s))
+    extra = sorted(set(s) - set(a))
+    if missing:
+        problems.append(f"missing {len(missing)}: {', '.join(missing[:10])}")
+    if extra:
+        problems.append(f"unexpected {len(extra)}: {', '.join(extra[:10])}")
+    for k in sorted(set(a) & set(s)):
+        ss = tuple(getattr(s[k], "shape", ()))
+        if ss != tuple(a[k].shape):
+            problems.append(f"{k}: stored {ss}, config expects {tuple(a[k].shape)}")
+    if problems:
+        raise CheckpointError(f"{path}: component {name!r} was saved for another configuration: "
+                              + "; ".join(problems[:12]))

@@ -1,0 +1,88 @@
+"""Checkpoint components as modules: the one ``nnx.eval_shape`` -> load -> merge.
+
+A component (``vq``, ``transformer``, ``clip``, ``gemma`` or ``small_text``) is built abstractly from
+its ``config.json`` entry (shapes only, nothing allocated), its parameters are restored onto that
+abstract state and merged into a concrete module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import jax
+
+from editmgt_jax.checkpoints.io import load_component
+from editmgt_jax.checkpoints.layout import SMALL_TEXT, CheckpointError, read_config
+
+
+def component_classes(name: str):
+    """``(config class, module class)`` of a checkpoint component (``vq``, ``transformer``,
+    ``clip``, ``gemma`` or ``small_text``)."""
+    if name == SMALL_TEXT:
+        from editmgt_jax.models.text.small import SmallTextConfig, SmallTextEncoder
+
+        return SmallTextConfig, SmallTextEncoder
+    from editmgt_jax.convert.registry import COMPONENTS
+
+    if name not in COMPONENTS:
+        raise CheckpointError(f"unknown component {name!r}; known: {sorted(COMPONENTS) + [SMALL_TEXT]}")
+    return COMPONENTS[name].classes()
+
+
+def component_config(name: str, cfg, where: str = ""):
+    """The config object of component ``name`` from its ``config.json`` dict (or the object itself)."""
+    config_cls, _ = component_classes(name)
+    if isinstance(cfg, config_cls):
+        return cfg
+    try:
+        return config_cls.from_dict(dict(cfg))
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{where or 'checkpoint'}: config of component {name!r} is not valid: {e}") from e
+
+
+def abstract_module(name: str, cfg, *, dtype=None, **kwargs):
+    """Component ``name`` built abstractly (``nnx.eval_shape``: shapes only, nothing allocated).
+
+    ``dtype`` is the parameter and the compute dtype (default float32)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    _, model_cls = component_classes(name)
+    cfg = component_config(name, cfg)
+    dt = jnp.dtype(dtype or jnp.float32)
+    return nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt, **kwargs))
+
+
+def merge_params(abstract, params: Mapping):
+    """A concrete module from an abstract one and its parameters (nested dicts of arrays)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    return nnx.merge(graphdef, state)
+
+
+def load_module(path: str | os.PathLike, name: str, cfg_dict: Mapping | None = None, *, dtype=None,
+                shardings=None):
+    """Component ``name`` of the checkpoint at ``path`` as a module: built from its config (from
+    ``config.json`` unless ``cfg_dict`` is given), parameters restored (and cast to ``dtype``:
+    ``float32`` default or ``bfloat16``; ``shardings`` places them)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    path = os.fspath(path)
+    dt = jnp.dtype(dtype or jnp.float32)
+    if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dt}")
+    if cfg_dict is None:
+        comps = read_config(path).get("components", {})
+        if name not in comps:
+            raise CheckpointError(f"{path}: no {name!r} component (it has {sorted(comps)})")
+        cfg_dict = comps[name]
+    abstract = abstract_module(name, component_config(name, cfg_dict, path), dtype=dt)
+    graphdef, state = nnx.split(abstract)
+    params = load_component(path, name, state.to_pure_dict(), shardings)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
