@@ -111,6 +111,7 @@ class EditEval:
         import jax.numpy as jnp
 
         from editmgt_jax.sampling.region_hold import SamplerConfig, sample
+        from editmgt_jax.training.step import mask_token_id
 
         cfg = self.config
         defaults = dict(cfg.editor.get("sampler_defaults", {}) or {})
@@ -118,7 +119,7 @@ class EditEval:
         scfg = SamplerConfig(steps=int(defaults.get("steps", cfg.train.sample_steps)),
                              guidance_scale=guidance,
                              reference_strength=float(defaults.get("reference_strength", 1.0)),
-                             greedy=True,
+                             greedy=True, mask_token_id=mask_token_id(cfg),
                              timestep_convention=("mask_fraction" if cfg.editor.timestep_convention
                                                   == "mask_fraction" else "step_index"))
         model_prog, vq_prog = self.program.model, self.vq_prog
