@@ -10,7 +10,7 @@ from PIL import Image
 
 from editmgt_jax.editor import EditResult
 from editmgt_jax.evaluation import datasets, metrics
-from editmgt_jax.sampling.region_hold import SamplerConfig
+from editmgt_jax.sampling.config import SamplerSettings
 from editmgt_jax.evaluation import ablations, runner
 
 RNG = np.random.default_rng(0)
@@ -320,7 +320,7 @@ def test_ablation_plan():
     groups = ablations.parse_ablations("hold, lambda=0.1/0.4 ,consolidation=none/late/1-2,inpaint")
     assert groups == [("hold", ("on", "off")), ("lambda", ("0.1", "0.4")),
                       ("blocks", ("none", "late", "1-2")), ("inpaint", ("gt",))]
-    runs = ablations.expand_runs(groups, SamplerConfig(), ablations.block_presets(5))  # base: no hold, no blocks
+    runs = ablations.expand_runs(groups, SamplerSettings(), ablations.block_presets(5))  # base: no hold, no blocks
     by = {r.name: r for r in runs}
     assert by["hold=on"].overrides == {"consolidation_blocks": (3, 4), "hold_threshold": ablations.FALLBACK_LAMBDA}
     assert by["hold=off"].overrides == {"consolidation_blocks": (3, 4), "hold_threshold": 0.0}
@@ -333,7 +333,7 @@ def test_ablation_plan():
     for bad, msg in (("holdx", "unknown group 'holdx'"), ("steps=0", "out of range"), ("cfg=x", "not a float"),
                      ("hold=maybe", "on/off"), ("blocks=9", "outside 0..4")):
         with pytest.raises(ablations.UsageError, match=msg):
-            ablations.expand_runs(ablations.parse_ablations(bad), SamplerConfig(), ablations.block_presets(5))
+            ablations.expand_runs(ablations.parse_ablations(bad), SamplerSettings(), ablations.block_presets(5))
 
 
 # ------------------------------------------------------------------------------ harness, fake editor
@@ -359,7 +359,7 @@ class FakeEditor:
         return imageio.fit_to_grid(np.asarray(image), size or self.default_size, self.pixel_granularity, policy)
 
     def sampler_config(self, **kw):
-        return SamplerConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items() if v is not None})
+        return SamplerSettings(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items() if v is not None})
 
     def reconstruct(self, images, *, size=None, policy="crop"):
         return np.stack([np.asarray(im) ^ np.uint8(4) for im in images])

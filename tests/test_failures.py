@@ -136,7 +136,7 @@ def test_sampler_settings_must_be_finite_and_in_range(tmp_path, cli):
     import argparse
 
     from editmgt_jax.cli_flags import check_sampler_flags
-    from editmgt_jax.sampling.region_hold import SamplerConfig
+    from editmgt_jax.sampling.config import SamplerSettings
 
     for field, value, message in [("guidance_scale", -5.0, ">= 0"), ("guidance_scale", float("nan"), "finite"),
                                   ("reference_strength", 0.0, "> 0"), ("hold_threshold", float("inf"), "finite"),
@@ -145,8 +145,8 @@ def test_sampler_settings_must_be_finite_and_in_range(tmp_path, cli):
                                   ("micro_conds", (1.0, 1.0, 0.0, 0.0, float("nan")), "finite"),
                                   ("consolidation_blocks", (-1, 2), ">= 0")]:
         with pytest.raises(ValueError, match=f"{field}=.*{message}"):
-            SamplerConfig(**{field: value})
-    SamplerConfig(guidance_scale=0.0, temperature_start=0.0, steps=1)   # the lowest allowed values
+            SamplerSettings(**{field: value})
+    SamplerSettings(guidance_scale=0.0, temperature_start=0.0, steps=1)   # the lowest allowed values
     # The command-line flags are named.
     for flags, message in [(dict(guidance=-5.0), "--guidance -5.0: must be finite and >= 0"),
                            (dict(guidance=float("nan")), "--guidance nan: must be finite"),
