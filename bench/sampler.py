@@ -175,7 +175,7 @@ def build(name: str, spec: EditSpec, seed: int = 0, matmul_n: int = MATMUL_N) ->
     from editmgt_jax.models.vq import VQConfig, VQModel
     from editmgt_jax.sampling.consolidation import consolidate
     from editmgt_jax.sampling.region_hold import sample
-    from editmgt_jax.sampling.step import step_update
+    from editmgt_jax.sampling.step import hold_mask, step_update
 
     tr_cfg = load_transformer_config(name)
     graphdef, state = random_state(lambda: EditTransformer(tr_cfg, rngs=nnx.Rngs(0)), seed)
@@ -201,8 +201,9 @@ def build(name: str, spec: EditSpec, seed: int = 0, matmul_n: int = MATMUL_N) ->
         logits = uncond + jnp.float32(scfg.guidance_scale) * (cond - uncond)
         cons = consolidate(scores.astype(jnp.float32)[b:], (h // 2, w // 2), (h, w))
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-        tokens, _ = step_update(tokens, ref_ids, logits, cons["upsampled"], i, steps=scfg.steps, mask_id=mask_id,
-                                hold_threshold=scfg.hold_threshold, temperature=jnp.asarray(knobs.temperatures)[i],
+        hold = hold_mask((tokens == mask_id).reshape(b, -1), cons["upsampled"], scfg.hold_threshold)
+        tokens, _ = step_update(tokens, ref_ids, logits, hold, i, steps=scfg.steps, mask_id=mask_id,
+                                temperature=jnp.asarray(knobs.temperatures)[i],
                                 freeze_held=scfg.freeze_held, start_ratio=jnp.ones((b,), jnp.float32),
                                 keys=step_keys)
         return tokens, heat + cons["smoothed"]

@@ -1,5 +1,6 @@
 """Evaluation harness: metrics on hand-made cases, evaluation-set loaders, runs and the `infer.evaluate` CLI."""
 
+import dataclasses
 import json
 import math
 import os
@@ -464,6 +465,11 @@ def test_options_match_the_command_line():
                                            consolidation_blocks=(2, 3, 4, 7), greedy=True)
     opts = runner.EvalOptions(data="d", out="o", steps=3)
     assert sampler_overrides(opts)["steps"] == 3 and sampler_overrides(opts)["greedy"] is None
+    # old and new spellings set the settings field of the same name
+    for flags in (["--guidance", "2", "--strength", "1.3"], ["--guidance-scale", "2", "--reference-strength", "1.3"]):
+        over = sampler_overrides(p.parse_args(flags + ["--hold-threshold", "0.2"]))
+        assert (over["guidance_scale"], over["reference_strength"], over["hold_threshold"]) == (2.0, 1.3, 0.2)
+    assert set(vars(args)) <= {f.name for f in dataclasses.fields(runner.EvalOptions)}
 
 
 def test_cli_errors_exit_2(tmp_path):

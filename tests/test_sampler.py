@@ -75,12 +75,13 @@ def synthetic_logits(cases, i):
 
 
 def test_step_update_reproduces_case_d(cases):
-    step = jax.jit(functools.partial(step_update, steps=4, mask_id=MASK_D,
-                                     hold_threshold=float(cases["d_local_guidance"])))
+    step = jax.jit(functools.partial(step_update, steps=4, mask_id=MASK_D))
     ref = jnp.asarray(cases["d_ref_ids"])
     for i in range(4):
-        tokens, info = step(jnp.asarray(cases["d_tokens_before"][i][None]), ref, synthetic_logits(cases, i),
-                            jnp.asarray(cases["d_score_upsampled"][i][None]), jnp.int32(i))
+        before = jnp.asarray(cases["d_tokens_before"][i][None])
+        hold = hold_mask((before == MASK_D).reshape(1, -1), jnp.asarray(cases["d_score_upsampled"][i][None]),
+                         float(cases["d_local_guidance"]))
+        tokens, info = step(before, ref, synthetic_logits(cases, i), hold, jnp.int32(i))
         np.testing.assert_array_equal(np.asarray(tokens)[0], cases["d_tokens_after"][i])
         np.testing.assert_array_equal(np.asarray(info["pred_x0"])[0], cases["d_pred_x0"][i])
         np.testing.assert_array_equal(np.asarray(info["hold"])[0], cases["d_hold"][i])
@@ -540,3 +541,43 @@ def test_mask_fraction_timestep_is_the_masked_share(guidance):
             np.testing.assert_allclose(seen[0][0][-2:], [1.0, 0.5])   # the inpainting share at the start
     with pytest.raises(ValueError, match="timestep_convention"):
         SamplerSettings(timestep_convention="release")
+
+
+def test_a_knob_sweep_compiles_once():
+    """Guidance, lambda, reference strength and temperatures are traced arguments: a sweep of 3
+    lambdas x 2 guidance scales (then a new strength and temperature) compiles the loop once, every
+    knob acts, and a traced run equals the run with the same values compiled in."""
+    base = SamplerSettings(steps=3, guidance_scale=2.0, hold_threshold=0.1, consolidation_blocks=(1, 3),
+                           mask_token_id=K)
+    cfg = base.static()
+    traces = []
+
+    @jax.jit
+    def edit(knobs, key, inp):
+        traces.append(1)   # runs once per trace, i.e. per compilation
+        return sample(MODEL, cfg, knobs, key=key, **inp)["tokens"]
+
+    inputs, key = make_inputs(11), jax.random.key(4)
+    outs = {}
+    for lam in (0.1, 0.4, 0.8):
+        for g in (2.0, 5.0):
+            s = base.replace(hold_threshold=lam, guidance_scale=g)
+            assert s.static() == cfg
+            outs[lam, g] = np.asarray(edit(s.knobs(), key, inputs))
+    other = base.replace(reference_strength=1.6, temperature_start=0.5, temperature_end=0.1)
+    outs["other"] = np.asarray(edit(other.knobs(), key, inputs))
+    assert len(traces) == 1 and edit._cache_size() == 1
+    assert len({o.tobytes() for o in outs.values()}) == len(outs)   # each value changes the tokens
+    knobs = base.replace(hold_threshold=0.4, guidance_scale=5.0).knobs()
+    inlined = jax.jit(lambda key, inp: sample(MODEL, cfg, knobs, key=key, **inp)["tokens"])(key, inputs)
+    np.testing.assert_array_equal(np.asarray(inlined), outs[0.4, 5.0])
+
+
+def test_hold_threshold_zero_holds_nothing():
+    """lambda = 0 is region hold off inside the one compiled loop: the tokens of a run without
+    captured blocks (the same model calls, nothing held)."""
+    inputs = make_inputs(12)
+    off = run(SamplerSettings(steps=4, guidance_scale=3.0, greedy=True, consolidation_blocks=(1, 3),
+                              mask_token_id=K), inputs, record=True)
+    assert not off["hold"].any()
+    np.testing.assert_array_equal(off["tokens"], run(GREEDY_NO_HOLD, inputs)["tokens"])

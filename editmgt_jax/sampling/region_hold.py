@@ -36,7 +36,7 @@ from editmgt_jax.sampling.config import (TIMESTEP_CONVENTIONS, Knobs, ModelFacts
                                          SamplerSettings)
 from editmgt_jax.sampling.consolidation import consolidate
 from editmgt_jax.sampling.guidance import GuidedModel
-from editmgt_jax.sampling.step import step_update
+from editmgt_jax.sampling.step import hold_mask, step_update
 
 
 @struct.dataclass
@@ -86,20 +86,21 @@ def score_grid(facts: ModelFacts, n_scores: int, id_grid: tuple[int, int]) -> tu
 
 def step(state: SamplerState, i, *, model: GuidedModel, knobs: Knobs, ref_ids: jax.Array,
          start_ratio: jax.Array) -> tuple[SamplerState, dict[str, jax.Array] | None]:
-    """Step ``i``: model call, consolidation, propose / hold / re-mask; returns the new state and,
-    when ``model.cfg.record``, this step's records."""
+    """Step ``i``: model call, consolidation, region hold (``knobs.hold_threshold``), propose / re-mask;
+    returns the new state and, when ``model.cfg.record``, this step's records."""
     cfg = model.cfg
     logits, scores = model(state.tokens, i, knobs)
-    cons = None
+    cons = hold = None
     if cfg.captures:
         cons = consolidate(scores, score_grid(cfg.model, scores.shape[-1], ref_ids.shape[1:]), ref_ids.shape[1:])
+        unknown = (state.tokens == cfg.model.mask_token_id).reshape(cons["upsampled"].shape)
+        hold = hold_mask(unknown, cons["upsampled"], knobs.hold_threshold)
     step_keys = None
     if state.keys is not None:
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(state.keys)
-    tokens, info = step_update(state.tokens, ref_ids, logits, None if cons is None else cons["upsampled"], i,
-                               steps=cfg.steps, mask_id=cfg.model.mask_token_id, hold_threshold=knobs.hold_threshold,
-                               temperature=knobs.temperatures[i], freeze_held=cfg.freeze_held,
-                               start_ratio=start_ratio, keys=step_keys)
+    tokens, info = step_update(state.tokens, ref_ids, logits, hold, i, steps=cfg.steps,
+                               mask_id=cfg.model.mask_token_id, temperature=knobs.temperatures[i],
+                               freeze_held=cfg.freeze_held, start_ratio=start_ratio, keys=step_keys)
     heat = state.heat if cons is None else state.heat + cons["smoothed"]
     new = state.replace(tokens=tokens, heat=heat)
     if not cfg.record:

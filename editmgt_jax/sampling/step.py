@@ -107,20 +107,20 @@ def remask_lowest(x0: jax.Array, selected_probs: jax.Array, mask_len: jax.Array,
 
 
 # ----------------------------------------------------------------------------- the whole step
-def step_update(tokens: jax.Array, ref_ids: jax.Array | None, logits: jax.Array, score: jax.Array | None,
-                step, *, steps: int, mask_id: int, hold_threshold=0.0, temperature=0.0,
-                freeze_held: bool = False, start_ratio: jax.Array | None = None, keys: jax.Array | None = None):
-    """One decoding step after the model call: propose, hold, re-mask.
+def step_update(tokens: jax.Array, ref_ids: jax.Array | None, logits: jax.Array, hold: jax.Array | None,
+                step, *, steps: int, mask_id: int, temperature=0.0, freeze_held: bool = False,
+                start_ratio: jax.Array | None = None, keys: jax.Array | None = None):
+    """One decoding step after the model call: propose, hold (``hold``, from :func:`hold_mask`), re-mask.
 
     Args:
       tokens: ``[B, H, W] int32`` entering the step.
-      ref_ids: ``[B, H, W] int32`` source tokens (needed when ``score`` is given).
+      ref_ids: ``[B, H, W] int32`` source tokens (needed when ``hold`` is given).
       logits: ``[B, H, W, K]`` guidance-combined logits.
-      score: ``[B, H*W] float32`` upsampled edit score, or ``None`` (no region hold).
+      hold: ``[B, H*W] bool`` positions whose proposal is the source token (:func:`hold_mask`), or
+        ``None`` (no region hold).
       step: step index ``i`` in ``[0, steps)`` (int or traced int32 scalar).
       steps: the number of steps (static: it sets the mask schedule).
       mask_id: the mask token id.
-      hold_threshold: region-hold lambda (``hold_mask``); traced or python float.
       temperature: this step's Gumbel-noise temperature (unused without ``keys``).
       freeze_held: held positions become final at once (``SamplerConfig.freeze_held``).
       start_ratio: ``[B] float32`` masked fraction at the start (default 1: a full edit).
@@ -144,8 +144,7 @@ def step_update(tokens: jax.Array, ref_ids: jax.Array | None, logits: jax.Array,
     unknown = (tokens == mask_id).reshape(bsz, n)
     x0, probs = propose_x0(tokens, logits, mask_id, draw_keys)
     x0 = x0.reshape(bsz, n)
-    if score is not None:
-        hold = hold_mask(unknown, score.reshape(bsz, n), hold_threshold)
+    if hold is not None:
         x0 = jnp.where(hold, ref_ids.reshape(bsz, n).astype(jnp.int32), x0)
     else:
         hold = jnp.zeros_like(unknown)
