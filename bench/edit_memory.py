@@ -41,11 +41,11 @@ def run_one(px: int, steps: int, attention: str) -> dict:
     spec = EditSpec(id_grid=(px // 16, px // 16), steps=steps)
     cfg = load_transformer_config("medium")
     graphdef, state = random_state(lambda: EditTransformer(cfg, rngs=nnx.Rngs(0), attention=attention))
-    scfg = sampler_config(cfg, spec)
+    scfg, knobs = sampler_config(cfg, spec).split()
     x = make_inputs(cfg, spec)
 
     def edit(st, ref_ids, text, pooled, neg_text, neg_pooled, micro, key):
-        out = sample(nnx.merge(graphdef, st), ref_ids, text, pooled, neg_text, neg_pooled, scfg,
+        out = sample(nnx.merge(graphdef, st), scfg, knobs, ref_ids, text, pooled, neg_text, neg_pooled,
                      key=key, micro_conds=micro)
         return out["tokens"], out["heatmap"]
 

@@ -8,7 +8,7 @@ random source token ids (the VQ is not in the loop), the edit of PERFORMANCE.md:
 (64x64 ids, 32x32 transformer grid), 256 text tokens, CFG 6 (model batch 2), reference strength 1.1,
 consolidation over all single-stream blocks, lambda 0.3, seeded stochastic sampling. It measures
 
-  (a) ``loop``:    ``jax.jit`` of ``sampling.region_hold.sample`` (one ``fori_loop``), parameters as
+  (a) ``loop``:    ``jax.jit`` of ``sampling.region_hold.sample`` (one ``lax.scan``), parameters as
                    jit arguments (graphdef / state split); time per edit and compile time;
   (b) ``pyloop``:  a Python loop over one jitted step (model call + CFG combine + consolidation +
                    ``step_update``, the body of (a)), same inputs and keys; time per edit, compile time;
@@ -110,10 +110,11 @@ def random_state(module_fn: Callable[[], Any], seed: int = 0):
 
 
 def sampler_config(tr_cfg, spec: EditSpec):
-    from editmgt_jax.sampling.region_hold import SamplerConfig
+    """The ``SamplerSettings`` of ``spec`` (consolidation over the single-stream blocks)."""
+    from editmgt_jax.sampling.config import SamplerSettings
 
     singles = tuple(range(tr_cfg.num_layers, tr_cfg.num_blocks))
-    return SamplerConfig(steps=spec.steps, guidance_scale=spec.guidance_scale,
+    return SamplerSettings(steps=spec.steps, guidance_scale=spec.guidance_scale,
                          reference_strength=spec.reference_strength, hold_threshold=spec.hold_threshold,
                          consolidation_blocks=singles, mask_token_id=tr_cfg.mask_token_id)
 
@@ -174,11 +175,13 @@ def build(name: str, spec: EditSpec, seed: int = 0, matmul_n: int = MATMUL_N) ->
     from editmgt_jax.models.transformer import EditTransformer
     from editmgt_jax.models.vq import VQConfig, VQModel
     from editmgt_jax.sampling.consolidation import consolidate
-    from editmgt_jax.sampling.region_hold import sample, step_update
+    from editmgt_jax.sampling.region_hold import sample
+    from editmgt_jax.sampling.step import hold_mask, step_update
 
     tr_cfg = load_transformer_config(name)
     graphdef, state = random_state(lambda: EditTransformer(tr_cfg, rngs=nnx.Rngs(0)), seed)
     scfg = sampler_config(tr_cfg, spec)
+    cfg, knobs = scfg.split()
     x = make_inputs(tr_cfg, spec, seed)
     b, (h, w) = spec.batch, spec.id_grid
     mask_id = scfg.mask_token_id
@@ -187,7 +190,7 @@ def build(name: str, spec: EditSpec, seed: int = 0, matmul_n: int = MATMUL_N) ->
 
     # (a) the whole edit as one program
     def edit(st, ref_ids, text, pooled, neg_text, neg_pooled, micro, key):
-        out = sample(nnx.merge(graphdef, st), ref_ids, text, pooled, neg_text, neg_pooled, scfg,
+        out = sample(nnx.merge(graphdef, st), cfg, knobs, ref_ids, text, pooled, neg_text, neg_pooled,
                      key=key, micro_conds=micro)
         return out["tokens"], out["heatmap"]
 
@@ -199,8 +202,11 @@ def build(name: str, spec: EditSpec, seed: int = 0, matmul_n: int = MATMUL_N) ->
         logits = uncond + jnp.float32(scfg.guidance_scale) * (cond - uncond)
         cons = consolidate(scores.astype(jnp.float32)[b:], (h // 2, w // 2), (h, w))
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-        tokens, _ = step_update(tokens, ref_ids, logits, cons["upsampled"], i, scfg, mask_id=mask_id,
-                                start_ratio=jnp.ones((b,), jnp.float32), keys=step_keys)
+        hold = hold_mask((tokens == mask_id).reshape(b, -1), cons["upsampled"], scfg.hold_threshold)
+        tokens, _ = step_update(tokens, ref_ids, logits, hold, i, steps=scfg.steps, mask_id=mask_id,
+                                temperature=jnp.asarray(knobs.temperatures)[i],
+                                freeze_held=scfg.freeze_held, start_ratio=jnp.ones((b,), jnp.float32),
+                                keys=step_keys)
         return tokens, heat + cons["smoothed"]
 
     def forward(st, ids, m_ref, m_text, m_pooled, m_micro, timestep):

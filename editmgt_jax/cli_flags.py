@@ -1,6 +1,8 @@
 """The sampler flags shared by the command-line tools (``infer.edit``, ``infer.evaluate``): one
-definition of ``--steps``, ``--guidance``, ``--strength``, ``--hold-threshold``,
-``--consolidation-blocks`` and ``--greedy``, and their translation into ``Editor`` sampler keywords.
+definition of ``--steps``, ``--guidance-scale`` (also ``--guidance``), ``--reference-strength`` (also
+``--strength``), ``--hold-threshold``, ``--consolidation-blocks`` and ``--greedy``. Each flag's
+attribute is the ``SamplerSettings`` field of the same name, so the parsed flags are ``Editor.edit``
+sampler keywords as they stand.
 """
 
 from __future__ import annotations
@@ -20,19 +22,23 @@ def parse_blocks(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-# Flag of each numeric sampler setting (SamplerConfig field -> (flag, argparse attribute)).
-SAMPLER_FLAGS = {"steps": ("--steps", "steps"), "guidance_scale": ("--guidance", "guidance"),
-                 "reference_strength": ("--strength", "strength"),
-                 "hold_threshold": ("--hold-threshold", "hold_threshold")}
+# The flags of the numeric sampler settings (SamplerSettings field = argparse attribute -> flag
+# spellings, the first one named in messages).
+SAMPLER_FLAGS = {"steps": ("--steps",), "guidance_scale": ("--guidance", "--guidance-scale"),
+                 "reference_strength": ("--strength", "--reference-strength"),
+                 "hold_threshold": ("--hold-threshold",)}
+# Every sampler flag's attribute: the SamplerSettings fields the tools set.
+SAMPLER_FIELDS = ("steps", "guidance_scale", "reference_strength", "hold_threshold", "consolidation_blocks",
+                  "greedy")
 
 
 def check_sampler_flags(args) -> None:
     """Numeric sampler flags out of range -> ``ValueError`` naming the flag, before anything loads
-    (the ranges are ``SamplerConfig``'s: ``sampling.region_hold.check_setting``)."""
-    from editmgt_jax.sampling.region_hold import check_setting
+    (the ranges are ``SamplerSettings``'s: ``sampling.config.check_setting``)."""
+    from editmgt_jax.sampling.config import check_setting
 
-    for name, (flag, attr) in SAMPLER_FLAGS.items():
-        value = getattr(args, attr, None)
+    for name, (flag, *_aliases) in SAMPLER_FLAGS.items():
+        value = getattr(args, name, None)
         if value is not None:
             try:
                 check_setting(name, value)
@@ -43,8 +49,10 @@ def check_sampler_flags(args) -> None:
 def add_sampler_flags(group: argparse._ActionsContainer) -> None:
     """Add the sampler flags to a parser or argument group (every default None: the checkpoint's)."""
     group.add_argument("--steps", type=int, help="decoding steps (release demo: 36)")
-    group.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
-    group.add_argument("--strength", type=float, help="reference strength: >1 pulls attention to the source")
+    group.add_argument(*SAMPLER_FLAGS["guidance_scale"], dest="guidance_scale", type=float,
+                       help="classifier-free guidance scale (1 = off)")
+    group.add_argument(*SAMPLER_FLAGS["reference_strength"], dest="reference_strength", type=float,
+                       help="reference strength: >1 pulls attention to the source (1 = off)")
     group.add_argument("--hold-threshold", type=float, help="region-hold lambda (0 = off)")
     group.add_argument("--consolidation-blocks", type=parse_blocks, metavar="LIST",
                        help="blocks whose attention forms the edit-region map, e.g. '28-36' or '2,3,4'")
@@ -54,7 +62,7 @@ def add_sampler_flags(group: argparse._ActionsContainer) -> None:
 
 def sampler_overrides(args) -> dict:
     """The sampler flags of parsed ``args`` as ``Editor.edit`` / ``Editor.sampler_config`` keywords
-    (None = the checkpoint's default)."""
-    return dict(steps=args.steps, guidance_scale=args.guidance, reference_strength=args.strength,
-                hold_threshold=args.hold_threshold, consolidation_blocks=args.consolidation_blocks,
-                greedy=True if args.greedy else None)
+    (None = the checkpoint's default; ``--greedy`` absent is None too)."""
+    over = {name: getattr(args, name) for name in SAMPLER_FIELDS}
+    over["greedy"] = True if args.greedy else None
+    return over

@@ -24,10 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
-import threading
-import time
-import warnings
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -37,18 +33,20 @@ from flax import nnx
 
 from editmgt_jax import checkpoints, composite as compositing, imageio, parallel
 from editmgt_jax.convert.registry import COMPONENTS
+from editmgt_jax.edit_inputs import (EditError, check_instructions, load_rgb, mask_to_grid, mask_to_work,
+                                     sampler_settings)
 from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC, micro_conditions
-from editmgt_jax.sampling.region_hold import TIMESTEP_CONVENTIONS, SamplerConfig, sample
+from editmgt_jax.sampling.config import TIMESTEP_CONVENTIONS, Knobs, SamplerConfig, SamplerSettings
+from editmgt_jax.sampling.region_hold import sample
+from editmgt_jax.step_progress import StepProgress
+from editmgt_jax.text_side import (InstructionWarning, ReleaseTextSide, SmallTextSide,  # noqa: F401
+                                   make_text_side)
 
 # The official demo's negative prompt (owned by the checkpoint conventions; kept here for imports).
 RELEASE_NEGATIVE_PROMPT = checkpoints.RELEASE_NEGATIVE_PROMPT
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   "checkpoints", "editmgt-synthetic-64")
-
-
-class EditError(ValueError):
-    """Bad input to an edit (empty instruction, mismatched lengths, unusable mask); names the item."""
 
 
 @dataclasses.dataclass
@@ -75,71 +73,6 @@ def _stack(arrays: list):
     if any(a is None for a in arrays):
         return None
     return np.stack(arrays) if len({a.shape for a in arrays}) == 1 else list(arrays)
-
-
-def _check_instructions(instructions: Sequence[str]) -> list[str]:
-    out = []
-    for i, t in enumerate(instructions):
-        if not isinstance(t, str):
-            raise EditError(f"instruction {i}: expected a string, got {type(t).__name__}")
-        if not t.strip():
-            raise EditError(f"instruction {i}: empty instruction")
-        out.append(t.strip())
-    return out
-
-
-def _spans(numbers: Sequence[int]) -> str:
-    """[3, 4, 5, 9] -> '3-5, 9'."""
-    out, nums = [], sorted(set(numbers))
-    for x in nums:
-        if out and x == out[-1][1] + 1:
-            out[-1][1] = x
-        else:
-            out.append([x, x])
-    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in out)
-
-
-class StepProgress:
-    """Host side of the sampling loop's per-step callback: a progress bar over the steps.
-
-    The compiled loop calls it once per step (``jax.debug.callback``: a host call per step, no
-    change to the loop's arithmetic). The bar appears only once the remaining steps are expected to
-    take more than ``after_s`` seconds, so short edits print nothing.
-    """
-
-    def __init__(self, after_s: float = 3.0, stream=None):
-        self.after_s = after_s
-        self.stream = stream
-        self._lock = threading.Lock()
-        self.start(0)
-
-    def start(self, steps: int, desc: str = "sampling") -> None:
-        with self._lock:
-            self.steps, self.desc, self.calls, self.t0, self.bar = steps, desc, 0, None, None
-
-    def __call__(self, *_operands) -> None:
-        with self._lock:
-            self.calls += 1
-            done = self.calls - 1                 # called as each step begins
-            now = time.monotonic()
-            if self.t0 is None:
-                self.t0 = now
-            elif self.bar is None and self.steps and done < self.steps:
-                remaining = (now - self.t0) / done * (self.steps - done)
-                if remaining > self.after_s:
-                    from tqdm import tqdm
-
-                    self.bar = tqdm(total=self.steps, initial=done, desc=self.desc, unit="step", leave=False,
-                                    file=self.stream or sys.stderr)
-            if self.bar is not None:
-                self.bar.update(min(done, self.steps) - self.bar.n)
-
-    def finish(self) -> None:
-        with self._lock:
-            if self.bar is not None:
-                self.bar.update(self.steps - self.bar.n)
-                self.bar.close()
-                self.bar = None
 
 
 class Editor:
@@ -224,46 +157,13 @@ class Editor:
         arr = self.load_rgb(image, name=name)
         return imageio.fit_to_grid(arr, size or self.default_size, self.pixel_granularity, policy)
 
-    @staticmethod
-    def load_rgb(image, *, name: str | None = None) -> np.ndarray:
-        """Path / bytes / PIL image / array -> ``[H, W, 3] uint8`` at its own size."""
-        if isinstance(image, (str, os.PathLike)):
-            arr = imageio.load_image(image, name=f"{name} ({os.fspath(image)})" if name else None)
-        elif isinstance(image, (bytes, bytearray)):
-            arr = imageio.load_image(image, name=name)
-        elif hasattr(image, "mode") and hasattr(image, "size"):
-            arr = imageio.to_rgb8(image, name or "<PIL image>")
-        else:
-            arr = np.asarray(image)
-            if arr.ndim == 2:
-                arr = np.repeat(arr[..., None], 3, axis=-1)
-            if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
-                raise EditError(f"{name or 'image'}: expected [H, W, 3] array, got shape {arr.shape}")
-            if arr.dtype != np.uint8:
-                if np.issubdtype(arr.dtype, np.floating):
-                    arr = np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
-                else:
-                    arr = np.clip(arr, 0, 255).astype(np.uint8)
-            arr = arr[..., :3]
-        return arr
+    load_rgb = staticmethod(load_rgb)
 
     # ------------------------------------------------------------------ editing
-    def sampler_config(self, **overrides) -> SamplerConfig:
-        known = {f.name for f in dataclasses.fields(SamplerConfig)}
-        base = {k: v for k, v in self.defaults.items() if k in known}
-        for k, v in overrides.items():
-            if v is None:
-                continue
-            if k not in known:
-                raise EditError(f"unknown sampler setting {k!r}; known: {sorted(known)}")
-            base[k] = tuple(v) if isinstance(v, list) else v
-        cfg = SamplerConfig(**base)
-        n = self.tr_cfg.num_blocks
-        bad = [b for b in cfg.consolidation_blocks if b >= n]
-        if bad:
-            raise EditError(f"consolidation_blocks {_spans(bad)} out of range: this model's blocks are 0-{n - 1} "
-                            f"({self.tr_cfg.num_layers} dual-stream, then single-stream)")
-        return cfg
+    def sampler_config(self, **overrides) -> SamplerSettings:
+        """The checkpoint's sampler settings with ``overrides`` (None = the default) applied."""
+        return sampler_settings(self.defaults, overrides, num_blocks=self.tr_cfg.num_blocks,
+                                num_layers=self.tr_cfg.num_layers)
 
     def edit(self, images, instructions: Sequence[str] | str, *, seed: int = 0, masks=None,
              negative_prompt: str | None = None, size: int | None = None, policy: str = "fit",
@@ -288,7 +188,7 @@ class Editor:
             instructions = [instructions]
         if not isinstance(images, (list, tuple)):
             images = [images]
-        instructions = _check_instructions(instructions)
+        instructions = check_instructions(instructions)
         if len(images) != len(instructions):
             raise EditError(f"{len(images)} image(s) but {len(instructions)} instruction(s)")
         if masks is not None and len(masks) != len(images):
@@ -299,7 +199,8 @@ class Editor:
             raise EditError(f"composite={composite!r}: choose from {compositing.MODES}")
         if feather is not None and not feather >= 0:
             raise EditError(f"feather={feather!r}: expected a width in pixels >= 0")
-        cfg = self.sampler_config(**sampler_overrides)
+        settings = self.sampler_config(**sampler_overrides)
+        cfg, knobs = settings.split()
         if composite == "map" and not cfg.captures:
             raise EditError("composite='map' needs the edit-region map: give consolidation_blocks")
         size = size or self.default_size
@@ -322,14 +223,14 @@ class Editor:
             gh, gw = shape[0] // f, shape[1] // f
             inpaint = None
             if masks is not None:
-                inpaint = np.stack([self._mask_to_grid(self._mask_to_work(masks[i], originals[i], size, policy),
-                                                       shape[:2], (gh, gw), i) for i in idx])
+                inpaint = np.stack([mask_to_grid(mask_to_work(masks[i], originals[i], size, gran, policy),
+                                                 shape[:2], (gh, gw), i) for i in idx])
             micro = np.tile(micro_conditions(shape[1], shape[0],
                                              aesthetic=float(self.defaults.get("aesthetic_score", DEFAULT_AESTHETIC))),
                             (len(idx), 1))
             self.progress.start(cfg.steps)
             try:
-                out = self._run(cfg, src, txt[idx], pooled[idx], ntxt[idx], npooled[idx], micro, keys[idx],
+                out = self._run(cfg, knobs, src, txt[idx], pooled[idx], ntxt[idx], npooled[idx], micro, keys[idx],
                                 inpaint, progress)
             finally:
                 self.progress.finish()
@@ -342,7 +243,7 @@ class Editor:
             finals = raw
         else:
             region_maps, finals = [], []
-            threshold = cfg.hold_threshold if cfg.holds else 0.5
+            threshold = settings.hold_threshold if settings.holds else 0.5
             for i, o in enumerate(outs):
                 if composite == "changed":
                     tok_mask = compositing.changed_tokens(o["tokens"], o["ref_ids"])
@@ -382,37 +283,13 @@ class Editor:
             prog = self._programs[sig] = jax.jit(program)
         return np.asarray(prog(self.states["vq"], src))
 
-    def _mask_to_work(self, mask, original, size, policy) -> np.ndarray:
-        """A mask at the input's size goes through the image's own resize (crop included); other
-        sizes are left to ``_mask_to_grid``."""
-        m = np.asarray(mask)
-        m = m[..., 0] if m.ndim == 3 else m
-        if m.shape != original.shape[:2]:
-            return m
-        rgb = np.repeat(((m > 0) * 255).astype(np.uint8)[..., None], 3, axis=-1)
-        return imageio.fit_to_grid(rgb, size, self.pixel_granularity, policy)[..., 0] > 127
-
-    @staticmethod
-    def _mask_to_grid(mask, hw, grid, i) -> np.ndarray:
-        m = np.asarray(mask)
-        if m.ndim == 3:
-            m = m[..., 0]
-        if m.shape != tuple(hw):
-            from PIL import Image
-
-            m = np.asarray(Image.fromarray((m > 0).astype(np.uint8) * 255).resize((hw[1], hw[0]), Image.NEAREST))
-        m = m > 0
-        fy, fx = hw[0] // grid[0], hw[1] // grid[1]
-        g = m.reshape(grid[0], fy, grid[1], fx).any(axis=(1, 3))
-        if not g.any():
-            raise EditError(f"mask {i}: selects no pixels")
-        return g
-
     def _on_step(self, *operands) -> None:
         self.progress(*operands)   # looked up per call: ``self.progress`` may be replaced
 
-    def _run(self, cfg, src, txt, pooled, ntxt, npooled, micro, keys, inpaint, progress=False):
-        """``keys``: ``[b, 2] uint32`` raw PRNG keys, one per image (so an image's draw does not depend on
+    def _run(self, cfg: SamplerConfig, knobs: Knobs, src, txt, pooled, ntxt, npooled, micro, keys, inpaint,
+             progress=False):
+        """One compiled program per static ``cfg`` and input shapes; the ``knobs`` are its arguments.
+        ``keys``: ``[b, 2] uint32`` raw PRNG keys, one per image (so an image's draw does not depend on
         the other images of the call or on padding)."""
         n_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         b = len(src)
@@ -428,16 +305,16 @@ class Editor:
             prog = self._programs[sig] = self._compile(cfg, arrays, inpaint is not None, progress)
         batch_sh = [parallel.batch_sharding(self.mesh, a.ndim) for a in arrays]
         placed = [jax.device_put(np.asarray(a), s) for a, s in zip(arrays, batch_sh)]
-        out = prog(self.states, key, *placed)
+        out = prog(self.states, knobs, key, *placed)
         return {k: np.asarray(v)[:b] for k, v in out.items()}
 
     def _compile(self, cfg: SamplerConfig, arrays, has_mask: bool, progress: bool = False):
         graphdefs = self.graphdefs
         on_step = self._on_step
-        mask_id = cfg.mask_token_id          # the checkpoint's conventions (sampler_config)
+        mask_id = cfg.model.mask_token_id          # the checkpoint's conventions (sampler_config)
         n_codes = self.vq_cfg.num_vq_embeddings
 
-        def program(states, key, src, txt, pooled, ntxt, npooled, micro, *maybe_mask):
+        def program(states, knobs, key, src, txt, pooled, ntxt, npooled, micro, *maybe_mask):
             vq = nnx.merge(graphdefs["vq"], states["vq"])
             tr = nnx.merge(graphdefs["transformer"], states["transformer"])
             pixels = src.astype(jnp.float32) / 255.0
@@ -447,7 +324,7 @@ class Editor:
                 def model_fn(ids, *args, **kwargs):   # one host call per step, as the step begins
                     jax.debug.callback(on_step, args[-1])
                     return tr(ids, *args, **kwargs)
-            res = sample(model_fn, ref_ids, txt, pooled, ntxt, npooled, cfg, key=key, micro_conds=micro,
+            res = sample(model_fn, cfg, knobs, ref_ids, txt, pooled, ntxt, npooled, key=key, micro_conds=micro,
                          inpaint_mask=maybe_mask[0] if maybe_mask else None)
             tokens = res["tokens"]
             # leftover mask ids (and anything outside the codebook) decode as code 0, as the official
@@ -460,7 +337,7 @@ class Editor:
             return out
 
         rep = parallel.replicated(self.mesh)
-        in_sh = (rep, rep) + tuple(parallel.batch_sharding(self.mesh, a.ndim) for a in arrays)
+        in_sh = (rep, rep, rep) + tuple(parallel.batch_sharding(self.mesh, a.ndim) for a in arrays)
         return jax.jit(program, in_shardings=in_sh)
 
 
@@ -473,85 +350,6 @@ def load_module(path: str, name: str, cfg_dict: Mapping, *, dtype=jnp.float32) -
     :func:`editmgt_jax.checkpoints.load_module`.
     """
     return checkpoints.load_module(path, name, cfg_dict, dtype=dtype)
-
-
-class ReleaseTextSide:
-    """CLIP pooled vector + Gemma-2 penultimate hidden states, tokenised from the checkpoint's files.
-
-    The encoding is ``editmgt_jax.models.text.release.ReleaseTextEncoder``, the module the trainer
-    runs frozen inside its step (``editor.text.kind = "release"``).
-    """
-
-    def __init__(self, clip, gemma, tokenizer):
-        from editmgt_jax.models.text.release import ReleaseTextEncoder
-
-        self.tokenizer = tokenizer
-        self._warned: set[str] = set()
-        gd, self._state = nnx.split(ReleaseTextEncoder(clip, gemma))
-        self._fn = jax.jit(lambda st, clip_ids, gemma_ids: nnx.merge(gd, st)(clip_ids, gemma_ids))
-
-    def encode_ids(self, clip_ids, gemma_ids):
-        """Token ids (``PromptTokenizer`` output) -> ``(states [B, L, D], pooled [B, P])`` numpy."""
-        states, pooled = self._fn(self._state, jnp.asarray(clip_ids), jnp.asarray(gemma_ids))
-        return np.asarray(states), np.asarray(pooled)
-
-    def encode(self, prompts: Sequence[str], allow_empty: bool = False):
-        ids = self.tokenizer(list(prompts), allow_empty=allow_empty)
-        for i, cut in enumerate(self.tokenizer.truncated(list(prompts))):
-            if cut:
-                _warn_text(f"instruction {i} is longer than the {' and '.join(cut)} tokenizer takes; "
-                           f"the end is cut off: {prompts[i]!r}", self._warned)
-        return self.encode_ids(ids["clip_ids"], ids["gemma_ids"])
-
-
-class InstructionWarning(UserWarning):
-    """An instruction the model reads only in part (unknown words, cut to the maximum length)."""
-
-
-def _warn_text(message: str, seen: set) -> None:
-    """Warn once per distinct message and text side (each set of unread words is named once)."""
-    if message not in seen:
-        seen.add(message)
-        warnings.warn(message, InstructionWarning, stacklevel=4)
-
-
-class SmallTextSide:
-    """A small jointly-trained text encoder with a word-level tokenizer (the shipped model)."""
-
-    def __init__(self, encoder, tokenizer):
-        self.tokenizer = tokenizer
-        self._warned: set[str] = set()
-        gd, self._state = nnx.split(encoder)
-        self._fn = jax.jit(lambda st, ids: nnx.merge(gd, st)(ids))
-
-    def encode(self, prompts: Sequence[str], allow_empty: bool = False):
-        if not allow_empty:
-            _check_instructions(prompts)
-        from editmgt_jax.models.text.word_tokenizer import split_words
-
-        for i, p in enumerate(prompts):
-            words = split_words(p)
-            unknown = sorted({w for w in words if w not in self.tokenizer.ids})
-            if unknown:
-                _warn_text(f"instruction {i}: words outside the model's vocabulary carry no meaning and are "
-                           f"read as unknown: {', '.join(unknown)}", self._warned)
-            if len(words) > self.tokenizer.max_length:
-                _warn_text(f"instruction {i}: {len(words)} words, the model reads the first "
-                           f"{self.tokenizer.max_length}; dropped: {' '.join(words[self.tokenizer.max_length:])}",
-                           self._warned)
-        ids = self.tokenizer(list(prompts))
-        ids = ids["ids"] if isinstance(ids, Mapping) else ids
-        states, pooled = self._fn(self._state, jnp.asarray(ids))
-        return np.asarray(states), np.asarray(pooled)
-
-
-def make_text_side(path: str, doc: Mapping, modules: Mapping):
-    comps = doc.get("components", {})
-    if checkpoints.SMALL_TEXT in comps:
-        return SmallTextSide(modules[checkpoints.SMALL_TEXT], checkpoints.word_tokenizer(path))
-    if "clip" in comps and "gemma" in comps:
-        return ReleaseTextSide(modules["clip"], modules["gemma"], release_tokenizer(path))
-    raise checkpoints.CheckpointError(f"{path}: checkpoint has no text encoder (clip + gemma, or small_text)")
 
 
 RELEASE_TOKENIZER_DIRS = checkpoints.TOKENIZER_DIRS

@@ -7,7 +7,7 @@ from configs import editmgt_1024, tiny
 from editmgt_jax.models.layers import param_count
 from editmgt_jax.models.transformer import EditTransformer, TransformerConfig
 from editmgt_jax.models.vq import VQConfig, VQModel
-from editmgt_jax.sampling.region_hold import SamplerConfig
+from editmgt_jax.sampling.config import SamplerSettings
 
 
 def _count(model_cls, cfg) -> int:
@@ -19,7 +19,7 @@ def test_released_config_parameter_counts():
     tcfg = TransformerConfig.from_official(c.model.transformer)
     assert _count(EditTransformer, tcfg) == 1_009_306_624
     assert _count(VQModel, VQConfig.from_official(c.model.vq)) == 146_244_675
-    s = SamplerConfig(**c.sampler)
+    s = SamplerSettings(**c.sampler)
     assert max(s.consolidation_blocks) < tcfg.num_blocks
     assert s.consolidation_blocks[0] == tcfg.num_layers + 14  # single-stream block 14
 
@@ -28,5 +28,5 @@ def test_tiny_config_matches_fixture():
     c = tiny.get_config()
     tcfg = TransformerConfig.from_official(c.model.transformer)
     assert (tcfg.num_layers, tcfg.num_single_layers, tcfg.inner_dim) == (2, 3, 32)
-    s = SamplerConfig(**c.sampler)
+    s = SamplerSettings(**c.sampler)
     assert all(tcfg.num_layers <= b < tcfg.num_blocks for b in s.consolidation_blocks)

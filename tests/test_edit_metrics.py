@@ -81,14 +81,14 @@ def test_changed_region():
 
 def test_composite_ablation_runs():
     from editmgt_jax.evaluation import ablations
-    from editmgt_jax.sampling.region_hold import SamplerConfig
+    from editmgt_jax.sampling.config import SamplerSettings
 
-    runs = ablations.expand_runs(ablations.parse_ablations("composite"), SamplerConfig(),
+    runs = ablations.expand_runs(ablations.parse_ablations("composite"), SamplerSettings(),
                                  ablations.block_presets(4))
     assert [r.name for r in runs] == ["composite=changed", "composite=map", "composite=none"]
     assert runs[0].overrides == {"composite": "changed"}
     # the map needs consolidation: the 'late' preset is added when the base has none
     assert runs[1].overrides == {"composite": "map", "consolidation_blocks": (3,)}
     with pytest.raises(ablations.UsageError, match="composite"):
-        ablations.expand_runs(ablations.parse_ablations("composite=mask"), SamplerConfig(),
+        ablations.expand_runs(ablations.parse_ablations("composite=mask"), SamplerSettings(),
                               ablations.block_presets(4))

@@ -74,6 +74,20 @@ def test_edit_invariants(editor, photo):
     np.testing.assert_array_equal(both.tokens[1], one.tokens[0])
 
 
+def test_a_lambda_and_guidance_sweep_reuses_one_program(editor, photo):
+    """Lambda, guidance and strength are arguments of the edit program, not part of it: a sweep (what
+    the evaluator's lambda and cfg ablations run) compiles one program for its image shape."""
+    before = set(editor._programs)
+    tokens = set()
+    for lam in (0.2, 0.5, 0.9):
+        for g in (2.0, 4.0):
+            res = editor.edit(photo, "make the suit red", size=SIZE, steps=2, guidance_scale=g, hold_threshold=lam,
+                              consolidation_blocks=(2, 3), greedy=True, reference_strength=1.2)
+            tokens.add(res.tokens.tobytes())
+    assert len(set(editor._programs) - before) == 1
+    assert len(tokens) > 1   # the values reach the sampler
+
+
 def test_non_square_input_on_the_release_grid(editor, photo):
     """The release layout (VQ x16, transformer x2: 32 px granules, score map at half the id grid) on a
     300x512 input: edited at 64x128 (aspect kept), returned at 300x512 with the source outside the map."""

@@ -1,5 +1,6 @@
 """Evaluation harness: metrics on hand-made cases, evaluation-set loaders, runs and the `infer.evaluate` CLI."""
 
+import dataclasses
 import json
 import math
 import os
@@ -10,7 +11,7 @@ from PIL import Image
 
 from editmgt_jax.editor import EditResult
 from editmgt_jax.evaluation import datasets, metrics
-from editmgt_jax.sampling.region_hold import SamplerConfig
+from editmgt_jax.sampling.config import SamplerSettings
 from editmgt_jax.evaluation import ablations, runner
 
 RNG = np.random.default_rng(0)
@@ -320,7 +321,7 @@ def test_ablation_plan():
     groups = ablations.parse_ablations("hold, lambda=0.1/0.4 ,consolidation=none/late/1-2,inpaint")
     assert groups == [("hold", ("on", "off")), ("lambda", ("0.1", "0.4")),
                       ("blocks", ("none", "late", "1-2")), ("inpaint", ("gt",))]
-    runs = ablations.expand_runs(groups, SamplerConfig(), ablations.block_presets(5))  # base: no hold, no blocks
+    runs = ablations.expand_runs(groups, SamplerSettings(), ablations.block_presets(5))  # base: no hold, no blocks
     by = {r.name: r for r in runs}
     assert by["hold=on"].overrides == {"consolidation_blocks": (3, 4), "hold_threshold": ablations.FALLBACK_LAMBDA}
     assert by["hold=off"].overrides == {"consolidation_blocks": (3, 4), "hold_threshold": 0.0}
@@ -333,7 +334,7 @@ def test_ablation_plan():
     for bad, msg in (("holdx", "unknown group 'holdx'"), ("steps=0", "out of range"), ("cfg=x", "not a float"),
                      ("hold=maybe", "on/off"), ("blocks=9", "outside 0..4")):
         with pytest.raises(ablations.UsageError, match=msg):
-            ablations.expand_runs(ablations.parse_ablations(bad), SamplerConfig(), ablations.block_presets(5))
+            ablations.expand_runs(ablations.parse_ablations(bad), SamplerSettings(), ablations.block_presets(5))
 
 
 # ------------------------------------------------------------------------------ harness, fake editor
@@ -359,7 +360,7 @@ class FakeEditor:
         return imageio.fit_to_grid(np.asarray(image), size or self.default_size, self.pixel_granularity, policy)
 
     def sampler_config(self, **kw):
-        return SamplerConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items() if v is not None})
+        return SamplerSettings(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items() if v is not None})
 
     def reconstruct(self, images, *, size=None, policy="crop"):
         return np.stack([np.asarray(im) ^ np.uint8(4) for im in images])
@@ -464,6 +465,11 @@ def test_options_match_the_command_line():
                                            consolidation_blocks=(2, 3, 4, 7), greedy=True)
     opts = runner.EvalOptions(data="d", out="o", steps=3)
     assert sampler_overrides(opts)["steps"] == 3 and sampler_overrides(opts)["greedy"] is None
+    # old and new spellings set the settings field of the same name
+    for flags in (["--guidance", "2", "--strength", "1.3"], ["--guidance-scale", "2", "--reference-strength", "1.3"]):
+        over = sampler_overrides(p.parse_args(flags + ["--hold-threshold", "0.2"]))
+        assert (over["guidance_scale"], over["reference_strength"], over["hold_threshold"]) == (2.0, 1.3, 0.2)
+    assert set(vars(args)) <= {f.name for f in dataclasses.fields(runner.EvalOptions)}
 
 
 def test_cli_errors_exit_2(tmp_path):

@@ -136,7 +136,7 @@ def test_sampler_settings_must_be_finite_and_in_range(tmp_path, cli):
     import argparse
 
     from editmgt_jax.cli_flags import check_sampler_flags
-    from editmgt_jax.sampling.region_hold import SamplerConfig
+    from editmgt_jax.sampling.config import SamplerSettings
 
     for field, value, message in [("guidance_scale", -5.0, ">= 0"), ("guidance_scale", float("nan"), "finite"),
                                   ("reference_strength", 0.0, "> 0"), ("hold_threshold", float("inf"), "finite"),
@@ -145,19 +145,20 @@ def test_sampler_settings_must_be_finite_and_in_range(tmp_path, cli):
                                   ("micro_conds", (1.0, 1.0, 0.0, 0.0, float("nan")), "finite"),
                                   ("consolidation_blocks", (-1, 2), ">= 0")]:
         with pytest.raises(ValueError, match=f"{field}=.*{message}"):
-            SamplerConfig(**{field: value})
-    SamplerConfig(guidance_scale=0.0, temperature_start=0.0, steps=1)   # the lowest allowed values
+            SamplerSettings(**{field: value})
+    SamplerSettings(guidance_scale=0.0, temperature_start=0.0, steps=1)   # the lowest allowed values
     # The command-line flags are named.
-    for flags, message in [(dict(guidance=-5.0), "--guidance -5.0: must be finite and >= 0"),
-                           (dict(guidance=float("nan")), "--guidance nan: must be finite"),
-                           (dict(strength=0.0), "--strength 0.0: must be finite and > 0"),
+    for flags, message in [(dict(guidance_scale=-5.0), "--guidance -5.0: must be finite and >= 0"),
+                           (dict(guidance_scale=float("nan")), "--guidance nan: must be finite"),
+                           (dict(reference_strength=0.0), "--strength 0.0: must be finite and > 0"),
                            (dict(steps=0), "--steps 0: must be an integer >= 1"),
                            (dict(hold_threshold=-0.1), "--hold-threshold -0.1: must be finite and >= 0")]:
-        args = argparse.Namespace(**{**dict(steps=None, guidance=None, strength=None, hold_threshold=None), **flags})
+        args = argparse.Namespace(**{**dict(steps=None, guidance_scale=None, reference_strength=None,
+                                            hold_threshold=None), **flags})
         with pytest.raises(ValueError) as e:
             check_sampler_flags(args)
         assert str(e.value).startswith(message), str(e.value)
-    check_sampler_flags(argparse.Namespace(steps=4, guidance=1.0, strength=1.1, hold_threshold=0.0))
+    check_sampler_flags(argparse.Namespace(steps=4, guidance_scale=1.0, reference_strength=1.1, hold_threshold=0.0))
     # ... and the command stops before loading anything, with one line and exit status 2.
     proc = cli("infer.edit", "--image", os.path.join(REPO, "examples", "shapes.png"), "--instruction", "x",
                "--guidance", "-5", "--out", tmp_path / "o.png")

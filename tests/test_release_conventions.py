@@ -20,7 +20,8 @@ import editmgt_jax  # noqa: F401
 from editmgt_jax import checkpoints
 from editmgt_jax.convert import convert_release
 from editmgt_jax.editor import Editor
-from editmgt_jax.sampling.region_hold import SamplerConfig, sample
+from editmgt_jax.sampling.config import SamplerSettings
+from editmgt_jax.sampling.region_hold import sample
 from editmgt_jax.tools.tiny_release import make_release
 
 V2 = pathlib.Path(__file__).parent / "fixtures" / "editmgt-tiny-v2"
@@ -117,13 +118,8 @@ def test_checkpoint_without_the_record_loads_with_the_config_mask_id(other_id_ck
 
 
 def test_sampler_needs_a_mask_id():
-    def model_fn(ids, *a, **k):
-        return jnp.zeros(ids.shape + (4,)), None
-
-    ref = jnp.zeros((1, 2, 2), jnp.int32)
     with pytest.raises(ValueError, match="mask_token_id is not set"):
-        sample(model_fn, ref, jnp.zeros((1, 3, 4)), jnp.zeros((1, 4)), cfg=SamplerConfig(steps=2, guidance_scale=1.0,
-                                                                                         greedy=True))
+        SamplerSettings(steps=2, guidance_scale=1.0, greedy=True).split()
 
 
 # ----------------------------------------------------------------------------- consumers
@@ -143,7 +139,7 @@ def test_edit_starts_from_the_mask_id_the_scheduler_names(other_id_ckpt, v2_case
         return model(ids, *args, **kw)
 
     ref = jnp.asarray(v2_cases["d_ref_ids"][:, :8, :8])
-    rec = sample(spy, ref, v2_cases["d_encoder_hidden_states"], v2_cases["d_prompt_embeds"], cfg=cfg, record=True)
+    rec = sample(spy, *cfg.split(record=True), ref, v2_cases["d_encoder_hidden_states"], v2_cases["d_prompt_embeds"])
     assert np.all(np.asarray(rec["tokens_before"][0]) == SCHEDULER_ID)
     assert np.all(np.asarray(rec["tokens"]) < CODEBOOK)
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from editmgt_jax.sampling import schedule
-from editmgt_jax.sampling.region_hold import (F32_MAX, SamplerConfig, hold_mask, per_sample_keys, remask_lowest,
-                                              sample, step_update)
+from editmgt_jax.sampling.region_hold import SamplerSettings, per_sample_keys, sample
+from editmgt_jax.sampling.step import F32_MAX, hold_mask, remask_lowest, sample_categorical, step_update
 from numpy_reference import scipy_adaptive_smooth, torch_bicubic_direct
 
 MASK_D = 64  # case d: codebook 64, mask id 64
@@ -75,13 +75,13 @@ def synthetic_logits(cases, i):
 
 
 def test_step_update_reproduces_case_d(cases):
-    cfg = SamplerConfig(steps=4, greedy=True, hold_threshold=float(cases["d_local_guidance"]),
-                        consolidation_blocks=(2, 3, 4))
-    step = jax.jit(functools.partial(step_update, cfg=cfg, mask_id=MASK_D))
+    step = jax.jit(functools.partial(step_update, steps=4, mask_id=MASK_D))
     ref = jnp.asarray(cases["d_ref_ids"])
     for i in range(4):
-        tokens, info = step(jnp.asarray(cases["d_tokens_before"][i][None]), ref, synthetic_logits(cases, i),
-                            jnp.asarray(cases["d_score_upsampled"][i][None]), jnp.int32(i))
+        before = jnp.asarray(cases["d_tokens_before"][i][None])
+        hold = hold_mask((before == MASK_D).reshape(1, -1), jnp.asarray(cases["d_score_upsampled"][i][None]),
+                         float(cases["d_local_guidance"]))
+        tokens, info = step(before, ref, synthetic_logits(cases, i), hold, jnp.int32(i))
         np.testing.assert_array_equal(np.asarray(tokens)[0], cases["d_tokens_after"][i])
         np.testing.assert_array_equal(np.asarray(info["pred_x0"])[0], cases["d_pred_x0"][i])
         np.testing.assert_array_equal(np.asarray(info["hold"])[0], cases["d_hold"][i])
@@ -106,7 +106,7 @@ class Replay:
     def __call__(self, ids, ref_ids, text, pooled, micro, timestep, *, reference_strength, capture_blocks,
                  capture_mode):
         n = ids.shape[0]
-        assert capture_blocks == (2, 3, 4) and reference_strength == pytest.approx(1.1)
+        assert capture_blocks == (2, 3, 4)
         i = 3 - timestep[0]  # the step index counts down
         # both CFG halves get the same logits, so u + g (c - u) = u exactly
         return (jnp.broadcast_to(self.logits[i], (n,) + self.logits.shape[1:]),
@@ -114,14 +114,15 @@ class Replay:
 
 
 def test_loop_replays_case_d(cases):
-    cfg = SamplerConfig(steps=int(cases["d_num_inference_steps"]), guidance_scale=float(cases["d_guidance_scale"]),
-                        reference_strength=float(cases["d_reference_strength"]),
-                        hold_threshold=float(cases["d_local_guidance"]),
-                        consolidation_blocks=tuple(cases["d_attention_blocks"].tolist()), greedy=True,
-                        mask_token_id=MASK_D)
+    cfg, knobs = SamplerSettings(steps=int(cases["d_num_inference_steps"]),
+                                 guidance_scale=float(cases["d_guidance_scale"]),
+                                 reference_strength=float(cases["d_reference_strength"]),
+                                 hold_threshold=float(cases["d_local_guidance"]),
+                                 consolidation_blocks=tuple(cases["d_attention_blocks"].tolist()), greedy=True,
+                                 mask_token_id=MASK_D).split(record=True)
     model = Replay(cases)
-    rec = jax.jit(lambda ref, *a: sample(model, ref, *a, cfg, micro_conds=cases["d_micro_conds"], record=True))(
-        cases["d_ref_ids"], cases["d_encoder_hidden_states"], cases["d_prompt_embeds"],
+    rec = jax.jit(lambda knobs, ref, *a: sample(model, cfg, knobs, ref, *a, micro_conds=cases["d_micro_conds"]))(
+        knobs, cases["d_ref_ids"], cases["d_encoder_hidden_states"], cases["d_prompt_embeds"],
         cases["d_negative_encoder_hidden_states"], cases["d_negative_prompt_embeds"])
     rec = jax.tree.map(np.asarray, rec)
     for k in ("tokens_before", "tokens_after", "pred_x0", "hold", "remask", "mask_len"):
@@ -198,14 +199,15 @@ MODEL = FakeModel(0)
 
 
 @functools.lru_cache(maxsize=None)
-def compiled(cfg, record=False):
-    """One compiled sampler per static configuration (shapes re-specialise as jit does)."""
-    return jax.jit(lambda key, inp, mask: sample(MODEL, cfg=cfg, key=key, inpaint_mask=mask, record=record,
-                                                 **inp))
+def compiled(cfg):
+    """One compiled sampler per static configuration (shapes re-specialise as jit does); the knobs
+    are traced arguments."""
+    return jax.jit(lambda knobs, key, inp, mask: sample(MODEL, cfg, knobs, key=key, inpaint_mask=mask, **inp))
 
 
-def run(cfg, inputs, *, key=None, mask=None, record=False):
-    return jax.tree.map(np.asarray, compiled(cfg, record)(key, inputs, mask))
+def run(settings, inputs, *, key=None, mask=None, record=False):
+    cfg, knobs = settings.split(record=record)
+    return jax.tree.map(np.asarray, compiled(cfg)(knobs, key, inputs, mask))
 
 
 @functools.lru_cache(maxsize=None)
@@ -285,7 +287,7 @@ def check_trajectory(rec, tokens, ref, mask_id=K, inpaint=None):
 # above every upsampled score (bicubic can overshoot 1), so that run must copy the source everywhere
 @pytest.mark.parametrize("steps,guidance,lam", [(1, 3.0, 0.3), (2, 1.0, 10.0), (4, 3.0, 0.3), (12, 1.0, 0.3)])
 def test_greedy_matches_numpy_reference(steps, guidance, lam):
-    cfg = SamplerConfig(steps=steps, guidance_scale=guidance, reference_strength=1.1, hold_threshold=lam,
+    cfg = SamplerSettings(steps=steps, guidance_scale=guidance, reference_strength=1.1, hold_threshold=lam,
                         consolidation_blocks=(1, 3), greedy=True, mask_token_id=K)
     inputs = make_inputs(steps)
     out = run(cfg, inputs, record=True)
@@ -314,7 +316,7 @@ def full_mask(b):
     return np.ones((b, H, W), bool)
 
 
-GREEDY_NO_HOLD = SamplerConfig(steps=4, guidance_scale=3.0, greedy=True, mask_token_id=K)
+GREEDY_NO_HOLD = SamplerSettings(steps=4, guidance_scale=3.0, greedy=True, mask_token_id=K)
 
 
 def test_no_hold_departs_from_source():
@@ -327,7 +329,7 @@ def test_no_hold_departs_from_source():
 
 # random sampling: these tests share one configuration and always pass [3] keys and a user mask
 # (all True = a full edit), so they share one compilation
-RANDOM = SamplerConfig(steps=4, guidance_scale=3.0, hold_threshold=0.3, consolidation_blocks=(1, 3), mask_token_id=K)
+RANDOM = SamplerSettings(steps=4, guidance_scale=3.0, hold_threshold=0.3, consolidation_blocks=(1, 3), mask_token_id=K)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -395,7 +397,7 @@ def test_inpainting_with_noise_and_hold():
 
 def test_freeze_held_tokens_are_final():
     inputs = make_inputs(6)
-    cfg = SamplerConfig(steps=6, guidance_scale=3.0, hold_threshold=0.3, consolidation_blocks=(0, 1), greedy=True,
+    cfg = SamplerSettings(steps=6, guidance_scale=3.0, hold_threshold=0.3, consolidation_blocks=(0, 1), greedy=True,
                         freeze_held=True, mask_token_id=K)
     out = run(cfg, inputs, record=True)
     check_trajectory(out, out["tokens"], inputs["ref_ids"])
@@ -413,7 +415,7 @@ def test_freeze_held_tokens_are_final():
 
 
 def test_compiles_once_with_params_as_arguments():
-    cfg = SamplerConfig(steps=3, guidance_scale=2.0, greedy=True, mask_token_id=K)
+    cfg, knobs = SamplerSettings(steps=3, guidance_scale=2.0, greedy=True, mask_token_id=K).split()
     traces = []
 
     def apply(params, *args, **kwargs):
@@ -423,7 +425,7 @@ def test_compiles_once_with_params_as_arguments():
     @jax.jit
     def edit(params, inp):
         traces.append("edit")
-        return sample(functools.partial(apply, params), cfg=cfg, **inp)["tokens"]
+        return sample(functools.partial(apply, params), cfg, knobs, **inp)["tokens"]
 
     params = fake_params(1)
     first = np.asarray(edit(params, make_inputs(8)))
@@ -440,21 +442,23 @@ def test_compiles_once_with_params_as_arguments():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="consolidation_blocks"):
-        SamplerConfig(hold_threshold=0.3)
+        SamplerSettings(hold_threshold=0.3)
     with pytest.raises(ValueError, match="steps"):
-        SamplerConfig(steps=0)
+        SamplerSettings(steps=0)
     with pytest.raises(ValueError, match="PRNG key"):
-        sample(MODEL, cfg=SamplerConfig(steps=2, guidance_scale=1.0, mask_token_id=K), **pick(make_inputs(0), 0))
+        sample(MODEL, *SamplerSettings(steps=2, guidance_scale=1.0, mask_token_id=K).split(), **pick(make_inputs(0), 0))
     with pytest.raises(ValueError, match="mask_token_id is not set"):
-        sample(MODEL, cfg=SamplerConfig(steps=2, guidance_scale=1.0, greedy=True), **pick(make_inputs(0), 0))
-    hash(SamplerConfig(consolidation_blocks=[1, 2]))  # lists are normalised: the config stays hashable
+        SamplerSettings(steps=2, guidance_scale=1.0, greedy=True).split()
+    cfg, _ = SamplerSettings(steps=2, greedy=True, mask_token_id=K).split()
+    with pytest.raises(ValueError, match=r"\(3,\) temperatures for 2 steps"):   # knobs of another step count
+        sample(MODEL, cfg, SamplerSettings(steps=3).knobs(), **pick(make_inputs(0), 0))
+    # lists are normalised: the settings and the static config stay hashable
+    hash(SamplerSettings(consolidation_blocks=[1, 2], mask_token_id=K).split()[0])
 
 
 def test_heatmap_is_the_mean_smoothed_score():
     """The returned edit-region map equals the per-step smoothed scores averaged over the steps."""
     import jax.numpy as jnp
-
-    from editmgt_jax.sampling.region_hold import SamplerConfig, sample
 
     h = w = 8
 
@@ -471,22 +475,20 @@ def test_heatmap_is_the_mean_smoothed_score():
 
     ref = jnp.zeros((2, h, w), jnp.int32)
     txt, pooled = jnp.zeros((2, 3, 4)), jnp.zeros((2, 4))
-    cfg = SamplerConfig(steps=3, guidance_scale=2.0, greedy=True, consolidation_blocks=(0, 1), hold_threshold=0.5,
-                        mask_token_id=5)
-    out = sample(model_fn, ref, txt, pooled, txt, pooled, cfg, record=True)
+    settings = SamplerSettings(steps=3, guidance_scale=2.0, greedy=True, consolidation_blocks=(0, 1),
+                               hold_threshold=0.5, mask_token_id=5)
+    out = sample(model_fn, *settings.split(record=True), ref, txt, pooled, txt, pooled)
     assert out["heatmap"].shape == (2, h // 2, w // 2)
     expect = np.asarray(out["score_smoothed"]).mean(axis=0).reshape(2, h // 2, w // 2)
     np.testing.assert_allclose(np.asarray(out["heatmap"]), expect, rtol=1e-6, atol=1e-7)
-    lean = sample(model_fn, ref, txt, pooled, txt, pooled, cfg)
+    lean = sample(model_fn, *settings.split(), ref, txt, pooled, txt, pooled)
     np.testing.assert_array_equal(np.asarray(lean["heatmap"]), np.asarray(out["heatmap"]))
-    assert "heatmap" not in sample(model_fn, ref, txt, pooled, txt, pooled,
-                                   SamplerConfig(steps=2, greedy=True, mask_token_id=5))
+    assert "heatmap" not in sample(model_fn, *SamplerSettings(steps=2, greedy=True, mask_token_id=5).split(),
+                                   ref, txt, pooled, txt, pooled)
 
 
 def test_sample_categorical_follows_the_distribution():
     """Inverse-CDF draws match the probabilities (K a multiple of the block and not), never a zero."""
-    from editmgt_jax.sampling.region_hold import sample_categorical
-
     for k, block in ((256, 64), (37, 128)):
         logits = jax.random.normal(jax.random.key(k), (k,)) * 2.0
         probs = jax.nn.softmax(logits).at[3].set(0.0)
@@ -524,9 +526,9 @@ def test_mask_fraction_timestep_is_the_masked_share(guidance):
     inpaint[1, :2] = True
     for conv in ("mask_fraction", "step_index"):
         seen.clear()
-        cfg = SamplerConfig(steps=4, guidance_scale=guidance, greedy=True, mask_token_id=5,
-                            timestep_convention=conv)
-        out = sample(model_fn, ref, txt, pooled, txt, pooled, cfg, inpaint_mask=inpaint)
+        cfg, knobs = SamplerSettings(steps=4, guidance_scale=guidance, greedy=True, mask_token_id=5,
+                                     timestep_convention=conv).split()
+        out = sample(model_fn, cfg, knobs, ref, txt, pooled, txt, pooled, inpaint_mask=inpaint)
         jax.block_until_ready(out["tokens"])
         assert len(seen) == 4
         for step, (t, ids) in enumerate(seen):
@@ -538,4 +540,44 @@ def test_mask_fraction_timestep_is_the_masked_share(guidance):
         if conv == "mask_fraction":
             np.testing.assert_allclose(seen[0][0][-2:], [1.0, 0.5])   # the inpainting share at the start
     with pytest.raises(ValueError, match="timestep_convention"):
-        SamplerConfig(timestep_convention="release")
+        SamplerSettings(timestep_convention="release")
+
+
+def test_a_knob_sweep_compiles_once():
+    """Guidance, lambda, reference strength and temperatures are traced arguments: a sweep of 3
+    lambdas x 2 guidance scales (then a new strength and temperature) compiles the loop once, every
+    knob acts, and a traced run equals the run with the same values compiled in."""
+    base = SamplerSettings(steps=3, guidance_scale=2.0, hold_threshold=0.1, consolidation_blocks=(1, 3),
+                           mask_token_id=K)
+    cfg = base.static()
+    traces = []
+
+    @jax.jit
+    def edit(knobs, key, inp):
+        traces.append(1)   # runs once per trace, i.e. per compilation
+        return sample(MODEL, cfg, knobs, key=key, **inp)["tokens"]
+
+    inputs, key = make_inputs(11), jax.random.key(4)
+    outs = {}
+    for lam in (0.1, 0.4, 0.8):
+        for g in (2.0, 5.0):
+            s = base.replace(hold_threshold=lam, guidance_scale=g)
+            assert s.static() == cfg
+            outs[lam, g] = np.asarray(edit(s.knobs(), key, inputs))
+    other = base.replace(reference_strength=1.6, temperature_start=0.5, temperature_end=0.1)
+    outs["other"] = np.asarray(edit(other.knobs(), key, inputs))
+    assert len(traces) == 1 and edit._cache_size() == 1
+    assert len({o.tobytes() for o in outs.values()}) == len(outs)   # each value changes the tokens
+    knobs = base.replace(hold_threshold=0.4, guidance_scale=5.0).knobs()
+    inlined = jax.jit(lambda key, inp: sample(MODEL, cfg, knobs, key=key, **inp)["tokens"])(key, inputs)
+    np.testing.assert_array_equal(np.asarray(inlined), outs[0.4, 5.0])
+
+
+def test_hold_threshold_zero_holds_nothing():
+    """lambda = 0 is region hold off inside the one compiled loop: the tokens of a run without
+    captured blocks (the same model calls, nothing held)."""
+    inputs = make_inputs(12)
+    off = run(SamplerSettings(steps=4, guidance_scale=3.0, greedy=True, consolidation_blocks=(1, 3),
+                              mask_token_id=K), inputs, record=True)
+    assert not off["hold"].any()
+    np.testing.assert_array_equal(off["tokens"], run(GREEDY_NO_HOLD, inputs)["tokens"])

@@ -46,8 +46,8 @@ class EvalOptions:
     resize: str = "crop"                        # 'crop' or 'fit' (editmgt_jax.imageio.fit_to_grid)
     # base sampler settings (None / False: the checkpoint's; editmgt_jax.cli_flags.sampler_overrides)
     steps: int | None = None
-    guidance: float | None = None
-    strength: float | None = None
+    guidance_scale: float | None = None
+    reference_strength: float | None = None
     hold_threshold: float | None = None
     consolidation_blocks: tuple[int, ...] | None = None
     greedy: bool = False

@@ -173,7 +173,8 @@ def case_d(models, cases, fixture_dir, conventions) -> list[Result]:
     import jax
     import jax.numpy as jnp
 
-    from editmgt_jax.sampling.region_hold import SamplerConfig, sample
+    from editmgt_jax.sampling.config import SamplerSettings
+    from editmgt_jax.sampling.region_hold import sample
 
     tr, vq = models["transformer"], models["vq"]
     mask_id = conventions.mask_token_id
@@ -195,14 +196,13 @@ def case_d(models, cases, fixture_dir, conventions) -> list[Result]:
     mc = jnp.asarray(cases["d_micro_conds"], jnp.float32)[None]
 
     def run(**over):
-        cfg = SamplerConfig(**{**base, **over})
+        cfg, knobs = SamplerSettings(**{**base, **over}).split(record=True, record_logits=True)
 
         @jax.jit
-        def go(ref, txt, pooled, ntxt, npooled):
-            return sample(tr, ref, txt, pooled, ntxt, npooled, cfg, micro_conds=mc, record=True,
-                          record_logits=True)
+        def go(knobs, ref, txt, pooled, ntxt, npooled):
+            return sample(tr, cfg, knobs, ref, txt, pooled, ntxt, npooled, micro_conds=mc)
 
-        return jax.tree.map(np.asarray, go(ref_ids, cases["d_encoder_hidden_states"], cases["d_prompt_embeds"],
+        return jax.tree.map(np.asarray, go(knobs, ref_ids, cases["d_encoder_hidden_states"], cases["d_prompt_embeds"],
                                            cases["d_negative_encoder_hidden_states"],
                                            cases["d_negative_prompt_embeds"]))
 

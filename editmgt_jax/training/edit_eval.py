@@ -110,18 +110,22 @@ class EditEval:
         import jax
         import jax.numpy as jnp
 
-        from editmgt_jax.sampling.region_hold import SamplerConfig, sample
+        from editmgt_jax.sampling.config import SamplerSettings
+        from editmgt_jax.sampling.region_hold import sample
         from editmgt_jax.training.step import mask_token_id
 
         cfg = self.config
         defaults = dict(cfg.editor.get("sampler_defaults", {}) or {})
+        # the micro-conditions the editor trains with (losses.default_micro_conds)
+        res, aesthetic = float(cfg.data.resolution), float(cfg.editor.get("aesthetic", 6.0))
         guidance = float(defaults.get("guidance_scale", 3.0)) if float(cfg.editor.cond_dropout) > 0 else 1.0
-        scfg = SamplerConfig(steps=int(defaults.get("steps", cfg.train.sample_steps)),
-                             guidance_scale=guidance,
-                             reference_strength=float(defaults.get("reference_strength", 1.0)),
-                             greedy=True, mask_token_id=mask_token_id(cfg),
-                             timestep_convention=("mask_fraction" if cfg.editor.timestep_convention
-                                                  == "mask_fraction" else "step_index"))
+        scfg, knobs = SamplerSettings(steps=int(defaults.get("steps", cfg.train.sample_steps)),
+                                      guidance_scale=guidance,
+                                      reference_strength=float(defaults.get("reference_strength", 1.0)),
+                                      greedy=True, mask_token_id=mask_token_id(cfg),
+                                      micro_conds=(res, res, 0.0, 0.0, aesthetic),
+                                      timestep_convention=("mask_fraction" if cfg.editor.timestep_convention
+                                                           == "mask_fraction" else "step_index")).split()
         model_prog, vq_prog = self.program.model, self.vq_prog
 
         def fn(params, aux, sources, targets, instruction_ids):
@@ -132,7 +136,7 @@ class EditEval:
             states, pooled = model.text_encoder(instruction_ids)
             empty = jnp.full((1, instruction_ids.shape[1]), model.text_encoder.config.pad_id, jnp.int32)
             nstates, npooled = model.text_encoder(empty)
-            out = sample(model.transformer, src, states, pooled, nstates, npooled, scfg)
+            out = sample(model.transformer, scfg, knobs, src, states, pooled, nstates, npooled)
             n_codes = vq.cfg.num_vq_embeddings
             tokens = jnp.where(out["tokens"] >= n_codes, src, out["tokens"])
             pixels = jnp.clip(vq.decode_ids(tokens), 0.0, 1.0)

@@ -31,8 +31,8 @@ TRAINING_TIMESTEP_CONVENTIONS = ("mask_fraction", "release")
 
 
 def sampler_timestep_convention(training_convention: str) -> str:
-    """What inference feeds as the timestep (``SamplerConfig.timestep_convention``, one of
-    ``sampling.region_hold.TIMESTEP_CONVENTIONS``) for a model trained with ``training_convention``:
+    """What inference feeds as the timestep (``SamplerSettings.timestep_convention``, one of
+    ``sampling.config.TIMESTEP_CONVENTIONS``) for a model trained with ``training_convention``:
     the release's weights want the step index, as the converter writes."""
     return "mask_fraction" if training_convention == "mask_fraction" else "step_index"
 

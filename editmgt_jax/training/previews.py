@@ -44,7 +44,8 @@ class Sampler:
         import jax
         import jax.numpy as jnp
 
-        from editmgt_jax.sampling.region_hold import SamplerConfig, sample
+        from editmgt_jax.sampling.config import SamplerSettings
+        from editmgt_jax.sampling.region_hold import sample
         from editmgt_jax.training.step import mask_token_id, to_unit_range
 
         cfg = self.config
@@ -58,9 +59,10 @@ class Sampler:
         vq_prog = self.frozen_programs["vq"]
         text_prog = self.frozen_programs.get("text")
         guidance = 3.0 if float(cfg.editor.cond_dropout) > 0 else 1.0
-        scfg = SamplerConfig(steps=int(cfg.train.sample_steps), guidance_scale=guidance,
-                             reference_strength=1.0, greedy=True, mask_token_id=mask_token_id(cfg),
-                             timestep_convention=sampler_timestep_convention(cfg.editor.timestep_convention))
+        scfg, knobs = SamplerSettings(
+            steps=int(cfg.train.sample_steps), guidance_scale=guidance, reference_strength=1.0, greedy=True,
+            mask_token_id=mask_token_id(cfg),
+            timestep_convention=sampler_timestep_convention(cfg.editor.timestep_convention)).split()
         mask_id = model_prog.abstract_params["transformer"]["mlm_layer"]["conv2"]["kernel"].shape[-1]
 
         def fn(params, aux, batch):
@@ -81,7 +83,7 @@ class Sampler:
                 nstates, npooled = aux["frozen"]["uncond"]
 
             micro = batch.get("micro_conds")
-            out = sample(model.transformer, src, states, pooled, nstates, npooled, scfg, micro_conds=micro)
+            out = sample(model.transformer, scfg, knobs, src, states, pooled, nstates, npooled, micro_conds=micro)
             tokens = jnp.where(out["tokens"] >= mask_id, 0, out["tokens"])
             if "source" in batch:
                 shown = (to_unit_range(batch["source"]), to_unit_range(batch["target"]))

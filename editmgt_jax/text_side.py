@@ -1,0 +1,98 @@
+"""The text side of a loaded model: instructions -> ``(states [B, L, D], pooled [B, P])`` numpy.
+
+``ReleaseTextSide`` (CLIP + Gemma-2, the release's) or ``SmallTextSide`` (a small jointly-trained
+encoder with a word-level tokenizer, the shipped model); ``make_text_side`` picks the checkpoint's.
+Instructions the model reads only in part raise an ``InstructionWarning`` once per message.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from editmgt_jax import checkpoints
+from editmgt_jax.edit_inputs import check_instructions
+
+
+class ReleaseTextSide:
+    """CLIP pooled vector + Gemma-2 penultimate hidden states, tokenised from the checkpoint's files.
+
+    The encoding is ``editmgt_jax.models.text.release.ReleaseTextEncoder``, the module the trainer
+    runs frozen inside its step (``editor.text.kind = "release"``).
+    """
+
+    def __init__(self, clip, gemma, tokenizer):
+        from editmgt_jax.models.text.release import ReleaseTextEncoder
+
+        self.tokenizer = tokenizer
+        self._warned: set[str] = set()
+        gd, self._state = nnx.split(ReleaseTextEncoder(clip, gemma))
+        self._fn = jax.jit(lambda st, clip_ids, gemma_ids: nnx.merge(gd, st)(clip_ids, gemma_ids))
+
+    def encode_ids(self, clip_ids, gemma_ids):
+        """Token ids (``PromptTokenizer`` output) -> ``(states [B, L, D], pooled [B, P])`` numpy."""
+        states, pooled = self._fn(self._state, jnp.asarray(clip_ids), jnp.asarray(gemma_ids))
+        return np.asarray(states), np.asarray(pooled)
+
+    def encode(self, prompts: Sequence[str], allow_empty: bool = False):
+        ids = self.tokenizer(list(prompts), allow_empty=allow_empty)
+        for i, cut in enumerate(self.tokenizer.truncated(list(prompts))):
+            if cut:
+                _warn_text(f"instruction {i} is longer than the {' and '.join(cut)} tokenizer takes; "
+                           f"the end is cut off: {prompts[i]!r}", self._warned)
+        return self.encode_ids(ids["clip_ids"], ids["gemma_ids"])
+
+
+class InstructionWarning(UserWarning):
+    """An instruction the model reads only in part (unknown words, cut to the maximum length)."""
+
+
+def _warn_text(message: str, seen: set) -> None:
+    """Warn once per distinct message and text side (each set of unread words is named once)."""
+    if message not in seen:
+        seen.add(message)
+        warnings.warn(message, InstructionWarning, stacklevel=4)
+
+
+class SmallTextSide:
+    """A small jointly-trained text encoder with a word-level tokenizer (the shipped model)."""
+
+    def __init__(self, encoder, tokenizer):
+        self.tokenizer = tokenizer
+        self._warned: set[str] = set()
+        gd, self._state = nnx.split(encoder)
+        self._fn = jax.jit(lambda st, ids: nnx.merge(gd, st)(ids))
+
+    def encode(self, prompts: Sequence[str], allow_empty: bool = False):
+        if not allow_empty:
+            check_instructions(prompts)
+        from editmgt_jax.models.text.word_tokenizer import split_words
+
+        for i, p in enumerate(prompts):
+            words = split_words(p)
+            unknown = sorted({w for w in words if w not in self.tokenizer.ids})
+            if unknown:
+                _warn_text(f"instruction {i}: words outside the model's vocabulary carry no meaning and are "
+                           f"read as unknown: {', '.join(unknown)}", self._warned)
+            if len(words) > self.tokenizer.max_length:
+                _warn_text(f"instruction {i}: {len(words)} words, the model reads the first "
+                           f"{self.tokenizer.max_length}; dropped: {' '.join(words[self.tokenizer.max_length:])}",
+                           self._warned)
+        ids = self.tokenizer(list(prompts))
+        ids = ids["ids"] if isinstance(ids, Mapping) else ids
+        states, pooled = self._fn(self._state, jnp.asarray(ids))
+        return np.asarray(states), np.asarray(pooled)
+
+
+def make_text_side(path: str, doc: Mapping, modules: Mapping):
+    comps = doc.get("components", {})
+    if checkpoints.SMALL_TEXT in comps:
+        return SmallTextSide(modules[checkpoints.SMALL_TEXT], checkpoints.word_tokenizer(path))
+    if "clip" in comps and "gemma" in comps:
+        return ReleaseTextSide(modules["clip"], modules["gemma"], checkpoints.release_tokenizer(path))
+    raise checkpoints.CheckpointError(f"{path}: checkpoint has no text encoder (clip + gemma, or small_text)")
