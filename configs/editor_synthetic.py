@@ -12,21 +12,22 @@
     # 4. editor (the exported model carries the VQ, the small text encoder and its vocabulary)
     python -m train.main --config configs/editor_synthetic.py --workdir workdirs/editor_synthetic
 
-Measured here: 1,500 steps of batch 16 (24k edits, 1.2 epochs) in 55 min of training on two CPU
-cores shared with other work (load average ~15, the run with CPU priority: 1.5-2.2 s a step); the
-held-out edit evaluation (70 fixed test edits, every 300 steps) adds about a minute each time. (The
-shipped run was started with 1,800 steps and resumed at its step-200 checkpoint with 1,500, so its
-first 200 learning rates followed the 1,800-step cosine, at most 0.1% apart from these.)
+Measured here: 4,000 steps of batch 16 (64k edits, 3.2 epochs) of a 5,000-step cosine schedule,
+about 80 min of training on two CPU cores (about 1 step/s, other work running beside it; the run
+was stopped at its step-4,000 checkpoint to leave time for the evaluation, hence num_steps 4,000
+with decay_steps 5,000). The held-out edit evaluation (70 fixed test edits, every 1,000 steps) adds
+about a minute each time.
 
-Choices, within that compute budget (about 1.5 core-hours):
+Choices, within that compute budget:
+- rotary base 16 (``ROPE_THETA`` below): copying the source token at the same cell is most of the
+  task, and the release's base 10000 leaves a 16-cell grid almost without positional resolution;
+- the tokenizer's ids are local (configs/vq_synthetic.py), so untouched cells keep their ids;
 - the loss weights the target positions the edit changes 5x (``editor.changed_weight``): they are a
   few percent of the grid for object edits and carry everything the instruction says;
-- width 64 (about 0.8M parameters): a step of batch 16 at width 96 (2.2M) costs ~1.8x as much,
-  which would have left ~800 optimizer steps in the budget;
-- batch 16 (twice the previous default): better matmul efficiency per example on CPU.
+- width 64 (about 0.9M parameters) and batch 16: a step of batch 16 at width 96 costs ~1.8x as much.
 
 Transformer: 2 dual-stream + 2 single-stream blocks of width 64 (4 heads of 16), no 2x down-sampling
-(the 16x16 id grid is the attention grid, so the edit-region map has 16x16 cells), 1000 + 1 ids
+(the 16x16 id grid is the attention grid, so the edit-region map has 16x16 cells), 1920 + 1 ids
 (the FSQ codes and the mask); text: a 2-layer encoder of width 64 over the synthetic set's word
 vocabulary, trained with the editor.
 """
@@ -61,7 +62,7 @@ def get_config():
     c.optim.decay_steps = 5000
     c.optim.min_lr_ratio = 0.05
     c.train.batch_size = 16
-    c.train.num_steps = 5000
+    c.train.num_steps = 4000
     c.train.log_every = 20
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 20
