@@ -111,13 +111,18 @@ def test_both_tasks_reduce_their_loss(data, tmp_path):
     ed.precision.compute_dtype = "bfloat16"
     ed.editor.vq_checkpoint = res.model_dir
     ed.editor.sampler_defaults = dict(steps=5, consolidation_blocks=(0,), hold_threshold=0.25)
-    ed.train.update(export=True, sample_every=40, num_samples=2, sample_steps=4)
+    ed.train.update(export=True, sample_every=40, num_samples=2, sample_steps=4, edit_eval_every=40,
+                    edit_eval_per_category=1)
     res = train(ed, str(tmp_path / "editor"), compiler_options=FAST, progress=False)
     l = [res.losses[s] for s in sorted(res.losses)]
     # Deterministic given the code; measured 0.74 (last 5 / first 5 steps), the margin absorbs
     # float differences between CPUs.
     assert np.mean(l[-5:]) < 0.85 * np.mean(l[:5]), l
     rows = [json.loads(x) for x in open(tmp_path / "editor" / "metrics.jsonl")]
+    edit_evals = [r for r in rows if "eval_edit_success" in r]       # held-out sampled edits
+    assert [r["step"] for r in edit_evals] == [40]
+    assert 0.0 <= edit_evals[0]["eval_edit_success"] <= 1.0
+    rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 41))
     assert os.listdir(tmp_path / "editor" / "tensorboard")
     from PIL import Image
