@@ -19,7 +19,7 @@ from editmgt_jax.models.embeddings import (NUM_MICRO_CONDS, SINUSOID_DIM, Combin
                                            TimestepEmbedding, joint_rope_tables, micro_condition_embedding)
 from editmgt_jax.models.layers import Conv2d, Linear, RMSNorm, partitioned
 from editmgt_jax.models.transformer_config import (  # noqa: F401  (re-exported)
-    _CONNECTORS, _OFFICIAL_DEFAULTS, RELEASED_CONFIG, TransformerConfig)
+    RELEASED_CONFIG, TransformerConfig)
 from editmgt_jax.parallel import GATHERED_NAME, block_gather
 
 NORM_EPS = 1e-6
