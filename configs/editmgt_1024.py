@@ -3,7 +3,7 @@
   from configs import editmgt_1024
   cfg = editmgt_1024.get_config()
   cfg.model.transformer   # official Transformer2DModel config.json fields
-  cfg.sampler             # SamplerConfig fields of the official demo
+  cfg.sampler             # SamplerSettings fields of the official demo
 """
 
 import ml_collections

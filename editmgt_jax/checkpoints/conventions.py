@@ -30,7 +30,7 @@ RELEASE_NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distort
 # the pipeline's temperature schedule (2, 0)). Region hold is off unless asked for.
 RELEASE_SAMPLER = {"steps": 36, "guidance_scale": 6.0, "reference_strength": 1.1,
                    "temperature_start": 2.0, "temperature_end": 0.0}
-# Sampler settings a conventions record may recommend (``SamplerConfig`` fields).
+# Sampler settings a conventions record may recommend (``SamplerSettings`` fields).
 SAMPLER_KEYS = ("steps", "guidance_scale", "reference_strength", "hold_threshold", "consolidation_blocks",
                 "capture_mode", "greedy", "freeze_held", "temperature_start", "temperature_end", "score_grid")
 SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
@@ -51,7 +51,7 @@ class Conventions:
       negative_prompt: the unconditional prompt for classifier-free guidance.
       resolution: working resolution in pixels.
       masking_schedule: the re-masking schedule (the release's scheduler: ``"cosine"``).
-      sampler: recommended sampler settings (``SamplerConfig`` fields, see :data:`SAMPLER_KEYS`).
+      sampler: recommended sampler settings (``SamplerSettings`` fields, see :data:`SAMPLER_KEYS`).
       source: where the mask id came from (a file, ``"transformer vocab_size - 1"``, ...).
     """
 
@@ -97,7 +97,7 @@ class Conventions:
         return (float(width), float(height), *self.crop_coords, self.aesthetic_score)
 
     def sampler_settings(self) -> dict:
-        """Keyword arguments for ``SamplerConfig``: the recommended settings plus the mask id, the
+        """Keyword arguments for ``SamplerSettings``: the recommended settings plus the mask id, the
         timestep convention and the micro-conditions at the working resolution."""
         return {**self.sampler, "mask_token_id": self.mask_token_id,
                 "timestep_convention": self.timestep_convention,
