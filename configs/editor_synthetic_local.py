@@ -41,13 +41,10 @@ Transformer: 2 dual-stream + 2 single-stream blocks of width 64 (4 heads of 16),
 vocabulary, trained with the editor.
 """
 
-from configs import common
-from configs.vq_synthetic_local import DATASET, VQ_SYNTHETIC_LOCAL as VQ_SYNTHETIC
-from editmgt_jax.data.synthetic_edits import SYNTHETIC_VOCAB
+from configs import editor_synthetic
+from configs.vq_synthetic_local import VQ_SYNTHETIC_LOCAL
 
-CODEBOOK = VQ_SYNTHETIC["num_vq_embeddings"]
-WIDTH = 64
-HEADS = 4
+CODEBOOK = VQ_SYNTHETIC_LOCAL["num_vq_embeddings"]
 # Rotary base for the 16x16 grid. With head width 16 each spatial axis has 3 frequencies; at the
 # release's base 10000 they are 1, 0.046 and 0.002 rad per cell, so a query barely tells cell p from
 # p + 6, and copying the reference token at the same cell (what most of the grid needs) is slow to
@@ -57,55 +54,17 @@ ROPE_THETA = 16.0
 
 
 def get_config():
-    c = common.base()
-    c.task = "editor"
-    c.data.name = DATASET
-    c.data.data_dir = "workdirs/data"
-    c.data.resolution = 64
+    """``configs/editor_synthetic.py`` with the local tokenizer, rotary base 16 and a longer run."""
+    c = editor_synthetic.get_config()
     c.data.tokens_dir = "workdirs/tokens_local/train"
     c.data.eval_tokens_dir = "workdirs/tokens_local/test"
-    c.data.worker_count = 0
-    c.optim.learning_rate = 1.5e-3
-    c.optim.schedule = "cosine"
-    c.optim.warmup_steps = 100
     c.optim.decay_steps = 5000
-    c.optim.min_lr_ratio = 0.05
-    c.train.batch_size = 16
     c.train.num_steps = 4000
-    c.train.log_every = 20
     c.train.checkpoint_every = 250
-    c.train.keep_checkpoints = 20
     c.train.eval_every = 500
-    c.train.eval_batches = 2
-    c.train.edit_eval_every = 1000     # held-out sampled edits: 10 per category
-    c.train.edit_eval_per_category = 10
-    c.train.sample_every = 0
-    c.train.sample_steps = 8
-    c.editor.transformer = dict(
-        num_layers=2, num_single_layers=2, num_attention_heads=HEADS, attention_head_dim=WIDTH // HEADS,
-        joint_attention_dim=WIDTH, pooled_projection_dim=WIDTH, axes_dims_rope=(4, 6, 6),
-        vocab_size=CODEBOOK + 1, codebook_size=CODEBOOK, downsample=False, rope_theta=ROPE_THETA,
-    )
-    c.editor.text = dict(
-        kind="small", vocab_size=len(SYNTHETIC_VOCAB) + 2, max_length=24, width=WIDTH, num_layers=2,
-        num_heads=4,
-    )
-    c.editor.cond_dropout = 0.1
-    # Loss weight of the target positions the edit changes (target id != source id): a few percent
-    # of the grid for object edits, which the copy of the source otherwise drowns.
-    c.editor.changed_weight = 5.0
-    c.editor.timestep_convention = "mask_fraction"
-    c.editor.aesthetic = 6.0
-    c.editor.image_size = 64
+    c.train.edit_eval_every = 1000
+    c.editor.transformer = dict(c.editor.transformer, vocab_size=CODEBOOK + 1, codebook_size=CODEBOOK,
+                                rope_theta=ROPE_THETA)
     c.editor.vq_checkpoint = "workdirs/vq_synthetic_local/model"
-    # Sampler settings the exported model recommends (Editor.edit / infer.edit defaults), chosen on
-    # the held-out split with `python -m infer.evaluate` (README, Evaluation).
-    # Measured on the first 35 held-out items (README, Evaluation): region hold at lambda 0.3 over
-    # these blocks kept nearly every source token (edit success 0 of 35), lambda 0.1 gave 14%, no
-    # hold 18%; guidance 1 / 6 and 24 steps did not beat guidance 3, 12 steps with hold. So: no hold
-    # (the blocks still give the edit-region map), and the changed tokens as the composite region.
-    c.editor.sampler_defaults = dict(steps=12, guidance_scale=3.0, reference_strength=1.0,
-                                     hold_threshold=0.0, consolidation_blocks=(0, 1, 2, 3),
-                                     composite="changed")
-    c.vq.model = dict(VQ_SYNTHETIC)
+    c.vq.model = dict(VQ_SYNTHETIC_LOCAL)
     return c

@@ -22,34 +22,14 @@ in use at step 700); FSQ has no codebook to collapse and no codebook or commitme
 dataset is the 128 px `synthetic_edits` set, resized to 64 px by the pipeline.
 """
 
-from configs import common
+from configs import vq_synthetic
 
-VQ_SYNTHETIC_LOCAL = dict(
-    block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=8, norm_num_groups=8,
-    quantizer="fsq", fsq_levels=(8, 8, 6, 5), num_vq_embeddings=1920, encoder="patch",
-)
-DATASET = "synthetic_edits/default"
+DATASET = vq_synthetic.DATASET
+VQ_SYNTHETIC_LOCAL = dict(vq_synthetic.VQ_SYNTHETIC, fsq_levels=(8, 8, 6, 5), num_vq_embeddings=1920,
+                          encoder="patch")
 
 
 def get_config():
-    c = common.base()
-    c.task = "vq"
-    c.data.name = DATASET
-    c.data.data_dir = "workdirs/data"
-    c.data.resolution = 64
-    c.optim.learning_rate = 2e-3
-    c.optim.schedule = "cosine"
-    c.optim.warmup_steps = 50
-    c.optim.decay_steps = 1600
-    c.optim.min_lr_ratio = 0.05
-    c.train.batch_size = 8             # 16 images a step: source and target of each edit
-    c.train.num_steps = 1600
-    c.train.log_every = 20
-    c.train.checkpoint_every = 250
-    c.train.sample_every = 500
+    c = vq_synthetic.get_config()
     c.vq.model = dict(VQ_SYNTHETIC_LOCAL)
-    c.vq.l1_weight = 1.0
-    c.vq.l2_weight = 1.0               # squared error sharpens colours (PSNR is what we report)
-    c.vq.codebook_weight = 0.0         # FSQ has no codebook and needs no commitment term
-    c.vq.commitment_weight = 0.0
     return c
