@@ -55,6 +55,22 @@ def test_masking_rule():
     assert losses.training_timestep(ratio, fraction, "release")[0] == pytest.approx(1000 * ratio[0])
 
 
+def test_full_mask_fraction():
+    """``full_mask_prob`` masks that fraction of examples entirely and leaves the others' draws as
+    they were."""
+    target = jnp.asarray(np.random.RandomState(1).randint(0, 10, (400, 8, 8)), jnp.int32)
+    keys = losses.example_keys(jax.random.key(0), jnp.arange(400))
+    _, mask0, ratio0, _ = losses.mask_target_tokens(keys, target, 99)
+    masked, mask, ratio, fraction = losses.mask_target_tokens(keys, target, 99, full_mask_prob=0.5)
+    full = np.asarray(mask.reshape(400, -1).all(1))
+    assert 0.4 < full.mean() < 0.6
+    np.testing.assert_array_equal(fraction[full], 1.0)
+    assert (masked[full] == 99).all()
+    # the examples not drawn for a full mask keep the cosine draw of full_mask_prob=0
+    np.testing.assert_array_equal(mask[~full], mask0[~full])
+    np.testing.assert_array_equal(ratio[~full], ratio0[~full])
+
+
 def test_condition_dropout_and_masked_ce():
     drop = jax.jit(lambda ids, states, pooled: losses.condition_dropout(
         losses.example_keys(jax.random.key(3), ids), 0.25, (states, pooled),

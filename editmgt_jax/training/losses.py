@@ -53,12 +53,15 @@ def example_keys(key: jax.Array, example_ids: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids.astype(jnp.uint32))
 
 
-def mask_target_tokens(keys: jax.Array, target_ids: jax.Array, mask_id: int):
+def mask_target_tokens(keys: jax.Array, target_ids: jax.Array, mask_id: int, full_mask_prob: float = 0.0):
     """Mask a cosine-scheduled fraction of each example's target tokens.
 
     keys [B] PRNG keys (``example_keys``); target_ids [B, H, W] int32.
     Per example: ``t ~ U(0, 1)``, ratio ``cos(pi/2 t)``, ``n = clip(round(ratio * H * W), 1, H*W)``
-    positions chosen uniformly without replacement are set to ``mask_id``.
+    positions chosen uniformly without replacement are set to ``mask_id``. With probability
+    ``full_mask_prob`` (its own draw, ``fold_in(key, 2)``, so the other draws stay as they are) an
+    example is masked entirely instead: the sampler's first step, where only the source and the
+    instruction say what the target is.
 
     Returns (masked_ids [B, H, W] int32, mask [B, H, W] bool, ratio [B] f32 (continuous),
     fraction [B] f32 (= n / (H*W), the fraction actually masked)).
@@ -69,6 +72,9 @@ def mask_target_tokens(keys: jax.Array, target_ids: jax.Array, mask_id: int):
     def one(key):
         kt, kp = jax.random.split(key)
         ratio = cosine_mask_ratio(jax.random.uniform(kt, (), jnp.float32))
+        if full_mask_prob > 0:
+            full = jax.random.bernoulli(jax.random.fold_in(key, 2), full_mask_prob)
+            ratio = jnp.where(full, jnp.float32(1.0), ratio)
         n = jnp.clip(jnp.round(ratio * n_tok), 1, n_tok).astype(jnp.int32)
         scores = jax.random.uniform(kp, (n_tok,), jnp.float32)
         rank = jnp.argsort(jnp.argsort(scores))

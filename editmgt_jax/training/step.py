@@ -67,6 +67,7 @@ class EditorLoss:
     aesthetic: float = 6.0
     image_size: int | None = None         # default micro-conditions when the batch has none
     changed_weight: float = 1.0           # loss weight of positions the edit changes (target != source)
+    full_mask_prob: float = 0.0           # fraction of examples with the whole target masked
 
     def tokens(self, batch, frozen):
         if "target_ids" in batch:
@@ -119,7 +120,8 @@ class EditorLoss:
         keys = losses.example_keys(key, ids)
         mask_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
         drop_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-        masked, mask, ratio, fraction = losses.mask_target_tokens(mask_keys, tgt, self.mask_id)
+        masked, mask, ratio, fraction = losses.mask_target_tokens(mask_keys, tgt, self.mask_id,
+                                                                        self.full_mask_prob)
         (states, pooled), uncond = self.text(model, batch, frozen)
         metrics = {}
         if self.cond_dropout > 0:
@@ -203,7 +205,8 @@ def loss_from_config(config) -> EditorLoss | VQLoss:
                           timestep_convention=e.timestep_convention,
                           aesthetic=float(e.get("aesthetic", 6.0)),
                           image_size=int(e.image_size) if e.get("image_size") else None,
-                          changed_weight=float(e.get("changed_weight", 1.0)))
+                          changed_weight=float(e.get("changed_weight", 1.0)),
+                          full_mask_prob=float(e.get("full_mask_prob", 0.0)))
     if config.task == "vq":
         v = config.vq
         return VQLoss(l1_weight=float(v.l1_weight), l2_weight=float(v.l2_weight),
