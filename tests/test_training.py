@@ -71,6 +71,54 @@ def test_full_mask_fraction():
     np.testing.assert_array_equal(ratio[~full], ratio0[~full])
 
 
+def test_code_embedding_init_from_code_patches():
+    """``editor.code_embedding_init``: codes that decode alike start with equal embedding rows and
+    logits columns, distances between rows follow distances between patches, the mask row and every
+    other parameter keep their initialisation, at the default scale."""
+    from editmgt_jax.models.vq import VQConfig
+    from editmgt_jax.training import code_init
+    from editmgt_jax.training.state import vq_model
+
+    k, d = 20, 8
+    r = np.random.default_rng(1)
+    params = {"transformer": {"embed": {"embeddings": {"embedding": 0.02 * r.standard_normal((k + 1, d))},
+                                        "conv": {"kernel": r.standard_normal((1, 1, d, d))}},
+                              "mlm_layer": {"conv2": {"kernel": r.standard_normal((1, 1, d, k))}}},
+              "text_encoder": {"embed": r.standard_normal((5, d))}}
+    params = jax.tree.map(lambda a: a.astype(np.float32), params)
+    tr = params["transformer"]
+    patches = np.random.default_rng(0).random((k, 12)).astype(np.float32)
+    patches[1] = patches[0]
+    out = code_init.init_from_code_patches(params, patches, seed=0)
+    emb, emb0 = out["transformer"]["embed"]["embeddings"]["embedding"], tr["embed"]["embeddings"]["embedding"]
+    ker = out["transformer"]["mlm_layer"]["conv2"]["kernel"][0, 0]
+    np.testing.assert_array_equal(emb[0], emb[1])
+    np.testing.assert_array_equal(ker[:, 0], ker[:, 1])
+    assert not np.allclose(emb[0], emb[2])
+    np.testing.assert_array_equal(emb[k:], emb0[k:])          # the mask row
+    assert abs(emb[:k].std() / emb0[:k].std() - 1) < 1e-3
+    d_patch = np.linalg.norm(patches[:, None] - patches[None], axis=-1).ravel()
+    d_emb = np.linalg.norm(emb[:k, None] - emb[None, :k], axis=-1).ravel()
+    assert np.corrcoef(d_patch, d_emb)[0, 1] > 0.6
+    same = jax.tree.map(np.array_equal, {kk: v for kk, v in out.items() if kk != "transformer"},
+                        {kk: v for kk, v in params.items() if kk != "transformer"})
+    assert all(jax.tree.leaves(same))
+    np.testing.assert_array_equal(out["transformer"]["embed"]["conv"]["kernel"], tr["embed"]["conv"]["kernel"])
+    assert not np.array_equal(emb, emb0) and np.array_equal(tr["embed"]["embeddings"]["embedding"], emb0)
+
+    # code_patches: the centre token of a constant grid of each code, decoded
+    vcfg = VQConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                    num_vq_embeddings=16)
+    from editmgt_jax.training.state import ModelProgram
+
+    prog = ModelProgram.create(lambda rngs: vq_model(vcfg, rngs), make_mesh({"data": 1, "fsdp": 1, "tensor": 1}))
+    vq = prog.merge(*prog.init(0, FAST))
+    got = code_init.code_patches(vq, 16, chunk=5)
+    f = vcfg.downsample_factor
+    assert got.shape == (16, f * f * 3)
+    full = np.asarray(vq.decode_ids(jnp.full((1, 3, 3), 7, jnp.int32)))[0]
+    np.testing.assert_allclose(got[7], full[f:2 * f, f:2 * f].ravel(), atol=1e-5)
+
 def test_condition_dropout_and_masked_ce():
     drop = jax.jit(lambda ids, states, pooled: losses.condition_dropout(
         losses.example_keys(jax.random.key(3), ids), 0.25, (states, pooled),

@@ -178,6 +178,10 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
     else:
         start = 0
         init = load_init_params(config, program) if config.init_from else None
+        if init is None and config.task == "editor":
+            from editmgt_jax.training.code_init import initial_params
+
+            init = initial_params(config, program, frozen_programs.get("vq"), aux["frozen"].get("vq"))
         state, rest = program.init_state(int(config.seed), params=init,
                                          compiler_options=compiler_options)
     aux["rest"] = rest
