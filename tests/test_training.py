@@ -10,6 +10,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import editmgt_jax  # noqa: F401
@@ -118,6 +119,25 @@ def test_code_embedding_init_from_code_patches():
     assert got.shape == (16, f * f * 3)
     full = np.asarray(vq.decode_ids(jnp.full((1, 3, 3), 7, jnp.int32)))[0]
     np.testing.assert_allclose(got[7], full[f:2 * f, f:2 * f].ravel(), atol=1e-5)
+
+def test_balanced_changed_cross_entropy():
+    """Each example weighs the same; within one, the changed positions carry ``changed_share``."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((3, 4, 4, 6)), jnp.float32)
+    src = jnp.zeros((3, 4, 4), jnp.int32)
+    tgt = src.at[0].set(1).at[1, 0, 0].set(2)          # example 0: all changed; 1: one cell; 2: none
+    mask = jnp.ones((3, 4, 4), bool).at[1, 3].set(False)
+    ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, tgt))
+    m = np.asarray(mask)
+    e0 = ce[0].mean()
+    ch1 = np.zeros((4, 4), bool); ch1[0, 0] = True
+    e1 = 0.3 * ce[1][ch1].mean() + 0.7 * ce[1][m[1] & ~ch1].mean()
+    e2 = ce[2].mean()
+    got = losses.balanced_changed_cross_entropy(logits, src, tgt, mask, 0.3)
+    np.testing.assert_allclose(got, (e0 + e1 + e2) / 3, rtol=1e-6)
+    # an example with nothing masked does not count
+    got = losses.balanced_changed_cross_entropy(logits, src, tgt, mask.at[2].set(False), 0.3)
+    np.testing.assert_allclose(got, (e0 + e1) / 2, rtol=1e-6)
 
 def test_condition_dropout_and_masked_ce():
     drop = jax.jit(lambda ids, states, pooled: losses.condition_dropout(

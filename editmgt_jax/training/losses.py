@@ -139,6 +139,33 @@ def changed_token_weights(source_ids: jax.Array, target_ids: jax.Array, changed_
     return jnp.where(changed, jnp.float32(changed_weight), jnp.float32(1.0))
 
 
+def balanced_changed_cross_entropy(logits: jax.Array, source_ids: jax.Array, target_ids: jax.Array,
+                                   mask: jax.Array, changed_share: float) -> jax.Array:
+    """Masked-token cross-entropy where every example counts the same and, within an example, the
+    positions the edit changes carry ``changed_share`` of its loss.
+
+    Per example: ``changed_share * mean(ce over masked changed positions) + (1 - changed_share) *
+    mean(ce over masked unchanged positions)`` (all of it on the one set that is present when the
+    other is empty; examples with nothing masked count 0); the loss is the mean over examples with
+    masked positions. With ``batch``-wide normalisation (``masked_token_cross_entropy``) an edit that
+    changes the whole grid (a new background, a style) outweighs one that changes a shape's few
+    cells many times over, however the changed positions are weighted; here the few cells of a
+    recoloured shape weigh as much as a whole new background.
+    """
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), target_ids)
+    m = mask.astype(jnp.float32)
+    changed = (source_ids != target_ids).astype(jnp.float32) * m
+    same = m - changed
+    axes = tuple(range(1, ce.ndim))
+    n_ch, n_same = jnp.sum(changed, axes), jnp.sum(same, axes)
+    ce_ch = jnp.sum(ce * changed, axes) / jnp.maximum(n_ch, 1.0)
+    ce_same = jnp.sum(ce * same, axes) / jnp.maximum(n_same, 1.0)
+    share = jnp.where(n_same == 0, 1.0, jnp.where(n_ch == 0, 0.0, jnp.float32(changed_share)))
+    per_example = share * ce_ch + (1.0 - share) * ce_same
+    present = (n_ch + n_same > 0).astype(jnp.float32)
+    return jnp.sum(per_example * present) / jnp.maximum(jnp.sum(present), 1.0)
+
+
 def changed_token_hits(logits: jax.Array, source_ids: jax.Array, target_ids: jax.Array,
                        mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(hits, count) f32 scalars over masked positions whose target id differs from the source's:

@@ -68,6 +68,8 @@ class EditorLoss:
     image_size: int | None = None         # default micro-conditions when the batch has none
     changed_weight: float = 1.0           # loss weight of positions the edit changes (target != source)
     full_mask_prob: float = 0.0           # fraction of examples with the whole target masked
+    changed_share: float = 0.0            # > 0: per-example loss, this share on the changed positions
+                                          #   (losses.balanced_changed_cross_entropy; replaces changed_weight)
 
     def tokens(self, batch, frozen):
         if "target_ids" in batch:
@@ -140,6 +142,8 @@ class EditorLoss:
         weights = (losses.changed_token_weights(src, tgt, self.changed_weight)
                    if self.changed_weight != 1.0 else None)
         loss, acc = losses.masked_token_cross_entropy(logits, tgt, mask, weights)
+        if self.changed_share > 0:
+            loss = losses.balanced_changed_cross_entropy(logits, src, tgt, mask, self.changed_share)
         hits, count = losses.changed_token_hits(logits, src, tgt, mask)
         metrics.update(loss=loss, masked_accuracy=acc, mask_fraction=jnp.mean(fraction),
                        changed_accuracy=hits / jnp.maximum(count, 1.0),
@@ -206,7 +210,8 @@ def loss_from_config(config) -> EditorLoss | VQLoss:
                           aesthetic=float(e.get("aesthetic", 6.0)),
                           image_size=int(e.image_size) if e.get("image_size") else None,
                           changed_weight=float(e.get("changed_weight", 1.0)),
-                          full_mask_prob=float(e.get("full_mask_prob", 0.0)))
+                          full_mask_prob=float(e.get("full_mask_prob", 0.0)),
+                          changed_share=float(e.get("changed_share", 0.0)))
     if config.task == "vq":
         v = config.vq
         return VQLoss(l1_weight=float(v.l1_weight), l2_weight=float(v.l2_weight),
