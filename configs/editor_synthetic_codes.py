@@ -12,7 +12,9 @@ def get_config():
     c = editor_synthetic_local.get_config()
     c.editor.code_embedding_init = "vq_patches"
     c.editor.full_mask_prob = 0.5
+    # The cosine schedule is laid out for 4,000 steps; the first stage stops at 1,500 (its learning
+    # rate still at 0.7 of the peak) and the second stage (configs/editor_synthetic_balanced.py) goes on.
     c.optim.decay_steps = 4000
-    c.train.num_steps = 4000
+    c.train.num_steps = 1500
     c.train.edit_eval_every = 1000
     return c
