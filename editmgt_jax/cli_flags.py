@@ -26,10 +26,10 @@ def parse_blocks(text: str) -> tuple[int, ...]:
 # spellings, the first one named in messages).
 SAMPLER_FLAGS = {"steps": ("--steps",), "guidance_scale": ("--guidance", "--guidance-scale"),
                  "reference_strength": ("--strength", "--reference-strength"),
-                 "hold_threshold": ("--hold-threshold",)}
+                 "hold_threshold": ("--hold-threshold",), "keep_source": ("--keep-source",)}
 # Every sampler flag's attribute: the SamplerSettings fields the tools set.
-SAMPLER_FIELDS = ("steps", "guidance_scale", "reference_strength", "hold_threshold", "consolidation_blocks",
-                  "greedy")
+SAMPLER_FIELDS = ("steps", "guidance_scale", "reference_strength", "hold_threshold", "keep_source",
+                  "consolidation_blocks", "greedy")
 
 
 def check_sampler_flags(args) -> None:
@@ -54,6 +54,9 @@ def add_sampler_flags(group: argparse._ActionsContainer) -> None:
     group.add_argument(*SAMPLER_FLAGS["reference_strength"], dest="reference_strength", type=float,
                        help="reference strength: >1 pulls attention to the source (1 = off)")
     group.add_argument("--hold-threshold", type=float, help="region-hold lambda (0 = off)")
+    group.add_argument("--keep-source", type=float, metavar="P",
+                       help="keep a cell's source token when the model gives it at least probability P "
+                            "(0 = off; the default model's own setting otherwise)")
     group.add_argument("--consolidation-blocks", type=parse_blocks, metavar="LIST",
                        help="blocks whose attention forms the edit-region map, e.g. '28-36' or '2,3,4'")
     group.add_argument("--greedy", action="store_true",

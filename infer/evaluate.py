@@ -41,6 +41,8 @@ seed S + j). LIST is comma-separated; each item is GROUP or GROUP=V1/V2/...:
   lambda     0.1/0.2/0.3/0.5   region-hold threshold sweep
   steps      8/16/36       decoding steps sweep
   cfg        1/3/6/9       classifier-free guidance sweep
+  keep       0/0.1/0.3     keep-source probability sweep (a cell keeps its source token when the
+             model gives it at least this probability; 0 = off)
   inpaint    gt            inpainting with the ground-truth mask (an upper bound for region hold)
   composite  changed/map/none  which pixels take the edit (the changed tokens, the edit-region map,
              or the raw model output; Editor.edit's composite)

@@ -31,7 +31,7 @@ RELEASE_NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distort
 RELEASE_SAMPLER = {"steps": 36, "guidance_scale": 6.0, "reference_strength": 1.1,
                    "temperature_start": 2.0, "temperature_end": 0.0}
 # Sampler settings a conventions record may recommend (``SamplerSettings`` fields).
-SAMPLER_KEYS = ("steps", "guidance_scale", "reference_strength", "hold_threshold", "consolidation_blocks",
+SAMPLER_KEYS = ("steps", "guidance_scale", "reference_strength", "hold_threshold", "keep_source", "consolidation_blocks",
                 "capture_mode", "greedy", "freeze_held", "temperature_start", "temperature_end", "score_grid")
 SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
 

@@ -20,6 +20,7 @@ DEFAULT_VALUES = {
     "cfg": ("1", "3", "6", "9"),
     "inpaint": ("gt",),
     "composite": ("changed", "map", "none"),
+    "keep": ("0", "0.1", "0.3"),
 }
 GROUP_ALIASES = {"consolidation": "blocks", "region-hold": "hold", "guidance": "cfg", "lam": "lambda"}
 FALLBACK_LAMBDA = 0.3
@@ -115,6 +116,11 @@ def expand_runs(groups, base_cfg, presets: dict[str, tuple[int, ...]]) -> list[R
                 runs.append(RunSpec(name, group, {"steps": num(group, v, int)}))
             elif group == "cfg":
                 runs.append(RunSpec(name, group, {"guidance_scale": num(group, v, float)}))
+            elif group == "keep":
+                x = num(group, v, float)
+                if not 0 <= x <= 1:
+                    raise UsageError(f"--ablations: keep={v!r}: a probability in [0, 1]")
+                runs.append(RunSpec(name, group, {"keep_source": x}))
             elif group == "composite":
                 if v not in ("changed", "map", "none"):
                     raise UsageError(f"--ablations: composite takes changed/map/none, got {v!r}")

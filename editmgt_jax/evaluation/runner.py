@@ -49,6 +49,7 @@ class EvalOptions:
     guidance_scale: float | None = None
     reference_strength: float | None = None
     hold_threshold: float | None = None
+    keep_source: float | None = None
     consolidation_blocks: tuple[int, ...] | None = None
     greedy: bool = False
     negative_prompt: str | None = None

@@ -31,7 +31,8 @@ CAPTURE_MODES = ("official", "model")
 # Numeric settings: (lowest allowed value, whether the lowest value itself is allowed). Every one
 # must also be finite; guidance_scale <= 1 means no guidance.
 NUMERIC_RANGES = {"steps": (1, True), "guidance_scale": (0.0, True), "reference_strength": (0.0, False),
-                  "hold_threshold": (0.0, True), "temperature_start": (0.0, True), "temperature_end": (0.0, True)}
+                  "hold_threshold": (0.0, True), "keep_source": (0.0, True), "temperature_start": (0.0, True),
+                  "temperature_end": (0.0, True)}
 
 
 def check_setting(name: str, value) -> None:
@@ -43,6 +44,8 @@ def check_setting(name: str, value) -> None:
         number = None
     if number is None or isinstance(value, (bool, str)) or (name == "steps" and not number.is_integer()):
         raise ValueError(f"{name}={value!r}: must be {'an integer' if name == 'steps' else 'a number'}")
+    if name == "keep_source" and np.isfinite(number) and number > 1:
+        raise ValueError(f"{name}={value!r}: a probability, in [0, 1]")
     if not np.isfinite(number) or number < lo or (number == lo and not inclusive):
         raise ValueError(f"{name}={value!r}: must be {'an integer' if name == 'steps' else 'finite and'} "
                          f"{'>=' if inclusive else '>'} {lo:g}")
@@ -139,6 +142,8 @@ class Knobs:
       reference_strength: ``[]`` passed to the model (``log(s)`` attention bias between the source
         and the other tokens; used when ``SamplerConfig.reference_bias``).
       hold_threshold: ``[]`` region-hold lambda on the upsampled edit score; 0 = no hold.
+      keep_source: ``[]`` a still-masked position whose source token the model gives at least this
+        probability takes the source token (``step.keep_mask``); 0 = off.
       temperatures: ``[steps]`` Gumbel-noise temperature of each step
         (``schedule.temperature_schedule``, computed on the host so it is the reference's float32).
     """
@@ -147,13 +152,14 @@ class Knobs:
     reference_strength: jax.Array
     hold_threshold: jax.Array
     temperatures: jax.Array
+    keep_source: jax.Array
 
     @classmethod
     def create(cls, steps: int, *, guidance_scale=6.0, reference_strength=1.1, hold_threshold=0.0,
-               temperature_start=2.0, temperature_end=0.0) -> "Knobs":
+               temperature_start=2.0, temperature_end=0.0, keep_source=0.0) -> "Knobs":
         f32 = np.float32
         return cls(guidance_scale=f32(guidance_scale), reference_strength=f32(reference_strength),
-                   hold_threshold=f32(hold_threshold),
+                   hold_threshold=f32(hold_threshold), keep_source=f32(keep_source),
                    temperatures=schedule.temperature_schedule(int(steps), temperature_start, temperature_end))
 
 
@@ -171,6 +177,7 @@ class SamplerSettings:
     guidance_scale: float = 6.0
     reference_strength: float = 1.1
     hold_threshold: float = 0.0
+    keep_source: float = 0.0
     consolidation_blocks: tuple[int, ...] = ()
     capture_mode: str = "official"
     greedy: bool = False
@@ -232,6 +239,7 @@ class SamplerSettings:
         """The traced half."""
         return Knobs.create(self.steps, guidance_scale=self.guidance_scale,
                             reference_strength=self.reference_strength, hold_threshold=self.hold_threshold,
+                            keep_source=self.keep_source,
                             temperature_start=self.temperature_start, temperature_end=self.temperature_end)
 
     def split(self, *, record: bool = False, record_logits: bool = False) -> tuple[SamplerConfig, Knobs]:

@@ -100,7 +100,8 @@ def step(state: SamplerState, i, *, model: GuidedModel, knobs: Knobs, ref_ids: j
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(state.keys)
     tokens, info = step_update(state.tokens, ref_ids, logits, hold, i, steps=cfg.steps,
                                mask_id=cfg.model.mask_token_id, temperature=knobs.temperatures[i],
-                               freeze_held=cfg.freeze_held, start_ratio=start_ratio, keys=step_keys)
+                               freeze_held=cfg.freeze_held, start_ratio=start_ratio, keys=step_keys,
+                               keep_source=knobs.keep_source)
     heat = state.heat if cons is None else state.heat + cons["smoothed"]
     new = state.replace(tokens=tokens, heat=heat)
     if not cfg.record:

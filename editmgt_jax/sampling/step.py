@@ -72,6 +72,20 @@ def hold_mask(unknown: jax.Array, score: jax.Array, threshold) -> jax.Array:
     return unknown & (score < threshold) & (threshold > 0)
 
 
+def keep_mask(unknown: jax.Array, source_probs: jax.Array, keep) -> jax.Array:
+    """Positions the model itself would leave as they are: still masked, and the source token has at
+    least probability ``keep`` (none when ``keep <= 0``). Held like region-hold positions: their
+    proposal is the source token. Where the model is unsure between keeping a cell and changing
+    it, the cell stays the source's; what changes is what the model is sure about.
+
+    Args:
+      unknown: ``[B, N] bool``; source_probs: ``[B, N] float32``, the probability of each position's
+        source token; keep: a python float or traced float32 scalar in [0, 1].
+    """
+    keep = jnp.asarray(keep, jnp.float32)
+    return unknown & (source_probs >= keep) & (keep > 0)
+
+
 # ----------------------------------------------------------------------------- re-mask
 def gumbel_noise(keys: jax.Array, n: int) -> jax.Array:
     """``[B, n] float32`` Gumbel noise ``-log(-log(u))``, with the reference's 1e-20 clamps."""
@@ -109,7 +123,7 @@ def remask_lowest(x0: jax.Array, selected_probs: jax.Array, mask_len: jax.Array,
 # ----------------------------------------------------------------------------- the whole step
 def step_update(tokens: jax.Array, ref_ids: jax.Array | None, logits: jax.Array, hold: jax.Array | None,
                 step, *, steps: int, mask_id: int, temperature=0.0, freeze_held: bool = False,
-                start_ratio: jax.Array | None = None, keys: jax.Array | None = None):
+                start_ratio: jax.Array | None = None, keys: jax.Array | None = None, keep_source=0.0):
     """One decoding step after the model call: propose, hold (``hold``, from :func:`hold_mask`), re-mask.
 
     Args:
@@ -125,6 +139,7 @@ def step_update(tokens: jax.Array, ref_ids: jax.Array | None, logits: jax.Array,
       freeze_held: held positions become final at once (``SamplerConfig.freeze_held``).
       start_ratio: ``[B] float32`` masked fraction at the start (default 1: a full edit).
       keys: ``[B]`` PRNG keys for this step; ``None`` gives the noise-free (greedy) step.
+      keep_source: :func:`keep_mask`'s probability (needs ``ref_ids``; 0 = off), added to ``hold``.
 
     Returns:
       ``(tokens [B, H, W] int32, info)`` with ``info`` holding ``pred_x0 [B, H, W]``,
@@ -144,6 +159,11 @@ def step_update(tokens: jax.Array, ref_ids: jax.Array | None, logits: jax.Array,
     unknown = (tokens == mask_id).reshape(bsz, n)
     x0, probs = propose_x0(tokens, logits, mask_id, draw_keys)
     x0 = x0.reshape(bsz, n)
+    if ref_ids is not None and not (isinstance(keep_source, (int, float)) and keep_source <= 0):
+        src = ref_ids.reshape(bsz, n).astype(jnp.int32)
+        p_src = jnp.take_along_axis(probs.reshape(bsz, n, -1), src[..., None], axis=-1)[..., 0]
+        keep = keep_mask(unknown, p_src, keep_source)
+        hold = keep if hold is None else hold | keep
     if hold is not None:
         x0 = jnp.where(hold, ref_ids.reshape(bsz, n).astype(jnp.int32), x0)
     else:
