@@ -1,4 +1,4 @@
-"""The default model's editor: 64 px synthetic edits on a 16x16 token grid, trained on two CPU cores.
+"""The previous default model's editor (the shipped default is configs/editor_synthetic_balanced.py): 64 px synthetic edits on a 16x16 token grid, trained on two CPU cores.
 
     # 1. data (20k train / 1k test at 128 px; the pipeline resizes to 64 px)
     python -m train.build_dataset synthetic_edits --data-dir workdirs/data

@@ -581,3 +581,28 @@ def test_hold_threshold_zero_holds_nothing():
                               mask_token_id=K), inputs, record=True)
     assert not off["hold"].any()
     np.testing.assert_array_equal(off["tokens"], run(GREEDY_NO_HOLD, inputs)["tokens"])
+
+
+def test_keep_source_holds_the_cells_the_model_would_keep():
+    """``keep_source``: a still-masked cell whose source token has at least that probability takes
+    the source token; the others get the usual proposal; 0 keeps nothing (bit-identical to off)."""
+    rng = np.random.default_rng(0)
+    k, h, w = 6, 3, 4
+    logits = jnp.asarray(rng.standard_normal((1, h, w, k)) * 2, jnp.float32)
+    src = jnp.asarray(rng.integers(0, k, (1, h, w)), jnp.int32)
+    tokens = jnp.full((1, h, w), k, jnp.int32).at[0, 0, 0].set(int(src[0, 0, 0]))   # one cell known
+    probs = np.asarray(jax.nn.softmax(logits, -1))
+    p_src = np.take_along_axis(probs, np.asarray(src)[..., None], -1)[..., 0]
+    keep = 0.2
+    out, info = step_update(tokens, src, logits, None, 0, steps=1, mask_id=k, keep_source=keep)
+    expect = np.where(p_src >= keep, np.asarray(src), probs.argmax(-1))
+    expect[0, 0, 0] = int(src[0, 0, 0])
+    np.testing.assert_array_equal(out, expect)
+    held = np.asarray(info["hold"]).reshape(1, h, w)
+    np.testing.assert_array_equal(held, (p_src >= keep) & (np.asarray(tokens) == k))
+    assert 0 < held.sum() < h * w - 1          # the case tests both kinds of cells
+    off, _ = step_update(tokens, src, logits, None, 0, steps=1, mask_id=k)
+    zero, _ = step_update(tokens, src, logits, None, 0, steps=1, mask_id=k, keep_source=jnp.float32(0.0))
+    np.testing.assert_array_equal(off, zero)
+    with pytest.raises(ValueError, match="keep_source"):
+        SamplerSettings(steps=2, keep_source=1.5, mask_token_id=k)
