@@ -461,7 +461,7 @@ def test_options_match_the_command_line():
     p = argparse.ArgumentParser()
     add_sampler_flags(p)
     args = p.parse_args(["--steps", "3", "--consolidation-blocks", "2-4,7", "--greedy"])
-    assert sampler_overrides(args) == dict(steps=3, guidance_scale=None, reference_strength=None, hold_threshold=None,
+    assert sampler_overrides(args) == dict(steps=3, guidance_scale=None, reference_strength=None, hold_threshold=None, keep_source=None,
                                            consolidation_blocks=(2, 3, 4, 7), greedy=True)
     opts = runner.EvalOptions(data="d", out="o", steps=3)
     assert sampler_overrides(opts)["steps"] == 3 and sampler_overrides(opts)["greedy"] is None
@@ -480,7 +480,7 @@ def test_cli_errors_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "infer.evaluate", "--data", f"folder:{tmp_path}", "--out",
                            str(tmp_path / "o"), "--ablations", "nope"], cwd=repo, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
-        "error: --ablations: unknown group 'nope' in 'nope'; groups: hold, blocks, lambda, steps, cfg, inpaint, composite, "
+        "error: --ablations: unknown group 'nope' in 'nope'; groups: hold, blocks, lambda, steps, cfg, inpaint, composite, keep, "
         "all, none")
 
 

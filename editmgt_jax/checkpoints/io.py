@@ -205,9 +205,10 @@ def load_component(path: str | os.PathLike, name: str, abstract: Mapping | None 
         return ckptr.restore(item, target)
     except CheckpointError:
         raise
-    except (ValueError, OSError, RuntimeError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001  (TensorStore read failures reach here as plain Exception)
         quiet_orphaned_reads()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        root = e.__cause__ if isinstance(e.__cause__, Exception) else e   # e.g. OUT_OF_RANGE: byte range
+        first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
         raise CheckpointError(f"{item}: parameters cannot be read, a file is damaged, truncated or missing "
                               f"({first[:200]})") from None
 
