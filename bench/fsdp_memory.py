@@ -7,7 +7,11 @@ Compiles the real train step (``editmgt_jax.training.step``) of the medium confi
 ``--devices`` host CPU devices, all on the ``fsdp`` axis, once per ``gather_fsdp`` mode, and prints
 the per-device figures of ``compiled.memory_analysis()``: arguments (the sharded train state and
 batch), outputs, temporaries (everything live inside the step: gathered parameters, activations,
-gradients) and their sum. Nothing is run, so the numbers are the compiler's, independent of load.
+gradients) and their sum, next to the model's parameter bytes, their share per device and the
+largest block's (what one gathered block costs). ``step`` gathers every parameter at the start of
+the step; ``block`` gathers each transformer block right before it runs and again in the backward
+pass, which recomputes the block. Nothing is run, so the numbers are the compiler's, independent of
+load.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ def measure(mode, batch: int) -> dict:
     from bench.train import _batch, _config
     from editmgt_jax.parallel import make_mesh
     from editmgt_jax.training.state import TrainProgram
-    from editmgt_jax.training.step import global_batch, loss_from_config, make_steps
+    from editmgt_jax.training.step import BLOCK_LISTS, global_batch, loss_from_config, make_steps
 
     config, shape = _config("medium")
     mesh = make_mesh({"fsdp": len(jax.devices())})
@@ -39,9 +43,15 @@ def measure(mode, batch: int) -> dict:
     data = global_batch(host, mesh)
     compiled = steps.train.lower(state, data, aux).compile()
     m = compiled.memory_analysis()
-    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(program.model.abstract_params))
+    def nbytes(tree):
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    abstract = program.model.abstract_params
+    params = nbytes(abstract)
+    blocks = [b for name in BLOCK_LISTS for b in abstract["transformer"][name].values()]
     mib = 1 / 2 ** 20
     return dict(mode=str(mode), devices=len(jax.devices()), batch=batch, params_mib=params * mib,
+                shard_mib=params / len(jax.devices()) * mib, block_mib=max(map(nbytes, blocks)) * mib,
                 argument_mib=m.argument_size_in_bytes * mib, output_mib=m.output_size_in_bytes * mib,
                 alias_mib=m.alias_size_in_bytes * mib, temp_mib=m.temp_size_in_bytes * mib,
                 total_mib=(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
@@ -62,10 +72,12 @@ def main(argv=None) -> int:
     for mode in args.modes.split(","):
         rows.append(measure(mode, args.batch))
         print(json.dumps(rows[-1]), flush=True)
-    head = ("| gather_fsdp | devices | batch | model params (MiB) | arguments | outputs | aliased | "
-            "temporaries | total per device (MiB) |\n|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| gather_fsdp | devices | batch | model params (MiB) | params / devices | largest block "
+            "| arguments | outputs | aliased | temporaries | total per device (MiB) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     table = head + "\n".join(
-        f"| {r['mode']} | {r['devices']} | {r['batch']} | {r['params_mib']:.0f} | {r['argument_mib']:.0f} "
+        f"| {r['mode']} | {r['devices']} | {r['batch']} | {r['params_mib']:.0f} | {r['shard_mib']:.0f} "
+        f"| {r['block_mib']:.0f} | {r['argument_mib']:.0f} "
         f"| {r['output_mib']:.0f} | {r['alias_mib']:.0f} | {r['temp_mib']:.0f} | {r['total_mib']:.0f} |"
         for r in rows) + "\n"
     print(table)
@@ -73,8 +85,10 @@ def main(argv=None) -> int:
         from bench.results import append_to_section
         import jax
         command = "python -m bench.fsdp_memory " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
         text = (f"\n`{command}` ({datetime.date.today().isoformat()}; jax {jax.__version__}, "
-                f"{args.devices} host CPU devices on the fsdp axis; compiler figures, no run)\n\n" + table)
+                f"{args.devices} host CPU devices on the fsdp axis; compiler figures, no run, so "
+                f"independent of the load average, {load})\n\n" + table)
         append_to_section("## FSDP memory", text, intro=__doc__.split("\n\n", 2)[2])
     return 0
 

@@ -12,9 +12,9 @@ import contextvars
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -155,17 +155,15 @@ def replicated_fraction(state, shardings) -> float:
 
 
 # ----------------------------------------------------------------------------- per-block gathering
-# Name of the gathered copies of block parameters in checkpoint policies: a block's backward pass
-# gathers its parameters again instead of keeping the gathered copy from the forward pass.
-GATHERED_NAME = "fsdp_gathered"
 _BLOCK_GATHER: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("block_gather", default=None)
 
 
 @contextlib.contextmanager
 def gather_per_block(gather: Callable[[nnx.Module], nnx.Module]) -> Iterator[None]:
-    """While tracing a model under this context, each transformer block passes through
-    ``gather(block) -> block`` (its parameters all-gathered over the ``fsdp`` axis) right before it
-    runs, so only one block's gathered parameters are live at a time (FSDP / ZeRO-3 per layer)."""
+    """While tracing a model under this context, each transformer block runs through
+    :func:`gathered_block_call` with ``gather(block) -> block`` (its parameters all-gathered over the
+    ``fsdp`` axis), so only one block's gathered parameters are live at a time (FSDP / ZeRO-3 per
+    layer), in the forward and in the backward pass."""
     token = _BLOCK_GATHER.set(gather)
     try:
         yield
@@ -191,17 +189,79 @@ def without_axes(sharding: NamedSharding, axes: tuple[str, ...]) -> NamedShardin
 def module_gatherer(mesh: Mesh, rules=DEFAULT_RULES, axes: tuple[str, ...] = ("fsdp",)
                     ) -> Callable[[nnx.Module], nnx.Module]:
     """``gather(module)``: the module with every parameter constrained to its rule sharding without
-    the mesh ``axes`` (gathered over them), each gathered value named :data:`GATHERED_NAME`."""
+    the mesh ``axes`` (gathered over them)."""
 
     def gather(module: nnx.Module) -> nnx.Module:
         graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 
         def one(var, sharding):
-            value = jax.lax.with_sharding_constraint(var.get_value(), without_axes(sharding, axes))
-            return var.replace(checkpoint_name(value, GATHERED_NAME))
+            # Pinned to the stored layout first, so whatever produced the value (the data dependency
+            # of gathered_block_call) runs on the shard, not after the gather.
+            value = jax.lax.with_sharding_constraint(var.get_value(), sharding)
+            return var.replace(jax.lax.with_sharding_constraint(value, without_axes(sharding, axes)))
 
         is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
         params = jax.tree.map(one, params, state_shardings(params, mesh, rules), is_leaf=is_var)
         return nnx.merge(graphdef, params, rest)
 
     return gather
+
+
+def after(tree, *deps):
+    """``tree`` made data-dependent on ``deps``: each floating leaf plus zero times one element of
+    the first floating leaf of ``deps``, so no computation on ``tree`` can be scheduled before
+    ``deps`` exist. (``jax.lax.optimization_barrier`` states the same intent, but the XLA CPU
+    compiler expands barriers before scheduling; a float ``0 * x`` is not folded, as it is NaN for
+    an infinite ``x``.) Values are unchanged while that element is finite."""
+    dep = next((x for x in jax.tree.leaves(deps) if jnp.issubdtype(x.dtype, jnp.inexact)), None)
+    if dep is None:
+        return tree
+    zero = jnp.float32(0.0) * jax.lax.index_in_dim(dep.reshape(-1), 0, keepdims=False).astype(jnp.float32)
+
+    def one(x):
+        return x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x
+
+    return jax.tree.map(one, tree)
+
+
+def gathered_block_call(call: Callable, gather: Callable[[nnx.Module], nnx.Module]) -> Callable:
+    """``call(block, *args)`` run on ``gather(block)``, holding one gathered block at a time.
+
+    Forward: the block's sharded parameters are gathered once its inputs exist, the block runs, and
+    only the sharded parameters and the inputs are kept for the backward pass. Backward: once the
+    cotangent of the block's outputs exists, the parameters are gathered again, the block's forward
+    is recomputed and differentiated; the parameter gradients leave in the stored (sharded) layout
+    through the transpose of the gather (a reduce-scatter).
+
+    The ordering is the point. A gather depends only on the sharded parameters, so the compiler is
+    free to hoist it, and does: with the gathers left free, XLA (jax 0.10.2, CPU) issued every
+    block's backward re-gather during the forward pass, the whole model resident again. Each gather
+    is therefore made data-dependent (:func:`after`) on the block's inputs (forward) and on the
+    cotangent of its outputs (backward). A ``jax.checkpoint`` of the block cannot express the
+    backward dependency, and its policies keep the gathered copies unless they refuse them
+    (``jax.checkpoint_policies.save_anything_except_these_names`` in jax 0.10.2 refuses nothing: it
+    saves every value, names included).
+    """
+
+    def run(block: nnx.Module, *args):
+        graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+
+        def apply(p, a, dep):
+            return call(gather(nnx.merge(graphdef, after(p, dep), rest)), *a)
+
+        @jax.custom_vjp
+        def f(p, a):
+            return apply(p, a, a)
+
+        def fwd(p, a):
+            return apply(p, a, a), (p, a)
+
+        def bwd(res, ct):
+            p, a = res
+            _, vjp = jax.vjp(lambda p, a: apply(p, a, ct), p, a)
+            return vjp(ct)
+
+        f.defvjp(fwd, bwd)
+        return f(params, args)
+
+    return run

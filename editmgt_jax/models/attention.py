@@ -4,8 +4,9 @@ One function, :func:`attention`, with interchangeable implementations:
 
 ``"xla"``
     Blocked attention in plain XLA, the reference and the CPU default. A ``lax.map`` over the
-    ``B * H`` heads, and inside each head a scan over query blocks against all keys, so one
-    ``[block_q, S]`` block of logits exists at a time (never ``[B, H, S, S]``). The softmax scale is
+    ``H`` heads (the ``B`` examples batched inside a step, so a mesh that shards examples keeps them
+    sharded), and inside each head a scan over query blocks against all keys, so one
+    ``[B, block_q, S]`` block of logits exists at a time (never ``[B, H, S, S]``). The softmax scale is
     folded into the query block, the reference-strength bias is made inside the block from the
     segment boundaries (two iotas and a compare), softmax statistics are float32 and the
     normalisation happens after the ``P @ V`` product. The captured text-to-image attention comes out
@@ -133,12 +134,14 @@ def _naive(q, k, v, seg, log_strength, capture_mode):
 
 
 # ----------------------------------------------------------------------------- xla (blocked)
-def _plan(seg: Segments, block_q: int | None, capture: bool) -> tuple[int, tuple[tuple[int, int], ...]]:
+def _plan(seg: Segments, block_q: int | None, capture: bool, batch: int = 1
+          ) -> tuple[int, tuple[tuple[int, int], ...]]:
     """``(block_q, spans)``: query rows per block and the row spans ``[a, b)`` blocked separately.
     A block never straddles the start of the reference segment, so the bias of a block is one row
-    vector over the keys."""
+    vector over the keys. The default block holds :data:`BLOCK_ELEMENTS` logits over the ``batch``
+    examples a loop step computes together."""
     s = seg.total
-    bq = block_q or max(1, BLOCK_ELEMENTS // s)
+    bq = block_q or max(1, BLOCK_ELEMENTS // (s * batch))
     if capture:
         bq = max(bq, seg.text)          # the text rows live in the first block
     spans = ((0, seg.reference_start), (seg.reference_start, s)) if seg.reference else ((0, s),)
@@ -254,19 +257,23 @@ def _xla_core(q, k, v, ls, seg, plan, capture_mode):
     return out, cap
 
 
-def _flat(x):
-    b, h, s, d = x.shape
-    return x.reshape(b * h, s, d)
+def _heads_first(x):
+    """``[B, H, ...] <-> [H, B, ...]``. The loop runs over the heads and batches the examples inside
+    each step: a mesh that shards the examples keeps them sharded through the loop. (A loop over the
+    flattened ``B * H`` axis cannot be partitioned over examples: every device gathered the whole
+    batch's ``q, k, v`` and computed every example's attention.)"""
+    return jnp.swapaxes(x, 0, 1)
 
 
 def _xla_core_fwd(q, k, v, ls, seg, plan, capture_mode):
-    b, h, s, d = q.shape
+    d = q.shape[-1]
     scale = 1.0 / math.sqrt(d)
-    fn = partial(_xla_head_fwd, seg=seg, plan=plan, capture_mode=capture_mode, scale=scale)
+    fn = jax.vmap(partial(_xla_head_fwd, seg=seg, plan=plan, capture_mode=capture_mode, scale=scale),
+                  in_axes=(0, 0, 0, None))
     ls_ = None if ls is None else jnp.asarray(ls, jnp.float32)
-    out, lse, cap = jax.lax.map(lambda a: fn(*a, ls_), (_flat(q), _flat(k), _flat(v)))
-    out = out.reshape(b, h, s, d)
-    cap = jax.lax.stop_gradient(cap.reshape(b, h, cap.shape[-1]))
+    out, lse, cap = jax.lax.map(lambda a: fn(*a, ls_), (_heads_first(q), _heads_first(k), _heads_first(v)))
+    out = _heads_first(out)
+    cap = jax.lax.stop_gradient(_heads_first(cap))
     return (out, lse, cap), (q, k, v, ls, out, lse)
 
 
@@ -279,24 +286,23 @@ def _xla_bwd(seg, plan, capture_mode, res, cts):
     # The captured attention is an observation (stop-gradient): its cotangent is dropped.
     q, k, v, ls, out, lse = res
     do = cts[0]
-    b, h, s, d = q.shape
-    scale = 1.0 / math.sqrt(d)
-    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).reshape(b * h, s)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    delta = _heads_first(jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1))
     ls_ = None if ls is None else jnp.asarray(ls, jnp.float32)
-    fn = partial(_xla_head_bwd, seg=seg, plan=plan, scale=scale)
+    fn = jax.vmap(partial(_xla_head_bwd, seg=seg, plan=plan, scale=scale), in_axes=(0, 0, 0, None, 0, 0, 0))
     dq, dk, dv, dls = jax.lax.map(lambda a: fn(a[0], a[1], a[2], ls_, a[3], a[4], a[5]),
-                                  (_flat(q), _flat(k), _flat(v), lse, delta, _flat(do.astype(q.dtype))))
-    shape = (b, h, s, d)
+                                  (_heads_first(q), _heads_first(k), _heads_first(v), lse, delta,
+                                   _heads_first(do.astype(q.dtype))))
     dls_out = None if ls is None else jnp.sum(dls).astype(jnp.asarray(ls).dtype).reshape(jnp.shape(ls))
-    return (dq.reshape(shape).astype(q.dtype), dk.reshape(shape).astype(k.dtype),
-            dv.reshape(shape).astype(v.dtype), dls_out)
+    return (_heads_first(dq).astype(q.dtype), _heads_first(dk).astype(k.dtype),
+            _heads_first(dv).astype(v.dtype), dls_out)
 
 
 _xla_core.defvjp(_xla_fwd, _xla_bwd)
 
 
 def _xla(q, k, v, seg, log_strength, capture_mode, block_q=None):
-    plan = _plan(seg, block_q, capture_mode is not None)
+    plan = _plan(seg, block_q, capture_mode is not None, q.shape[0])
     ls = None if log_strength is None else jnp.asarray(log_strength, jnp.float32)
     out, cap = _xla_core(q, k, v, ls, seg, plan, capture_mode)
     score = None if capture_mode is None else jnp.mean(cap, axis=1) / seg.text

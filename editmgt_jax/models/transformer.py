@@ -20,7 +20,7 @@ from editmgt_jax.models.embeddings import (NUM_MICRO_CONDS, SINUSOID_DIM, Combin
 from editmgt_jax.models.layers import Conv2d, Linear, RMSNorm, partitioned
 from editmgt_jax.models.transformer_config import (  # noqa: F401  (re-exported)
     RELEASED_CONFIG, TransformerConfig)
-from editmgt_jax.parallel import GATHERED_NAME, block_gather
+from editmgt_jax.parallel import block_gather, gathered_block_call
 
 NORM_EPS = 1e-6
 
@@ -293,20 +293,14 @@ class EditTransformer(nnx.Module):
         def mode(i):
             return capture_mode if i in capture_blocks else None
 
-        # Under parallel.gather_per_block (FSDP), each block gathers its own parameters inside its
-        # checkpointed call; without remat every activation is still saved except those gathered
-        # copies, so the backward pass gathers the block again instead of keeping all blocks gathered.
+        # Under parallel.gather_per_block (FSDP), each block gathers its own parameters right before
+        # it runs and again in the backward pass, recomputing its forward there (remat implied).
         gather = block_gather()
 
         def wrap(call):
-            def gathered(block, *args):
-                return call(gather(block), *args)
-            if gather is None:
-                return nnx.remat(call) if self.remat else call
-            if self.remat:
-                return nnx.remat(gathered)
-            return nnx.remat(gathered, policy=jax.checkpoint_policies.save_anything_except_these_names(
-                GATHERED_NAME))
+            if gather is not None:
+                return gathered_block_call(call, gather)
+            return nnx.remat(call) if self.remat else call
 
         def dual_call(m):
             def call(block, txt, img, temb, ref_temb, log_strength):

@@ -299,8 +299,9 @@ def make_steps(program: TrainProgram, loss_fn: LossFn, frozen_programs: Mapping[
     ``gather_fsdp``: all-gather the parameters over the ``fsdp`` mesh axis for compute (ZeRO-3 /
     FSDP: weights gathered for compute, gradients reduce-scattered back to the stored sharding).
     ``True`` or ``"block"``: each transformer block gathers its own parameters right before it runs
-    and again in the backward pass, so a device holds its 1/N shard of the model plus one gathered
-    block (the other parameters are gathered at the start); ``"step"``: every parameter is gathered
+    and again in the backward pass, where it recomputes its forward (block remat implied;
+    :func:`editmgt_jax.parallel.gathered_block_call`), so a device holds its 1/N shard of the model
+    plus one gathered block (the other parameters are gathered at the start); ``"step"``: every parameter is gathered
     at the start of the forward (the whole model resident); ``False``: left to the partitioner. Stated explicitly because, left to choose, the XLA SPMD partitioner (jax
     0.10.2) can produce wrong gradients for a chain of matmuls whose weights are sharded over both
     ``fsdp`` and ``tensor`` followed by a norm (openxla/xla#40034 describes the same class of bug);
