@@ -296,4 +296,8 @@ def test_gradient_accumulation():
             if i < accum - 1:
                 jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), p0)
         out[accum] = jax.device_get(state.params)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), out[1], out[2])
+    # Remat recomputes each block's forward in the backward (a different fusion, gradients equal to
+    # ~1e-7); AdamW's first step divides by |g|, which turns that into up to ~2e-5 on parameters whose
+    # gradient is near zero. A missing or doubled update moves parameters by up to the learning rate
+    # (1e-3); an update after the first micro-step is checked exactly above.
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=5e-5), out[1], out[2])
