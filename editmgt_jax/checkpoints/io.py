@@ -228,8 +228,10 @@ def _metadata_quietly(ckptr, item):
 
 def quiet_orphaned_reads() -> None:
     """After a failed restore, reads still in flight complete on an event loop that Orbax has
-    closed and each would print an 'Event loop is closed' traceback; those carry no information
-    beyond the error already raised, so they are dropped (every other unraisable error still prints)."""
+    closed and each would print an 'Event loop is closed' traceback, and the other reads of the
+    damaged file fail the same way in coroutines nobody awaits any more ('Encountered error while
+    reading array index'); those carry no information beyond the error already raised, so they are
+    dropped (every other unraisable error still prints)."""
     import sys
 
     previous = sys.unraisablehook
@@ -239,6 +241,8 @@ def quiet_orphaned_reads() -> None:
     def hook(unraisable):
         exc = unraisable.exc_value
         if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        if str(exc).startswith("Encountered error while reading array index"):
             return
         previous(unraisable)
 
