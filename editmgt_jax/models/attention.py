@@ -139,54 +139,62 @@ def _plan(seg: Segments, block_q: int | None, capture: bool, batch: int = 1
     """``(block_q, spans)``: query rows per block and the row spans ``[a, b)`` blocked separately.
     A block never straddles the start of the reference segment, so the bias of a block is one row
     vector over the keys. The default block holds :data:`BLOCK_ELEMENTS` logits over the ``batch``
-    examples a loop step computes together."""
+    examples a loop step computes together. With a capture the first block of the first span holds
+    at least the text rows."""
     s = seg.total
     bq = block_q or max(1, BLOCK_ELEMENTS // (s * batch))
-    if capture:
-        bq = max(bq, seg.text)          # the text rows live in the first block
     spans = ((0, seg.reference_start), (seg.reference_start, s)) if seg.reference else ((0, s),)
     return min(bq, s), tuple((a, b) for a, b in spans if b > a)
 
 
+def _row_blocks(seg: Segments, plan, capture: bool):
+    """The query blocks of a plan as ``(start, rows, count, ref_rows, first)``: ``count`` blocks of
+    ``rows`` rows from ``start``, each all reference or all non-reference rows (``ref_rows``);
+    ``first`` marks the capture block (the text rows and more). A span that is not a multiple of the
+    block ends with one shorter block, so no row is padded."""
+    bq, spans = plan
+    out = []
+    for a, b in spans:
+        ref_rows = a >= seg.reference_start
+        if capture and a == 0:
+            c = min(max(bq, seg.text), b)
+            out.append((0, c, 1, ref_rows, True))
+            a = c
+        n = (b - a) // bq
+        if n:
+            out.append((a, bq, n, ref_rows, False))
+        if a + n * bq < b:
+            out.append((a + n * bq, b - a - n * bq, 1, ref_rows, False))
+    return tuple(out)
+
+
 def _block_logits(qb, k, ref_rows: bool, seg: Segments, ls, scale: float):
-    """Float32 logits ``[bq, S]`` of a block of query rows with the bias added, and the bias pattern
-    ``[S] bool`` of those rows (``None`` without bias).
+    """Float32 logits ``[B, bq, S]`` of a block of query rows ``qb [B, bq, D]`` against ``k [B, S,
+    D]`` with the bias added, and the bias pattern ``[S] bool`` of those rows (``None`` without
+    bias).
 
     The rows of a block are all reference or all non-reference (``ref_rows``, :func:`_plan`), so
     the bias is ``log s`` on the keys of the other kind: a row vector broadcast inside the fused add
     (a ``[bq, S]`` bias array would be loop-invariant, and XLA would hoist it out of the loops,
     building the full ``[S, S]`` operand again).
     """
-    s = jnp.dot((qb * scale).astype(qb.dtype), k.T, preferred_element_type=jnp.float32)
+    s = jnp.einsum("bqd,bkd->bqk", (qb * scale).astype(qb.dtype), k, preferred_element_type=jnp.float32)
     if ls is None:
         return s, None
-    k_ref = jnp.arange(k.shape[0]) >= seg.reference_start
+    k_ref = jnp.arange(k.shape[1]) >= seg.reference_start
     cross = ~k_ref if ref_rows else k_ref
-    return s + jnp.where(cross, ls, jnp.float32(0.0))[None, :], cross
-
-
-def _blocked(fn, rows, bq: int, carry=None):
-    """Apply ``fn`` to ``bq``-row blocks of the arrays ``rows`` (leading axis: rows), one block at a
-    time (a scan); the rows are zero-padded to a multiple of ``bq``. ``fn(carry, blocks) ->
-    (carry, per-row outputs)``. Returns ``(carry, outputs)`` with the padding removed."""
-    n = rows[0].shape[0]
-    nb = -(-n // bq)
-    pad = nb * bq - n
-    blocks = tuple(jnp.pad(r, [(0, pad)] + [(0, 0)] * (r.ndim - 1)).reshape((nb, bq) + r.shape[1:])
-                   for r in rows)
-    carry, outs = jax.lax.scan(fn, carry, blocks)
-    return carry, jax.tree.map(lambda o: o.reshape((nb * bq,) + o.shape[2:])[:n], outs)
+    return s + jnp.where(cross, ls, jnp.float32(0.0)), cross
 
 
 def _block_capture(s, seg: Segments, mode: str) -> jax.Array:
-    """``[image]`` sum over the text rows of their probabilities on the image keys."""
+    """``[B, image]`` sum over the text rows of their probabilities on the image keys."""
     if mode == "official":
         # The text rows over [text, image] keys without the bias: for text rows the bias is 0 there.
-        s = s[: seg.text, : seg.reference_start]
+        s = s[:, : seg.text, : seg.reference_start]
     else:
-        s = s[: seg.text]
+        s = s[:, : seg.text]
     p = jax.nn.softmax(s, axis=-1)
-    return jnp.sum(p[:, seg.text: seg.reference_start], axis=0)
+    return jnp.sum(p[:, :, seg.text: seg.reference_start], axis=1)
 
 
 def _fwd_block(qb, k, v, ref_rows, ls, seg, scale):
@@ -194,61 +202,60 @@ def _fwd_block(qb, k, v, ref_rows, ls, seg, scale):
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32) / l   # normalise after P V
-    return s, o.astype(v.dtype), (m + jnp.log(l))[:, 0]
+    o = jnp.einsum("bqk,bkd->bqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32) / l
+    return s, o.astype(v.dtype), (m + jnp.log(l))[..., 0]   # normalised after P V
 
 
-def _xla_head_fwd(q, k, v, ls, *, seg, plan, capture_mode, scale):
-    """One head: ``q, k, v [S, D]`` -> ``(out [S, D], lse [S] float32, capture [image] or [0])``."""
-    bq, spans = plan
-    outs, lses, cap = [], [], jnp.zeros((0,), jnp.float32)
-    for a, b in spans:
-        ref_rows = a >= seg.reference_start
-        if capture_mode is not None and a == 0:
-            # The first block (the text rows and more) also gives the captured attention.
-            s, o, lse = _fwd_block(q[: min(bq, b)], k, v, ref_rows, ls, seg, scale)
-            cap = _block_capture(s, seg, capture_mode)
-            outs.append(o)
-            lses.append(lse)
-            a = min(bq, b)
-            if a == b:
-                continue
-
-        def body(_, qb, ref_rows=ref_rows):
-            return None, _fwd_block(qb[0], k, v, ref_rows, ls, seg, scale)[1:]
-
-        _, (o, lse) = _blocked(body, (q[a:b],), bq)
-        outs.append(o)
-        lses.append(lse)
-    return jnp.concatenate(outs, 0), jnp.concatenate(lses, 0), cap
+def _rows(x, h, a, n):
+    """``x[:, h, a:a + n]`` (``h``, ``a`` may be traced)."""
+    return jax.lax.dynamic_slice(x, (0, h, a) + (0,) * (x.ndim - 3), (x.shape[0], 1, n) + x.shape[3:])[:, 0]
 
 
-def _xla_head_bwd(q, k, v, ls, lse, delta, do, *, seg, plan, scale):
-    """Gradients of one head from the saved ``lse`` and ``delta = sum(do * out, -1)``."""
-    bq, spans = plan
-    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32), jnp.float32(0.0))
-    dqs = []
-    for a, b in spans:
-        ref_rows = a >= seg.reference_start
+def _put(x, h, a, y):
+    """``x`` with ``x[:, h, a:a + n] = y``."""
+    return jax.lax.dynamic_update_slice(x, y[:, None].astype(x.dtype), (0, h, a) + (0,) * (x.ndim - 3))
 
-        def body(carry, blk, ref_rows=ref_rows):
-            dk, dv, dls = carry
-            qb, dob, lseb, deltab = blk
-            s, cross = _block_logits(qb, k, ref_rows, seg, ls, scale)
-            p = jnp.exp(s - lseb[:, None])
-            dv = dv + jnp.dot(p.T.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
-            dp = jnp.dot(dob, v.T, preferred_element_type=jnp.float32)
-            ds = p * (dp - deltab[:, None])
-            dq = jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * scale
-            dk = dk + jnp.dot(ds.T.astype(qb.dtype), qb, preferred_element_type=jnp.float32) * scale
-            if cross is not None:
-                dls = dls + jnp.sum(jnp.sum(ds, axis=0) * cross)
-            return (dk, dv, dls), dq
 
-        carry, dq = _blocked(body, (q[a:b], do[a:b], lse[a:b], delta[a:b]), bq, carry)
-        dqs.append(dq)
-    dk, dv, dls = carry
-    return jnp.concatenate(dqs, 0), dk, dv, dls
+def _for_blocks(start, rows, count, fn, carry):
+    """``carry = fn(row, carry)`` for the ``count`` blocks of ``rows`` rows from ``start``."""
+    if count == 1:
+        return fn(start, carry)
+    return jax.lax.fori_loop(0, count, lambda i, c: fn(start + i * rows, c), carry)
+
+
+def _xla_core_fwd(q, k, v, ls, seg, plan, capture_mode):
+    """Loop over the heads (``fori_loop``), the examples batched inside each step: a mesh that
+    shards the examples keeps them sharded through the loop. (A loop over the flattened ``B * H``
+    axis cannot be partitioned over examples: every device gathered the whole batch's ``q, k, v``
+    and computed every example's attention.) Heads are read and the outputs written in place in
+    the ``[B, H, S, D]`` layout (no heads-first copies); inside a head, one block of query rows at a
+    time against all keys."""
+    b, nh, s, d = q.shape
+    scale = 1.0 / math.sqrt(d)
+    ls_ = None if ls is None else jnp.asarray(ls, jnp.float32)
+    blocks = _row_blocks(seg, plan, capture_mode is not None)
+
+    def head(h, carry):
+        out, lse, cap = carry
+        kh, vh = _rows(k, h, 0, s), _rows(v, h, 0, s)
+        for start, rows, count, ref_rows, first in blocks:
+            def block(a, c, rows=rows, ref_rows=ref_rows, first=first):
+                out, lse, cap = c
+                sb, o, l = _fwd_block(_rows(q, h, a, rows), kh, vh, ref_rows, ls_, seg, scale)
+                if first:
+                    # The first block (the text rows and more) also gives the captured attention.
+                    cap = _put(cap, h, 0, _block_capture(sb, seg, capture_mode))
+                return _put(out, h, a, o), _put(lse, h, a, l), cap
+
+            out, lse, cap = _for_blocks(start, rows, count, block, (out, lse, cap))
+        return out, lse, cap
+
+    n_cap = 0 if capture_mode is None else seg.image
+    init = (jnp.zeros(q.shape, v.dtype), jnp.zeros((b, nh, s), jnp.float32),
+            jnp.zeros((b, nh, n_cap), jnp.float32))
+    out, lse, cap = jax.lax.fori_loop(0, nh, head, init)
+    cap = jax.lax.stop_gradient(cap)
+    return (out, lse, cap), (q, k, v, ls, out, lse)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -257,45 +264,55 @@ def _xla_core(q, k, v, ls, seg, plan, capture_mode):
     return out, cap
 
 
-def _heads_first(x):
-    """``[B, H, ...] <-> [H, B, ...]``. The loop runs over the heads and batches the examples inside
-    each step: a mesh that shards the examples keeps them sharded through the loop. (A loop over the
-    flattened ``B * H`` axis cannot be partitioned over examples: every device gathered the whole
-    batch's ``q, k, v`` and computed every example's attention.)"""
-    return jnp.swapaxes(x, 0, 1)
-
-
-def _xla_core_fwd(q, k, v, ls, seg, plan, capture_mode):
-    d = q.shape[-1]
-    scale = 1.0 / math.sqrt(d)
-    fn = jax.vmap(partial(_xla_head_fwd, seg=seg, plan=plan, capture_mode=capture_mode, scale=scale),
-                  in_axes=(0, 0, 0, None))
-    ls_ = None if ls is None else jnp.asarray(ls, jnp.float32)
-    out, lse, cap = jax.lax.map(lambda a: fn(*a, ls_), (_heads_first(q), _heads_first(k), _heads_first(v)))
-    out = _heads_first(out)
-    cap = jax.lax.stop_gradient(_heads_first(cap))
-    return (out, lse, cap), (q, k, v, ls, out, lse)
-
-
 def _xla_fwd(q, k, v, ls, seg, plan, capture_mode):
     (out, _, cap), res = _xla_core_fwd(q, k, v, ls, seg, plan, capture_mode)
     return (out, cap), res
 
 
 def _xla_bwd(seg, plan, capture_mode, res, cts):
+    """Gradients head by head from the saved ``lse`` and ``delta = sum(do * out, -1)``, each block's
+    probabilities recomputed (flash-attention style)."""
     # The captured attention is an observation (stop-gradient): its cotangent is dropped.
     q, k, v, ls, out, lse = res
-    do = cts[0]
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    delta = _heads_first(jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1))
+    do = cts[0].astype(q.dtype)
+    b, nh, s, d = q.shape
+    scale = 1.0 / math.sqrt(d)
+    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     ls_ = None if ls is None else jnp.asarray(ls, jnp.float32)
-    fn = jax.vmap(partial(_xla_head_bwd, seg=seg, plan=plan, scale=scale), in_axes=(0, 0, 0, None, 0, 0, 0))
-    dq, dk, dv, dls = jax.lax.map(lambda a: fn(a[0], a[1], a[2], ls_, a[3], a[4], a[5]),
-                                  (_heads_first(q), _heads_first(k), _heads_first(v), lse, delta,
-                                   _heads_first(do.astype(q.dtype))))
-    dls_out = None if ls is None else jnp.sum(dls).astype(jnp.asarray(ls).dtype).reshape(jnp.shape(ls))
-    return (_heads_first(dq).astype(q.dtype), _heads_first(dk).astype(k.dtype),
-            _heads_first(dv).astype(v.dtype), dls_out)
+    blocks = _row_blocks(seg, plan, False)
+
+    def head(h, carry):
+        dq, dk, dv, dls = carry
+        kh, vh = _rows(k, h, 0, s), _rows(v, h, 0, s)
+        acc = (jnp.zeros(kh.shape, jnp.float32), jnp.zeros(vh.shape, jnp.float32), dls, dq)
+        for start, rows, count, ref_rows, _ in blocks:
+            def block(a, c, rows=rows, ref_rows=ref_rows):
+                dkh, dvh, dls, dq = c
+                qb, dob = _rows(q, h, a, rows), _rows(do, h, a, rows)
+                lseb, deltab = _rows(lse, h, a, rows), _rows(delta, h, a, rows)
+                sb, cross = _block_logits(qb, kh, ref_rows, seg, ls_, scale)
+                p = jnp.exp(sb - lseb[..., None])
+                dvh = dvh + jnp.einsum("bqk,bqd->bkd", p.astype(dob.dtype), dob,
+                                       preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bqd,bkd->bqk", dob, vh, preferred_element_type=jnp.float32)
+                ds = p * (dp - deltab[..., None])
+                dqb = jnp.einsum("bqk,bkd->bqd", ds.astype(kh.dtype), kh,
+                                 preferred_element_type=jnp.float32) * scale
+                dkh = dkh + jnp.einsum("bqk,bqd->bkd", ds.astype(qb.dtype), qb,
+                                       preferred_element_type=jnp.float32) * scale
+                if cross is not None:
+                    dls = dls + jnp.sum(jnp.sum(ds, axis=(0, 1)) * cross)
+                return dkh, dvh, dls, _put(dq, h, a, dqb)
+
+            acc = _for_blocks(start, rows, count, block, acc)
+        dkh, dvh, dls, dq = acc
+        return dq, _put(dk, h, 0, dkh), _put(dv, h, 0, dvh), dls
+
+    init = (jnp.zeros(q.shape, q.dtype), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype),
+            jnp.float32(0.0))
+    dq, dk, dv, dls = jax.lax.fori_loop(0, nh, head, init)
+    dls_out = None if ls is None else dls.astype(jnp.asarray(ls).dtype).reshape(jnp.shape(ls))
+    return dq, dk, dv, dls_out
 
 
 _xla_core.defvjp(_xla_fwd, _xla_bwd)
