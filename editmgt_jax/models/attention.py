@@ -284,29 +284,32 @@ def _xla_bwd(seg, plan, capture_mode, res, cts):
     def head(h, carry):
         dq, dk, dv, dls = carry
         kh, vh = _rows(k, h, 0, s), _rows(v, h, 0, s)
-        acc = (jnp.zeros(kh.shape, jnp.float32), jnp.zeros(vh.shape, jnp.float32), dls, dq)
+        # dk and dv accumulate transposed, [B, D, S]: XLA's CPU dot for a contraction over the
+        # query rows runs about 1.6x faster with that output layout than with [B, S, D].
+        acc = (jnp.zeros((b, d, s), jnp.float32), jnp.zeros((b, d, s), jnp.float32), dls, dq)
         for start, rows, count, ref_rows, _ in blocks:
             def block(a, c, rows=rows, ref_rows=ref_rows):
-                dkh, dvh, dls, dq = c
+                dkt, dvt, dls, dq = c
                 qb, dob = _rows(q, h, a, rows), _rows(do, h, a, rows)
                 lseb, deltab = _rows(lse, h, a, rows), _rows(delta, h, a, rows)
                 sb, cross = _block_logits(qb, kh, ref_rows, seg, ls_, scale)
                 p = jnp.exp(sb - lseb[..., None])
-                dvh = dvh + jnp.einsum("bqk,bqd->bkd", p.astype(dob.dtype), dob,
+                dvt = dvt + jnp.einsum("bqk,bqd->bdk", p.astype(dob.dtype), dob,
                                        preferred_element_type=jnp.float32)
                 dp = jnp.einsum("bqd,bkd->bqk", dob, vh, preferred_element_type=jnp.float32)
                 ds = p * (dp - deltab[..., None])
                 dqb = jnp.einsum("bqk,bkd->bqd", ds.astype(kh.dtype), kh,
                                  preferred_element_type=jnp.float32) * scale
-                dkh = dkh + jnp.einsum("bqk,bqd->bkd", ds.astype(qb.dtype), qb,
+                dkt = dkt + jnp.einsum("bqk,bqd->bdk", ds.astype(qb.dtype), qb,
                                        preferred_element_type=jnp.float32) * scale
                 if cross is not None:
                     dls = dls + jnp.sum(jnp.sum(ds, axis=(0, 1)) * cross)
-                return dkh, dvh, dls, _put(dq, h, a, dqb)
+                return dkt, dvt, dls, _put(dq, h, a, dqb)
 
             acc = _for_blocks(start, rows, count, block, acc)
-        dkh, dvh, dls, dq = acc
-        return dq, _put(dk, h, 0, dkh), _put(dv, h, 0, dvh), dls
+        dkt, dvt, dls, dq = acc
+        t = lambda x: jnp.swapaxes(x, 1, 2)
+        return dq, _put(dk, h, 0, t(dkt)), _put(dv, h, 0, t(dvt)), dls
 
     init = (jnp.zeros(q.shape, q.dtype), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype),
             jnp.float32(0.0))
