@@ -49,11 +49,12 @@ CAPTURE_MODES = ("official", "model")
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "naive")
 _BACKEND_DEFAULT = {"cpu": "xla", "gpu": "cudnn", "cuda": "cudnn", "rocm": "xla", "tpu": "pallas"}
 ENV_VAR = "EDITMGT_ATTENTION"
-# At most this many float32 logits in one block of the xla implementation (8 MiB). The default
+# At most this many float32 logits in one block of the xla implementation (16 MiB). The default
 # block is the largest power-of-two number of query rows within it: at the medium benchmark shape
-# (CFG batch 2, 2304 tokens) 256 rows, 4.5 MiB of logits, measured fastest on a CPU whose cores have
-# 2 MiB of L2 (128 and 512 rows were 6% and 15% slower, 1820 rows 35% slower).
-BLOCK_ELEMENTS = 2 * 1024 * 1024
+# (CFG batch 2, 2304 tokens) 512 rows. On a 2-core CPU (2 MiB L2 per core) 512 and 1024 rows were
+# the fastest with both cores (256 rows about 7% slower, forward and gradient); on one core 256 rows
+# were about 15% faster than 512 (bench.attention --impls xla/256,xla/512).
+BLOCK_ELEMENTS = 4 * 1024 * 1024
 PALLAS_SEQ_MULTIPLE = 128
 
 
