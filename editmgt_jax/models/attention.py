@@ -3,10 +3,11 @@
 One function, :func:`attention`, with interchangeable implementations:
 
 ``"xla"``
-    Blocked attention in plain XLA, the reference and the CPU default. A ``lax.map`` over the
-    ``H`` heads (the ``B`` examples batched inside a step, so a mesh that shards examples keeps them
-    sharded), and inside each head a scan over query blocks against all keys, so one
-    ``[B, block_q, S]`` block of logits exists at a time (never ``[B, H, S, S]``). The softmax scale is
+    Blocked attention in plain XLA, the reference and the CPU default. A loop over the ``H`` heads
+    (the ``B`` examples batched inside a step, so a mesh that shards examples keeps them sharded;
+    each head read from and written back into ``[B, H, S, D]`` in place), and inside each head a
+    loop over query blocks against all keys, so one ``[B, block_q, S]`` block of logits exists at a
+    time (never ``[B, H, S, S]``). The softmax scale is
     folded into the query block, the reference-strength bias is made inside the block from the
     segment boundaries (two iotas and a compare), softmax statistics are float32 and the
     normalisation happens after the ``P @ V`` product. The captured text-to-image attention comes out
