@@ -39,6 +39,8 @@ import time
 import numpy as np
 
 from bench.peak import matmul_peak
+from bench.forward_profile import format_rows, profile_rows
+from bench.sampler import _flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -109,8 +111,9 @@ class Official:
         self.proc.wait(timeout=60)
 
 
-def our_forward_seconds(editor, size: int, text_len: int, repeats: int = 3) -> float:
-    """Median time of one compiled transformer forward on the CFG batch (2) at ``size`` px."""
+def our_forward_program(editor, size: int, text_len: int):
+    """The compiled transformer forward on the CFG batch (2) at ``size`` px, with the edit's
+    consolidation captures, and its arguments."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -129,14 +132,39 @@ def our_forward_seconds(editor, size: int, text_len: int, repeats: int = 3) -> f
         return nnx.merge(graphdef, st)(ids, ref, text, pooled, micro, jnp.full((2,), 3, jnp.int32),
                                        reference_strength=1.1, capture_blocks=blocks)
 
-    f = jax.jit(fwd).lower(state, ids, ids, text, pooled, micro).compile()
-    jax.block_until_ready(f(state, ids, ids, text, pooled, micro))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(f(state, ids, ids, text, pooled, micro))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    args = (state, ids, ids, text, pooled, micro)
+    compiled = jax.jit(fwd).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
+    return compiled, args
+
+
+def forward_flops(editor, args) -> float | None:
+    """FLOPs of the forward of ``our_forward_program`` by XLA's cost analysis, counted on the
+    same model with the naive attention (full logits, no loops: the blocked core's loops would be
+    counted once instead of once per iteration). Compiled, not run."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    tr = editor.tr_cfg
+    blocks = tuple(range(tr.num_layers, tr.num_blocks))
+    model = nnx.merge(editor.graphdefs["transformer"], editor.states["transformer"])
+    model.attention = "naive"
+    graphdef, state = nnx.split(model)
+
+    def fwd(st, ids, ref, text, pooled, micro):
+        return nnx.merge(graphdef, st)(ids, ref, text, pooled, micro, jnp.full((2,), 3, jnp.int32),
+                                       reference_strength=1.1, capture_blocks=blocks)
+
+    return _flops(jax.jit(fwd).lower(state, *args[1:]).compile())
+
+
+def _timed(compiled, args) -> float:
+    import jax
+
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    return time.perf_counter() - t
 
 
 def main(argv=None) -> int:
@@ -150,6 +178,10 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch threads (the official side)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=4,
+                   help="our batched edit for the throughput ratio (batch N vs batch 1; 0: skip)")
+    p.add_argument("--batch-steps", type=int, default=4,
+                   help="steps of the two throughput edits (timed apart from the rounds)")
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = p.parse_args(argv)
     if not os.path.isfile(os.path.join(args.official_src, "src", "pipeline.py")):
@@ -165,6 +197,8 @@ def main(argv=None) -> int:
         print(f"error: --size {args.size}: the official pipeline runs at 1024 px only", file=sys.stderr)
         return 2
     load0 = os.getloadavg()
+
+    import jax
 
     import editmgt_jax  # noqa: F401
     from editmgt_jax.convert.release import convert_release
@@ -197,37 +231,86 @@ def main(argv=None) -> int:
                         consolidation_blocks=tuple(blocks), **settings)
             return time.perf_counter() - t
 
+        text_len = 256
+        fwd_prog, fwd_args = our_forward_program(editor, args.size, text_len)
         warm_ours = ours()                      # compiles
         warm_off = official.ask(**req)["edit_s"]
-        off_s, our_s, off_fwd = [], [], []
+        off_s, our_s, off_fwd, our_fwd_s, xla_mm, torch_mm = [], [], [], [], [], []
         for r in range(args.rounds):
             order = ("official", "ours") if r % 2 == 0 else ("ours", "official")
             for side in order:
                 if side == "ours":
                     our_s.append(ours())
+                    our_fwd_s.append(_timed(fwd_prog, fwd_args))
+                    xla_mm.append(matmul_peak(2048, calls=5) / 1e9)
                 else:
                     rep = official.ask(**req)
                     off_s.append(rep["edit_s"])
                     calls = rep["forward_s"]
                     off_fwd.append(sum(calls) / args.steps)   # the transformer's time per step
-            print(f"round {r + 1}: official {off_s[-1]:.2f} s, ours {our_s[-1]:.2f} s", flush=True)
-        torch_peak = official.ask(op="matmul", n=2048)["gflops"]
+                    torch_mm.append(official.ask(op="matmul", n=2048)["gflops"])
+            print(f"round {r + 1}: official {off_s[-1]:.2f} s, ours {our_s[-1]:.2f} s, our forward "
+                  f"{our_fwd_s[-1]:.2f} s", flush=True)
         torch_version = official.info.get("torch")
     finally:
         official.close()
-    text_len = 256
-    our_fwd = our_forward_seconds(editor, args.size, text_len)
-    xla_peak = matmul_peak(2048) / 1e9
+
+    # Batch throughput (ours): the same edit for ``--batch`` images at once against one, both with
+    # ``--batch-steps`` steps, each compiled by an untimed first call, then alternated.
+    tput = None
+    if args.batch > 1:
+        imgs = [np.roll(image, 37 * i, axis=1) for i in range(args.batch)]
+
+        def batch_edit(n):
+            t = time.perf_counter()
+            editor.edit(imgs[:n], [instruction] * n, seed=args.seed, size=args.size,
+                        consolidation_blocks=tuple(blocks), **{**settings, "steps": args.batch_steps})
+            return time.perf_counter() - t
+
+        batch_edit(1), batch_edit(args.batch)
+        one, many = [], []
+        for r in range(2):
+            for n in ((1, args.batch) if r % 2 == 0 else (args.batch, 1)):
+                (one if n == 1 else many).append(batch_edit(n))
+        tput = (statistics.median(one), statistics.median(many))
+        print(f"batch 1: {tput[0]:.2f} s, batch {args.batch}: {tput[1]:.2f} s per edit call", flush=True)
+
+    # Where our forward's time goes, and its FLOP count (XLA's cost analysis).
+    prof_rows, prof_wall = profile_rows(fwd_prog, fwd_args)
+    flops = forward_flops(editor, fwd_args)
     load1 = os.getloadavg()
 
     med = statistics.median
+    xla_peak, torch_peak = med(xla_mm), med(torch_mm)
+    our_fwd = med(our_fwd_s)
     rows = [("whole edit (median of rounds)", med(off_s), med(our_s)),
             ("transformer per step (CFG batch)", med(off_fwd), our_fwd)]
     table = ("| | official (PyTorch %s, %d threads) | ours (jax) | official / ours |\n|---|---|---|---|\n"
              % (torch_version, args.threads))
     for name, a, b in rows:
         table += f"| {name} | {a:.2f} s | {b:.2f} s | {a / b:.2f} |\n"
-    table += f"| fp32 matmul 2048^3 | {torch_peak:.0f} GFLOP/s | {xla_peak:.0f} GFLOP/s | |\n"
+    table += f"| fp32 matmul 2048^3 (median of rounds) | {torch_peak:.0f} GFLOP/s | {xla_peak:.0f} GFLOP/s | |\n"
+
+    outside = 1.0 - args.steps * our_fwd / med(our_s)
+    targets = [("whole edit, official / ours", ">= 2.5x", f"{med(off_s) / med(our_s):.2f}x",
+                med(off_s) / med(our_s) >= 2.5)]
+    if flops:
+        achieved = flops / our_fwd / 1e9
+        targets.append(("our forward, share of the same run's XLA matmul peak", ">= 70%",
+                        f"{achieved / xla_peak:.0%} ({flops / 1e9:.0f} GFLOP in {our_fwd:.2f} s = "
+                        f"{achieved:.0f} GFLOP/s)", achieved / xla_peak >= 0.7))
+    targets.append(("everything outside the transformer, share of an edit (1 - steps x forward / edit)",
+                    "< 3%", f"{outside:.1%}", outside < 0.03))
+    if tput:
+        ratio = args.batch * tput[0] / tput[1]
+        targets.append((f"batch {args.batch} throughput / batch 1 ({args.batch_steps}-step edits)", ">= 1.5x",
+                        f"{ratio:.2f}x ({tput[0]:.1f} s for 1 edit, {tput[1]:.1f} s for {args.batch})",
+                        ratio >= 1.5))
+    table += "\n| target | wanted | measured | met |\n|---|---|---|---|\n"
+    for name, want, got, ok in targets:
+        table += f"| {name} | {want} | {got} | {'yes' if ok else '**no**'} |\n"
+    table += f"\nWhere our forward's time goes (``bench.forward_profile``: one traced forward, {prof_wall:.2f} s):\n\n"
+    table += format_rows(prof_rows, prof_wall)
     meta = (f"{args.size} px, {args.steps} steps, CFG 6, strength 1.1, consolidation over blocks "
             f"{blocks[0]}-{blocks[-1]}, lambda 0.3, {args.rounds} alternating rounds after one warm-up "
             f"each (warm-up: official {warm_off:.1f} s, ours {warm_ours:.1f} s incl. compile); "

@@ -23,8 +23,9 @@ from editmgt_jax.checkpoints.conventions import (RELEASE_NEGATIVE_PROMPT, RELEAS
                                                  SCHEDULER_CONFIG, Conventions, default_mask_token_id,
                                                  legacy_conventions, read_conventions, read_scheduler_mask_id,
                                                  release_conventions)
-from editmgt_jax.checkpoints.io import (SAVE_CONCURRENT_GB, add_components, check_replaceable, load_component,
-                                        quiet_orphaned_reads, save_component, save_model, write_config,
+from editmgt_jax.checkpoints.io import (PART_BYTES, SAVE_CONCURRENT_GB, add_components, check_replaceable,
+                                        finish_component_parts, load_component, plan_parts, quiet_orphaned_reads,
+                                        save_component, save_component_part, save_model, write_config,
                                         writing_checkpoint)
 from editmgt_jax.checkpoints.layout import (CONFIG_FILE, FORMAT, PARAMS_DIR, SMALL_TEXT, TOKENIZER_DIRS, VERSION,
                                             WORD_VOCAB_FILE, CheckpointError, config_path, copy_tokenizer_files,
@@ -34,12 +35,13 @@ from editmgt_jax.checkpoints.modules import (abstract_module, component_classes,
                                              merge_params)
 
 __all__ = [
-    "CONFIG_FILE", "FORMAT", "PARAMS_DIR", "RELEASE_NEGATIVE_PROMPT", "RELEASE_SAMPLER", "SAMPLER_KEYS",
+    "CONFIG_FILE", "FORMAT", "PARAMS_DIR", "PART_BYTES", "RELEASE_NEGATIVE_PROMPT", "RELEASE_SAMPLER", "SAMPLER_KEYS",
     "SAVE_CONCURRENT_GB", "SCHEDULER_CONFIG", "SMALL_TEXT", "TOKENIZER_DIRS", "VERSION", "WORD_VOCAB_FILE",
     "CheckpointError", "Conventions", "abstract_module", "add_components", "check_replaceable",
     "component_classes", "component_config", "config_path", "copy_tokenizer_files", "default_mask_token_id",
+    "finish_component_parts",
     "has_config", "is_model_checkpoint", "json_default", "legacy_conventions", "load_component",
-    "load_module", "merge_params", "params_dir", "quiet_orphaned_reads", "read_config", "read_conventions",
-    "read_scheduler_mask_id", "release_conventions", "release_tokenizer", "save_component", "save_model",
-    "save_word_tokenizer", "word_tokenizer", "write_config", "writing_checkpoint",
+    "load_module", "merge_params", "params_dir", "plan_parts", "quiet_orphaned_reads", "read_config", "read_conventions",
+    "read_scheduler_mask_id", "release_conventions", "release_tokenizer", "save_component", "save_component_part",
+    "save_model", "save_word_tokenizer", "word_tokenizer", "write_config", "writing_checkpoint",
 ]

@@ -103,7 +103,7 @@ def writing_checkpoint(path: str | os.PathLike, *, overwrite: bool = False,
 SAVE_CONCURRENT_GB = 1
 
 
-def save_component(path: str, name: str, tree: Mapping) -> None:
+def save_component(path: str, name: str, tree: Mapping, *, _item_dir: bool = False) -> None:
     """Write one component's parameters (nested dicts of numpy or jax arrays).
 
     Numpy leaves of mutable dicts are replaced in place, one at a time, by host (CPU) jax arrays, and
@@ -113,7 +113,63 @@ def save_component(path: str, name: str, tree: Mapping) -> None:
 
     tree = _host_arrays(tree, jax.devices("cpu")[0])
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=SAVE_CONCURRENT_GB))
-    ckptr.save(params_dir(os.path.abspath(path), name), args=ocp.args.PyTreeSave(tree))
+    item = os.path.join(os.path.abspath(path), name) if _item_dir else params_dir(os.path.abspath(path), name)
+    ckptr.save(item, args=ocp.args.PyTreeSave(tree))
+
+
+# A component is written in parts (``params/<name>/part-NNN`` plus ``parts.json``) by writers that
+# produce it piece by piece (the release converter for components over PART_BYTES), so that only
+# one part is in memory while it is written: Orbax's writer holds up to another copy of whatever
+# it is given until the write completes.
+PARTS_FILE = "parts.json"
+PART_BYTES = 1 << 30
+
+
+def plan_parts(abstract: Mapping, itemsize: int | None = None, max_bytes: int | None = None) -> list[list[tuple]]:
+    """Split a component's parameter paths into parts of at most about ``max_bytes`` (a part never
+    splits one layer: paths are grouped up to their first integer key, e.g. ``model/layers/3``,
+    else by their first two keys), in order.
+    ``itemsize`` overrides the abstract dtypes' (the dtype the parts will be written in);
+    ``max_bytes`` defaults to :data:`PART_BYTES`."""
+    max_bytes = PART_BYTES if max_bytes is None else max_bytes
+    groups: dict[tuple, list[tuple]] = {}
+    sizes: dict[tuple, int] = {}
+
+    def rec(node, prefix):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                rec(v, prefix + (k,))
+        else:
+            ints = [i for i, k in enumerate(prefix) if isinstance(k, int) or str(k).isdigit()]
+            g = prefix[:ints[0] + 1] if ints else prefix[:2]
+            groups.setdefault(g, []).append(prefix)
+            n = int(np.prod(node.shape)) * (itemsize or np.dtype(node.dtype).itemsize)
+            sizes[g] = sizes.get(g, 0) + n
+
+    rec(abstract, ())
+    parts: list[list[tuple]] = [[]]
+    used = 0
+    for g, paths in groups.items():
+        if parts[-1] and used + sizes[g] > max_bytes:
+            parts.append([])
+            used = 0
+        parts[-1].extend(paths)
+        used += sizes[g]
+    return parts
+
+
+def save_component_part(path: str, name: str, index: int, tree: Mapping) -> None:
+    """Write part ``index`` of a component written in parts (see :func:`finish_component_parts`)."""
+    save_component(os.path.join(params_dir(path, name)), f"part-{index:03d}", tree, _item_dir=True)
+
+
+def finish_component_parts(path: str, name: str, count: int) -> None:
+    """Record the ``count`` parts written by :func:`save_component_part`; the component is then read
+    like any other by :func:`load_component`."""
+    import json
+
+    with open(os.path.join(params_dir(path, name), PARTS_FILE), "w") as fh:
+        json.dump({"parts": [f"part-{i:03d}" for i in range(count)]}, fh)
 
 
 def _host_arrays(tree, device):
@@ -187,22 +243,36 @@ def load_component(path: str | os.PathLike, name: str, abstract: Mapping | None 
     if not os.path.isdir(item):
         raise CheckpointError(f"{path}: no parameters for component {name!r} (missing {item})")
     ckptr = _checkpointer()
+    parts_file = os.path.join(item, PARTS_FILE)
     try:
+        if os.path.isfile(parts_file):
+            import json
+
+            with open(parts_file) as fh:
+                items = [os.path.join(item, p) for p in json.load(fh)["parts"]]
+        else:
+            items = [item]
         if abstract is None:
-            return ckptr.restore(item)
-        stored = _metadata_quietly(ckptr, item)
-        stored_tree = getattr(stored, "item_metadata", stored)
-        stored_tree = getattr(stored_tree, "tree", stored_tree)
-        if not stored_tree:
-            raise CheckpointError(f"{item}: the parameter index (manifest.ocdbt / _METADATA) is empty or "
-                                  f"unreadable; the checkpoint is damaged or incomplete")
-        _check_shapes(name, path, stored_tree, abstract)
+            out: dict = {}
+            for it in items:
+                _merge_into(out, ckptr.restore(it))
+            return out
+        stored_trees = [_stored_tree(ckptr, it) for it in items]
+        merged: dict = {}
+        for t in stored_trees:
+            _merge_into(merged, t)
+        _check_shapes(name, path, merged, abstract)
         if shardings is not None:
             target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract, shardings)
         else:
             target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
-        return ckptr.restore(item, target)
+        if len(items) == 1:
+            return ckptr.restore(item, target)
+        out = {}
+        for it, t in zip(items, stored_trees):
+            _merge_into(out, ckptr.restore(it, _restrict(target, set(_flat(t)))))
+        return out
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001  (TensorStore read failures reach here as plain Exception)
@@ -211,6 +281,41 @@ def load_component(path: str | os.PathLike, name: str, abstract: Mapping | None 
         first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
         raise CheckpointError(f"{item}: parameters cannot be read, a file is damaged, truncated or missing "
                               f"({first[:200]})") from None
+
+
+def _stored_tree(ckptr, item) -> Mapping:
+    stored = _metadata_quietly(ckptr, item)
+    stored_tree = getattr(stored, "item_metadata", stored)
+    stored_tree = getattr(stored_tree, "tree", stored_tree)
+    if not stored_tree:
+        raise CheckpointError(f"{item}: the parameter index (manifest.ocdbt / _METADATA) is empty or "
+                              f"unreadable; the checkpoint is damaged or incomplete")
+    return stored_tree
+
+
+def _merge_into(out: dict, tree: Mapping) -> None:
+    """Merge ``tree`` into ``out`` (new dicts all the way down: ``tree`` is never aliased)."""
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            if not isinstance(out.get(k), dict):
+                out[k] = {}
+            _merge_into(out[k], v)
+        else:
+            out[k] = v
+
+
+def _restrict(tree: Mapping, keep: set, prefix: tuple = ()) -> dict:
+    """The sub-tree of ``tree`` whose leaves' ``"/"``-joined paths are in ``keep``."""
+    out = {}
+    for k, v in tree.items():
+        p = prefix + (str(k),)
+        if isinstance(v, Mapping):
+            sub = _restrict(v, keep, p)
+            if sub:
+                out[k] = sub
+        elif "/".join(p) in keep:
+            out[k] = v
+    return out
 
 
 def _metadata_quietly(ckptr, item):

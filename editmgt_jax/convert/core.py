@@ -173,13 +173,17 @@ def _fmt(path: tuple) -> str:
 
 def convert_tensors(source: Mapping[str, np.ndarray], rules: Sequence[Rule], abstract: Mapping,
                     *, component: str = "model", dtype=np.float32,
-                    progress: Callable[[str], None] | None = None) -> dict:
+                    progress: Callable[[str], None] | None = None,
+                    select: Callable[[tuple], bool] | None = None) -> dict:
     """Convert ``source`` into a nested dict matching ``abstract`` (a pure-dict abstract state).
 
+    ``select(path)``: convert only the parameters whose path it accepts (the others are neither
+    read nor reported missing), so a large component converts in parts.
     Raises :class:`ConversionError` naming every unmapped official key, every parameter left
     unfilled, every shape mismatch and every parameter filled twice.
     """
-    want = flatten_abstract(abstract)
+    everything = flatten_abstract(abstract)
+    want = everything if select is None else {p: v for p, v in everything.items() if select(p)}
     got: dict[tuple, np.ndarray] = {}
     origin: dict[tuple, str] = {}
     unmapped, wrong_shape, twice, bad_target = [], [], [], []
@@ -198,8 +202,10 @@ def convert_tensors(source: Mapping[str, np.ndarray], rules: Sequence[Rule], abs
         if target is None:
             continue
         path = _split_path(target)
-        if path not in want:
+        if path not in everything:
             bad_target.append(f"{key} -> {target}")
+            continue
+        if path not in want:    # another part's
             continue
         if path in got:
             twice.append(f"{target} (from {origin[path]} and {key})")

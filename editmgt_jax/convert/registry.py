@@ -78,9 +78,10 @@ def abstract_params(component: Component, cfg) -> dict:
 
 
 def convert_component(component: Component, cfg, source: TensorSource, *, dtype=np.float32,
-                      progress: Callable[[str], None] | None = None) -> dict:
+                      progress: Callable[[str], None] | None = None,
+                      select: Callable[[tuple], bool] | None = None) -> dict:
     return convert_tensors(source, component.rules(cfg), abstract_params(component, cfg),
-                           component=component.name, dtype=dtype, progress=progress)
+                           component=component.name, dtype=dtype, progress=progress, select=select)
 
 
 def find_release_dir(root: str, component: Component) -> str | None:

@@ -60,10 +60,12 @@ def joint_attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, si
     Returns:
       ``(out [B, S, H*D], score [B, seg.image] float32 or None)``.
     """
-    q = apply_rope(q, cos, sin)
-    k = apply_rope(k, cos, sin)
-    out, score = attention(q, k, v, seg, log_strength, capture_mode=capture_mode,
-                           implementation=implementation)
+    with jax.named_scope("rope"):
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+    with jax.named_scope("attention_core"):   # profiles attribute the core's ops by this name
+        out, score = attention(q, k, v, seg, log_strength, capture_mode=capture_mode,
+                               implementation=implementation)
     b, h, s, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(b, s, h * d), score
 

@@ -314,18 +314,23 @@ class EditTransformer(nnx.Module):
                              capture_mode=m, attention_impl=self.attention)
             return wrap(call)
 
+        # Named scopes ("dual_block_3", "attention_core", "logits_head", ...) name the compiled ops in
+        # profiles (xprof, perfetto, bench.profile).
         for i, block in enumerate(self.transformer_blocks):
-            txt, img, s = dual_call(mode(i))(block, txt, img, temb, ref_temb, log_strength)
+            with jax.named_scope(f"dual_block_{i}"):
+                txt, img, s = dual_call(mode(i))(block, txt, img, temb, ref_temb, log_strength)
             if s is not None:
                 scores[i] = s
         x = jnp.concatenate([txt, img], axis=1)                                 # [text; image; reference]
         for j, block in enumerate(self.single_transformer_blocks):
             i = cfg.num_layers + j
-            x, s = single_call(mode(i))(block, x, temb, ref_temb, log_strength)
+            with jax.named_scope(f"single_block_{i}"):
+                x, s = single_call(mode(i))(block, x, temb, ref_temb, log_strength)
             if s is not None:
                 scores[i] = s
 
-        logits = self.head(x[:, seg.text: seg.text + seg.image], gh, gw)
+        with jax.named_scope("logits_head"):
+            logits = self.head(x[:, seg.text: seg.text + seg.image], gh, gw)
         if not capture_blocks:
             return logits, None
         return logits, jnp.stack([scores[i] for i in capture_blocks], axis=1)
