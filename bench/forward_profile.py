@@ -90,7 +90,7 @@ def thunk_seconds(run, trace_dir: str) -> tuple[dict[str, float], float]:
     per = collections.Counter()
     for plane in ProfileData.from_file(files[-1]).planes:
         for line in plane.lines:
-            if line.name == "python" or "python" in line.name.lower():
+            if not line.name.startswith("tf_XLA"):     # XLA's threads only (not Python's or tqdm's)
                 continue
             for e in line.events:
                 if not e.name.startswith(_NOT_OPS) and e.duration_ns > 0:
@@ -119,8 +119,8 @@ def profile_rows(compiled, args: tuple, repeats: int = 1) -> tuple[list[tuple[st
     return rows, wall
 
 
-def forward_program(cfg, px: int, text_len: int, capture: bool = True):
-    """The compiled transformer forward on the CFG batch at ``px`` and its arguments."""
+def forward_program(cfg, px: int, text_len: int, capture: bool = True, batch: int = 1):
+    """The compiled transformer forward on the CFG batch (``2 * batch``) at ``px`` and its arguments."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -129,14 +129,14 @@ def forward_program(cfg, px: int, text_len: int, capture: bool = True):
     from editmgt_jax.models.transformer import EditTransformer
 
     g = px // 16
-    spec = EditSpec(id_grid=(g, g), text_len=text_len)
+    spec = EditSpec(id_grid=(g, g), text_len=text_len, batch=batch)
     x = make_inputs(cfg, spec)
-    ids = jnp.full((2, g, g), cfg.mask_token_id, jnp.int32)
+    ids = jnp.full((2 * batch, g, g), cfg.mask_token_id, jnp.int32)
     ref = jnp.concatenate([x["ref_ids"]] * 2)
     text = jnp.concatenate([x["neg_text"], x["text"]])
     pooled = jnp.concatenate([x["neg_pooled"], x["pooled"]])
     micro = jnp.concatenate([x["micro"]] * 2)
-    t = jnp.full((2,), 3, jnp.int32)
+    t = jnp.full((2 * batch,), 3, jnp.int32)
     blocks = tuple(range(cfg.num_layers, cfg.num_blocks)) if capture else ()
     graphdef, state = random_state(lambda: EditTransformer(cfg, rngs=nnx.Rngs(0)))
 
@@ -161,6 +161,7 @@ def main(argv=None) -> int:
     p.add_argument("--px", type=int, default=1024)
     p.add_argument("--text-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--batch", default="1", help="edits per call (model batch 2x), comma-separated to compare")
     args = p.parse_args(argv)
     if args.px % 32:
         print(f"error: --px {args.px}: must be a multiple of 32", file=sys.stderr)
@@ -169,11 +170,13 @@ def main(argv=None) -> int:
     from bench.sampler import load_transformer_config
 
     cfg = load_transformer_config(args.config)
-    compiled, fargs = forward_program(cfg, args.px, args.text_len)
-    rows, wall = profile_rows(compiled, fargs, args.repeats)
-    print(f"{args.config} forward, CFG batch 2, {args.px} px, {args.text_len} text tokens; "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print(format_rows(rows, wall))
+    for b in (int(x) for x in args.batch.split(",")):
+        compiled, fargs = forward_program(cfg, args.px, args.text_len, batch=b)
+        rows, wall = profile_rows(compiled, fargs, args.repeats)
+        print(f"{args.config} forward, {b} edit(s) (model batch {2 * b}), {args.px} px, {args.text_len} text "
+              f"tokens; {wall / b:.3f} s per edit; load average {os.getloadavg()[0]:.1f}")
+        print(format_rows(rows, wall))
+        del compiled, fargs
     return 0
 
 
