@@ -111,9 +111,10 @@ class Official:
         self.proc.wait(timeout=60)
 
 
-def our_forward_program(editor, size: int, text_len: int):
+def our_forward_program(editor, size: int, text_len: int, *, attention: str | None = None, run: bool = True):
     """The compiled transformer forward on the CFG batch (2) at ``size`` px, with the edit's
-    consolidation captures, and its arguments."""
+    consolidation captures, and its arguments; ``attention`` swaps the attention implementation,
+    ``run`` makes one untimed call."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -127,6 +128,10 @@ def our_forward_program(editor, size: int, text_len: int):
     micro = jnp.tile(jnp.asarray([[size, size, 0.0, 0.0, 6.0]], jnp.float32), (2, 1))
     blocks = tuple(range(tr.num_layers, tr.num_blocks))
     graphdef, state = editor.graphdefs["transformer"], editor.states["transformer"]
+    if attention is not None:
+        model = nnx.merge(graphdef, state)
+        model.attention = attention
+        graphdef, state = nnx.split(model)
 
     def fwd(st, ids, ref, text, pooled, micro):
         return nnx.merge(graphdef, st)(ids, ref, text, pooled, micro, jnp.full((2,), 3, jnp.int32),
@@ -134,29 +139,16 @@ def our_forward_program(editor, size: int, text_len: int):
 
     args = (state, ids, ids, text, pooled, micro)
     compiled = jax.jit(fwd).lower(*args).compile()
-    jax.block_until_ready(compiled(*args))
+    if run:
+        jax.block_until_ready(compiled(*args))
     return compiled, args
 
 
-def forward_flops(editor, args) -> float | None:
-    """FLOPs of the forward of ``our_forward_program`` by XLA's cost analysis, counted on the
-    same model with the naive attention (full logits, no loops: the blocked core's loops would be
-    counted once instead of once per iteration). Compiled, not run."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    tr = editor.tr_cfg
-    blocks = tuple(range(tr.num_layers, tr.num_blocks))
-    model = nnx.merge(editor.graphdefs["transformer"], editor.states["transformer"])
-    model.attention = "naive"
-    graphdef, state = nnx.split(model)
-
-    def fwd(st, ids, ref, text, pooled, micro):
-        return nnx.merge(graphdef, st)(ids, ref, text, pooled, micro, jnp.full((2,), 3, jnp.int32),
-                                       reference_strength=1.1, capture_blocks=blocks)
-
-    return _flops(jax.jit(fwd).lower(state, *args[1:]).compile())
+def forward_flops(editor, size: int, text_len: int) -> float | None:
+    """FLOPs of ``our_forward_program`` by XLA's cost analysis, counted on the same model with the
+    naive attention (full logits, no loops: the blocked core's loops would be counted once instead
+    of once per iteration). Compiled, not run."""
+    return _flops(our_forward_program(editor, size, text_len, attention="naive", run=False)[0])
 
 
 def _timed(compiled, args) -> float:
@@ -277,7 +269,7 @@ def main(argv=None) -> int:
 
     # Where our forward's time goes, and its FLOP count (XLA's cost analysis).
     prof_rows, prof_wall = profile_rows(fwd_prog, fwd_args)
-    flops = forward_flops(editor, fwd_args)
+    flops = forward_flops(editor, args.size, text_len)
     load1 = os.getloadavg()
 
     med = statistics.median
