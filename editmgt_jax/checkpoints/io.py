@@ -103,17 +103,20 @@ def writing_checkpoint(path: str | os.PathLike, *, overwrite: bool = False,
 SAVE_CONCURRENT_GB = 1
 
 
-def save_component(path: str, name: str, tree: Mapping, *, _item_dir: bool = False) -> None:
+def save_component(path: str, name: str, tree: Mapping) -> None:
     """Write one component's parameters (nested dicts of numpy or jax arrays).
 
     Numpy leaves of mutable dicts are replaced in place, one at a time, by host (CPU) jax arrays, and
     Orbax copies at most :data:`SAVE_CONCURRENT_GB` of them at once, so a component converted in
     host memory is never held twice (peak: the component plus about one tensor)."""
+    _save_item(params_dir(os.path.abspath(path), name), tree)
+
+
+def _save_item(item: str, tree: Mapping) -> None:
     import orbax.checkpoint as ocp
 
     tree = _host_arrays(tree, jax.devices("cpu")[0])
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=SAVE_CONCURRENT_GB))
-    item = os.path.join(os.path.abspath(path), name) if _item_dir else params_dir(os.path.abspath(path), name)
     ckptr.save(item, args=ocp.args.PyTreeSave(tree))
 
 
@@ -160,7 +163,7 @@ def plan_parts(abstract: Mapping, itemsize: int | None = None, max_bytes: int | 
 
 def save_component_part(path: str, name: str, index: int, tree: Mapping) -> None:
     """Write part ``index`` of a component written in parts (see :func:`finish_component_parts`)."""
-    save_component(os.path.join(params_dir(path, name)), f"part-{index:03d}", tree, _item_dir=True)
+    _save_item(os.path.join(params_dir(os.path.abspath(path), name), f"part-{index:03d}"), tree)
 
 
 def finish_component_parts(path: str, name: str, count: int) -> None:
