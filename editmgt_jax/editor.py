@@ -37,7 +37,7 @@ from editmgt_jax.edit_inputs import (EditError, check_instructions, load_rgb, ma
                                      sampler_settings)
 from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC, micro_conditions
 from editmgt_jax.sampling.config import TIMESTEP_CONVENTIONS, Knobs, SamplerConfig, SamplerSettings
-from editmgt_jax.sampling.region_hold import sample
+from editmgt_jax.sampling import program
 from editmgt_jax.step_progress import StepProgress
 from editmgt_jax.text_side import (InstructionWarning, ReleaseTextSide, SmallTextSide,  # noqa: F401
                                    make_text_side)
@@ -269,19 +269,33 @@ class Editor:
         if len({s.shape for s in srcs}) > 1:
             raise EditError(f"images of one batch must share a size after resizing, got "
                             f"{sorted({s.shape for s in srcs})}")
-        src = np.stack(srcs)
-        sig = ("reconstruct", src.shape)
+        return self._roundtrip(np.stack(srcs))["image"]
+
+    def encode_ids(self, images) -> np.ndarray:
+        """Token ids of images already at a working size the grid takes (``[B, H, W, 3]`` uint8, or a
+        list of such arrays of one size): ``[B, h, w] int32``, the ids the edit program starts from."""
+        return self._roundtrip(np.stack([np.asarray(im) for im in images]))["ids"]
+
+    def _roundtrip(self, src: np.ndarray) -> dict:
+        sig = ("roundtrip", src.shape)
         prog = self._programs.get(sig)
         if prog is None:
             graphdef = self.graphdefs["vq"]
+            prog = self._programs[sig] = jax.jit(lambda state, px: program.roundtrip(nnx.merge(graphdef, state), px))
+        return {k: np.asarray(v) for k, v in prog(self.states["vq"], src).items()}
 
-            def program(state, pixels):
-                vq = nnx.merge(graphdef, state)
-                ids = vq.encode_ids(pixels.astype(jnp.float32) / 255.0)
-                return jnp.round(jnp.clip(vq.decode_ids(ids), 0.0, 1.0) * 255.0).astype(jnp.uint8)
-
-            prog = self._programs[sig] = jax.jit(program)
-        return np.asarray(prog(self.states["vq"], src))
+    def set_states(self, modules: Mapping[str, nnx.Module]) -> None:
+        """Swap in new parameters of the same structure (e.g. a training run's current ones): the
+        compiled programs stay valid, since parameters are their arguments."""
+        rep = parallel.replicated(self.mesh)
+        for name, m in modules.items():
+            if name == "text":
+                self.text.set_module(m)
+                continue
+            graphdef, state = nnx.split(m)
+            if graphdef != self.graphdefs[name]:
+                raise ValueError(f"set_states: {name} has another structure than the loaded model")
+            self.states[name] = jax.device_put(state, rep)
 
     def _on_step(self, *operands) -> None:
         self.progress(*operands)   # looked up per call: ``self.progress`` may be replaced
@@ -310,35 +324,17 @@ class Editor:
 
     def _compile(self, cfg: SamplerConfig, arrays, has_mask: bool, progress: bool = False):
         graphdefs = self.graphdefs
-        on_step = self._on_step
-        mask_id = cfg.model.mask_token_id          # the checkpoint's conventions (sampler_config)
-        n_codes = self.vq_cfg.num_vq_embeddings
+        on_step = self._on_step if progress else None
 
-        def program(states, knobs, key, src, txt, pooled, ntxt, npooled, micro, *maybe_mask):
+        def run(states, knobs, key, src, txt, pooled, ntxt, npooled, micro, *maybe_mask):
             vq = nnx.merge(graphdefs["vq"], states["vq"])
             tr = nnx.merge(graphdefs["transformer"], states["transformer"])
-            pixels = src.astype(jnp.float32) / 255.0
-            ref_ids = vq.encode_ids(pixels)
-            model_fn = tr
-            if progress:
-                def model_fn(ids, *args, **kwargs):   # one host call per step, as the step begins
-                    jax.debug.callback(on_step, args[-1])
-                    return tr(ids, *args, **kwargs)
-            res = sample(model_fn, cfg, knobs, ref_ids, txt, pooled, ntxt, npooled, key=key, micro_conds=micro,
-                         inpaint_mask=maybe_mask[0] if maybe_mask else None)
-            tokens = res["tokens"]
-            # leftover mask ids (and anything outside the codebook) decode as code 0, as the official
-            # pipeline's decode does
-            safe = jnp.where((tokens >= n_codes) | (tokens == mask_id), 0, tokens)
-            img = jnp.clip(vq.decode_ids(safe), 0.0, 1.0)
-            out = {"image": jnp.round(img * 255.0).astype(jnp.uint8), "tokens": tokens, "ref_ids": ref_ids}
-            if res.get("heatmap") is not None:
-                out["heatmap"] = res["heatmap"]
-            return out
+            return program.edit(vq, tr, cfg, knobs, key, src, txt, pooled, ntxt, npooled, micro,
+                                maybe_mask[0] if maybe_mask else None, on_step=on_step)
 
         rep = parallel.replicated(self.mesh)
         in_sh = (rep, rep, rep) + tuple(parallel.batch_sharding(self.mesh, a.ndim) for a in arrays)
-        return jax.jit(program, in_shardings=in_sh)
+        return jax.jit(run, in_shardings=in_sh)
 
 
 # ---------------------------------------------------------------------- components

@@ -65,8 +65,15 @@ class SmallTextSide:
     def __init__(self, encoder, tokenizer):
         self.tokenizer = tokenizer
         self._warned: set[str] = set()
-        gd, self._state = nnx.split(encoder)
+        self._graphdef, self._state = gd, _ = nnx.split(encoder)
         self._fn = jax.jit(lambda st, ids: nnx.merge(gd, st)(ids))
+
+    def set_module(self, encoder) -> None:
+        """Swap in new parameters of the same encoder structure (the compiled encoder stays valid)."""
+        graphdef, state = nnx.split(encoder)
+        if graphdef != self._graphdef:
+            raise ValueError("set_module: the text encoder has another structure than the loaded one")
+        self._state = state
 
     def encode(self, prompts: Sequence[str], allow_empty: bool = False):
         if not allow_empty:

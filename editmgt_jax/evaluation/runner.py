@@ -22,7 +22,7 @@ from editmgt_jax.evaluation.ablations import (FALLBACK_LAMBDA, RunSpec, UsageErr
 from editmgt_jax.evaluation.grids import write_grids
 from editmgt_jax.evaluation.report import METRIC_DOC, plain, write_markdown
 
-EDIT_KEYS = ("edit_success", "changed_token_acc", "l1", "psnr", "ssim", "psnr_in", "leak_l1_src",
+EDIT_KEYS = ("clean_success", "kept_outside", "edit_success", "changed_token_acc", "l1", "psnr", "ssim", "psnr_in", "leak_l1_src",
              "leak_psnr_src", "leak_l1_rec", "leak_psnr_rec")
 MAP_KEYS = ("iou_topk", "iou_fixed", "auroc")
 # IoU with the ground-truth mask of the cells whose final token differs from the source's (the
@@ -122,18 +122,12 @@ class Evaluation:
 
     def tokenize_all(self):
         """Token ids of every prepared source and target (for changed-token accuracy)."""
-        import jax
-        import jax.numpy as jnp
-        from flax import nnx
-
-        if "vq" not in getattr(self.editor, "graphdefs", {}):
+        if not hasattr(self.editor, "encode_ids"):
             return   # an editor without a VQ tokenizer to read: no changed-token accuracy
-        graphdef = self.editor.graphdefs["vq"]
-        encode = jax.jit(lambda state, px: nnx.merge(graphdef, state).encode_ids(px.astype(jnp.float32) / 255.0))
         for b in self.batches():
             pb = self._padded(b)
             for key, store in (("source", self.source_ids), ("target", self.target_ids)):
-                ids = np.asarray(encode(self.editor.states["vq"], np.stack([self.items[i][key] for i in pb])))
+                ids = self.editor.encode_ids([self.items[i][key] for i in pb])
                 for k, i in enumerate(b):
                     store[i] = ids[k]
 
@@ -146,10 +140,12 @@ class Evaluation:
         from editmgt_jax.evaluation import metrics
 
         it = self.items[i]
-        row = {"edit_success": None, "changed_token_acc": None, "iou_changed": None, "iou_changed_dilated": None}
+        row = {"clean_success": None, "kept_outside": None, "edit_success": None, "changed_token_acc": None,
+               "iou_changed": None, "iou_changed_dilated": None}
         if it["mask"] is not None:
-            ok = metrics.edit_success(edit, it["target"], it["source"], it["mask"])
-            row["edit_success"] = None if ok is None else float(ok)
+            ok = metrics.clean_edit_success(edit, it["target"], it["source"], it["mask"])
+            for key, name in (("clean_success", "clean"), ("kept_outside", "kept"), ("edit_success", "inside")):
+                row[key] = None if ok[name] is None else float(ok[name])
         if tokens is not None and self.target_ids[i] is not None and np.shape(tokens) == np.shape(self.target_ids[i]):
             row["changed_token_acc"] = metrics.changed_token_accuracy(tokens, self.target_ids[i],
                                                                       self.source_ids[i])
