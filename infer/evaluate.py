@@ -116,8 +116,10 @@ def main(argv=None) -> int:
     base = report["runs"]["base"]["metrics"]
     ident = report["baselines"]["identity"]["metrics"]
     print(f"wrote {os.path.join(args.out, 'report.json')} and report.md in {time.time() - t0:.1f}s", file=sys.stderr)
-    print(f"base: PSNR {fmt(base['psnr']['mean'], 'psnr')} dB (identity {fmt(ident['psnr']['mean'], 'psnr')}), "
-          f"leak PSNR vs src {fmt(base['leak_psnr_src']['mean'], 'psnr')} dB, "
+    print(f"base: clean success {fmt(base['clean_success']['mean'])} (kept outside "
+          f"{fmt(base['kept_outside']['mean'])}, inside-only {fmt(base['edit_success']['mean'])}), "
+          f"PSNR {fmt(base['psnr']['mean'], 'psnr')} dB (identity {fmt(ident['psnr']['mean'], 'psnr')}), "
+          f"median leak PSNR vs src {fmt(base['leak_psnr_src']['median'], 'psnr')} dB, "
           f"IoU top-k {fmt(base['iou_topk']['mean'])}, AUROC {fmt(base['auroc']['mean'])}")
     return 0
 

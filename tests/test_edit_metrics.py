@@ -46,6 +46,29 @@ def test_changed_token_accuracy():
         metrics.changed_token_accuracy(src[:, :2], tgt, src)
 
 
+def test_clean_success_needs_the_edit_inside_and_the_source_outside():
+    src = np.full((16, 16, 3), 40, np.uint8)
+    tgt = src.copy()
+    mask = np.zeros((16, 16), bool)
+    mask[4:8, 4:8] = True
+    tgt[mask] = 220
+    ok = metrics.clean_edit_success(tgt, tgt, src, mask)
+    assert ok == {"clean": True, "inside": True, "kept": True}
+    assert metrics.clean_edit_success(src, tgt, src, mask) == {"clean": False, "inside": False, "kept": True}
+    repainted = np.full_like(src, 220)                       # the edit everywhere: inside passes
+    assert metrics.clean_edit_success(repainted, tgt, src, mask) == {"clean": False, "inside": True, "kept": False}
+    slight = tgt.astype(int)
+    slight[~mask] += 4                                       # 36 dB outside: kept
+    assert metrics.clean_edit_success(slight.astype(np.uint8), tgt, src, mask)["clean"] is True
+    slight[~mask] += 8                                       # 26.4 dB outside: not kept
+    assert metrics.clean_edit_success(slight.astype(np.uint8), tgt, src, mask)["kept"] is False
+    whole = np.ones((16, 16), bool)                          # nothing outside to judge
+    whole[0, :3] = False                                     # 1% outside (< 5%): not judged
+    assert metrics.clean_edit_success(repainted, repainted, src, whole) == {"clean": True, "inside": True,
+                                                                              "kept": None}
+    assert metrics.clean_edit_success(tgt, tgt, src, np.zeros((16, 16), bool))["clean"] is None
+
+
 def test_training_edit_eval_scoring():
     from editmgt_jax.training import edit_eval
 
@@ -56,14 +79,20 @@ def test_training_edit_eval_scoring():
     mask[:4] = True
     tgt[:, :4] = 200
     items = [dict(source=src[i], target=tgt[i], mask=mask, category=c) for i, c in enumerate(["color", "add"])]
-    edits = np.stack([tgt[0], src[1]])                   # the first edit succeeds, the second copies
+    repainted = np.full_like(tgt[1], 200)
+    edits = [tgt[0], repainted]                  # the first edit is clean, the second repaints everything
     src_ids = np.array([[[1, 2], [3, 4]], [[1, 2], [3, 4]]])
     tgt_ids = np.array([[[5, 2], [3, 4]], [[6, 7], [3, 4]]])
     pred = np.array([[[5, 2], [3, 4]], [[1, 2], [3, 4]]])
-    out = edit_eval.score(items, edits, pred, src_ids, tgt_ids)
-    assert out["edit_success"] == 0.5
-    assert out["edit_success/color"] == 1.0 and out["edit_success/add"] == 0.0
+    heat = np.array([[1.0, 0.0], [0.0, 0.0]])    # the map on the top-left cell; the mask is the top half
+    rows = [edit_eval.item_scores(it, e, heat, p, s, t) for it, e, p, s, t in zip(items, edits, pred, src_ids, tgt_ids)]
+    out = edit_eval.summarize(items, rows)
+    assert out["clean_success"] == 0.5 and out["inside_success"] == 1.0 and out["kept_outside"] == 0.5
+    assert out["clean_success/color"] == 1.0 and out["clean_success/add"] == 0.0
+    assert out["inside_success/add"] == 1.0
     assert out["changed_token_accuracy"] == pytest.approx(1 / 3)
+    assert out["leak_psnr_src"] == pytest.approx((100.0 + metrics.psnr(repainted, src[1], region=~mask)) / 2)
+    assert 0.5 < out["map_auroc"] <= 1.0
 
 
 def test_changed_region():

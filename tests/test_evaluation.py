@@ -152,8 +152,9 @@ def test_edit_metrics_and_aggregate():
     assert row["leak_l1_rec"] == pytest.approx(4 / 255)
     none = metrics.edit_metrics(tgt, tgt, src)
     assert none["leak_psnr_src"] is None and none["psnr_in"] is None
-    agg = metrics.aggregate([{"a": 1.0, "b": None}, {"a": 3.0, "b": 2.0}], ["a", "b", "c"])
-    assert agg == {"a": {"mean": 2.0, "n": 2}, "b": {"mean": 2.0, "n": 1}, "c": {"mean": None, "n": 0}}
+    agg = metrics.aggregate([{"a": 1.0, "b": None}, {"a": 3.0, "b": 2.0}, {"a": 10.0}], ["a", "b", "c"])
+    assert agg == {"a": {"mean": 14 / 3, "median": 3.0, "n": 3}, "b": {"mean": 2.0, "median": 2.0, "n": 1},
+                   "c": {"mean": None, "median": None, "n": 0}}
 
 
 # ------------------------------------------------------------------------------ evaluation sets

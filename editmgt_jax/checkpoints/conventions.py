@@ -32,7 +32,8 @@ RELEASE_SAMPLER = {"steps": 36, "guidance_scale": 6.0, "reference_strength": 1.1
                    "temperature_start": 2.0, "temperature_end": 0.0}
 # Sampler settings a conventions record may recommend (``SamplerSettings`` fields).
 SAMPLER_KEYS = ("steps", "guidance_scale", "reference_strength", "hold_threshold", "keep_source", "consolidation_blocks",
-                "capture_mode", "greedy", "freeze_held", "temperature_start", "temperature_end", "score_grid")
+                "capture_mode", "greedy", "freeze_held", "temperature_start", "temperature_end", "score_grid",
+                "composite")
 SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
 
 

@@ -313,6 +313,44 @@ def edit_success(edit, target, source, mask, *, ratio: float = 0.5) -> bool | No
     return bool(d[0] < ratio * d[1])
 
 
+# Clean edit success: the edit happened inside the ground-truth region AND the rest of the picture is
+# the source's. Outside is judged when it covers at least this fraction of the picture.
+KEPT_PSNR_DB = 30.0
+KEPT_MIN_FRACTION = 0.05
+
+
+def kept_outside(edit, source, mask, *, min_db: float = KEPT_PSNR_DB,
+                 min_fraction: float = KEPT_MIN_FRACTION) -> bool | None:
+    """Is the picture outside the ground-truth region the source's? PSNR against the source over the
+    pixels outside ``mask`` is at least ``min_db``. ``None`` when outside covers less than
+    ``min_fraction`` of the picture (a whole-picture edit: nothing outside to keep)."""
+    m = np.asarray(mask, bool)
+    if m.ndim == 3:
+        m = m[..., 0]
+    outside = ~m
+    if outside.mean() < min_fraction:
+        return None
+    return bool(psnr(edit, source, region=outside) >= min_db)
+
+
+def clean_edit_success(edit, target, source, mask, *, ratio: float = 0.5, min_db: float = KEPT_PSNR_DB,
+                       min_fraction: float = KEPT_MIN_FRACTION) -> dict:
+    """Clean edit success of one item, with its two halves.
+
+    ``inside``: :func:`edit_success` (inside the mask the edit is closer to the target than ``ratio``
+    times the source's distance). ``kept``: :func:`kept_outside` (outside PSNR vs the source >=
+    ``min_db``; ``None`` when outside is under ``min_fraction`` of the picture). ``clean``: both
+    (``kept`` not judged counts as kept). Returning the source fails ``inside``; repainting the whole
+    picture fails ``kept``. All ``None`` when the item cannot be judged (empty mask, or the source
+    already equals the target inside).
+    """
+    inside = edit_success(edit, target, source, mask, ratio=ratio)
+    if inside is None:
+        return {"clean": None, "inside": None, "kept": None}
+    kept = kept_outside(edit, source, mask, min_db=min_db, min_fraction=min_fraction)
+    return {"clean": bool(inside and kept is not False), "inside": inside, "kept": kept}
+
+
 def changed_token_counts(pred_ids, target_ids, source_ids) -> tuple[int, int]:
     """``(hits, changed)``: among token positions where ``target_ids != source_ids`` (``changed`` of
     them), how many ``pred_ids`` equals the target. Arrays of one shape, any leading axes."""
@@ -370,9 +408,11 @@ def map_metrics(score, mask, *, threshold: float, upsample: str = "bilinear") ->
 
 
 def aggregate(rows: list[dict], keys: list[str] | tuple[str, ...]) -> dict:
-    """``{key: {"mean": float | None, "n": int}}``: the mean of each key over the rows where it is set."""
+    """``{key: {"mean": float | None, "median": float | None, "n": int}}``: the mean and median of each
+    key over the rows where it is set."""
     out = {}
     for k in keys:
         vals = [r[k] for r in rows if r.get(k) is not None]
-        out[k] = {"mean": float(np.mean(vals)) if vals else None, "n": len(vals)}
+        out[k] = {"mean": float(np.mean(vals)) if vals else None,
+                  "median": float(np.median(vals)) if vals else None, "n": len(vals)}
     return out

@@ -224,23 +224,10 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
         if vq_params is not None:
             comps["vq"] = jax.device_get(vq_params)
             cfgs["vq"] = dict(vq_config)
-        res = int(config.data.resolution)
-        sampler_convention = losses.sampler_timestep_convention(config.editor.timestep_convention)
-        meta["sampler_defaults"] = {
-            "resolution": res, "micro_conds": [float(res), float(res), 0.0, 0.0,
-                                               float(config.editor.get("aesthetic", 6.0))],
-            "timestep_convention": sampler_convention,
-        }
-        # Recommended sampler settings for this model (steps, guidance_scale, hold_threshold,
-        # consolidation_blocks, ...): what Editor.edit and infer.edit use unless told otherwise.
-        for k, v in dict(config.editor.get("sampler_defaults", {}) or {}).items():
-            meta["sampler_defaults"][k] = list(v) if isinstance(v, tuple) else v
+        meta["sampler_defaults"] = sampler_meta(config)
         meta["training"]["timestep_convention"] = config.editor.timestep_convention
-        meta["timestep_convention"] = sampler_convention
-        from editmgt_jax.training.step import mask_token_id
-        meta["conventions"] = checkpoints.legacy_conventions(
-            {"components": cfgs, **meta}, mask_token_id=mask_token_id(config),
-            source="the training config (editor.transformer / init_from)")
+        meta["timestep_convention"] = meta["sampler_defaults"]["timestep_convention"]
+        meta["conventions"] = editor_conventions(config, cfgs["transformer"])
     else:
         comps["vq"] = params
         cfgs["vq"] = state_lib.vq_config(config).to_dict()
@@ -252,6 +239,35 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
             finish(folder)
 
     return checkpoints.save_model(path, comps, cfgs, metadata=meta, overwrite=overwrite, finish=complete)
+
+
+def sampler_meta(config) -> dict:
+    """The exported ``sampler_defaults`` of an editor config: resolution, micro-conditions and the
+    timestep convention it was trained with, plus the config's recommended sampler settings
+    (``editor.sampler_defaults``: steps, guidance_scale, hold_threshold, consolidation_blocks,
+    composite, ...), what ``Editor.edit`` and ``infer.edit`` use unless told otherwise."""
+    from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC
+
+    res = int(config.data.resolution)
+    meta = {"resolution": res,
+            "micro_conds": [float(res), float(res), 0.0, 0.0, float(config.editor.get("aesthetic", DEFAULT_AESTHETIC))],
+            "timestep_convention": losses.sampler_timestep_convention(config.editor.timestep_convention)}
+    for k, v in dict(config.editor.get("sampler_defaults", {}) or {}).items():
+        meta[k] = list(v) if isinstance(v, tuple) else v
+    return meta
+
+
+def editor_conventions(config, transformer_cfg: dict | None = None):
+    """The conventions record an editor config exports (``checkpoints.Conventions``): the one
+    record the exported model, the trainer's held-out evaluation and its previews are driven by."""
+    from editmgt_jax import checkpoints
+    from editmgt_jax.training import state as state_lib
+    from editmgt_jax.training.step import mask_token_id
+
+    tcfg = transformer_cfg or state_lib.transformer_config(config).to_dict()
+    return checkpoints.legacy_conventions(
+        {"components": {"transformer": tcfg}, "sampler_defaults": sampler_meta(config)},
+        mask_token_id=mask_token_id(config), source="the training config (editor.transformer / init_from)")
 
 
 def load_vq(path: str | os.PathLike, dtype=None):

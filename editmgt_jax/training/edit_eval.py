@@ -1,19 +1,21 @@
-"""Held-out edit evaluation during training: do sampled edits succeed?
+"""Held-out edit evaluation during training: would a person accept the edits?
 
-The masked-token loss and accuracy are dominated by the positions an edit leaves alone (copying the
-source gets most of them right), so the trainer also runs the sampler on a fixed, category-balanced
-subset of the held-out split and reports what the release evaluation reports
+The masked-token loss and accuracy are dominated by the positions an edit leaves alone, so the
+trainer also edits a fixed, category-balanced subset of the held-out split with the program users
+run: an ``Editor`` built from the current parameters and the conventions record the run exports
+(its sampler settings, region hold and composite included), fed the held-out images at their own
+size exactly as ``infer.edit`` would be. It reports what ``infer.evaluate`` reports
 (``editmgt_jax.evaluation.metrics``):
 
-* ``edit_success``: per item, inside the ground-truth edit region the decoded edit is closer to the
-  target than half the source's distance (mean RGB distance at the working size); returning the
-  source scores 0. Also per category (``edit_success/<category>``).
-* ``changed_token_accuracy``: among the token positions where the target's ids differ from the
-  source's, the fraction the sampled edit got (copying the source scores 0).
-
-Images are brought to the working size exactly as ``Editor.prepare`` does (``imageio.fit_to_grid``,
-centre crop), tokenised with the frozen tokenizer, edited with a greedy sampler of the configured
-steps and guidance (no region hold, no compositing: the model's own output is judged), and decoded.
+* ``clean_success``: inside the ground-truth region the edit is closer to the target than half the
+  source's distance, and outside it (when it covers at least 5% of the picture) the PSNR against
+  the source is at least 30 dB; ``inside_success`` and ``kept_outside`` are the two halves. Also per
+  category (``clean_success/<category>``).
+* ``leak_psnr_src``: the median PSNR against the source outside the ground-truth region.
+* ``map_auroc`` / ``map_iou``: the edit-region map against the ground-truth mask (AUROC; IoU of the
+  map's top-k pixels, k = the mask's area), when the model's settings capture attention.
+* ``changed_token_accuracy``: among the positions where the target's ids differ from the source's,
+  the fraction the edit got.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from editmgt_jax import imageio
 from editmgt_jax.evaluation import metrics
+
+SEED = 0   # the evaluation's sampling seed: every evaluation of a run draws the same noise
 
 
 def balanced_indices(categories: Sequence[str], per_category: int) -> list[int]:
@@ -37,8 +40,8 @@ def balanced_indices(categories: Sequence[str], per_category: int) -> list[int]:
     return out
 
 
-def load_items(config, per_category: int) -> list:
-    """``EvalItem``s of the held-out split at the working size (category-balanced, fixed)."""
+def load_items(config, per_category: int) -> list[dict]:
+    """Held-out items (source, target, mask at the dataset's own size; category-balanced, fixed)."""
     import os
 
     from editmgt_jax.evaluation.datasets import open_eval_set
@@ -52,103 +55,113 @@ def load_items(config, per_category: int) -> list:
     n_scan = min(len(ds), per_category * 8 * 4)
     items = [ds[i] for i in range(n_scan)]
     keep = balanced_indices([it.category for it in items], per_category)
-    size = int(config.editor.image_size)
-    out = []
-    for i in keep:
-        it = items[i]
-        if it.mask is None:
-            continue
-        src = imageio.fit_to_grid(it.source, size, 1, "crop")
-        tgt = imageio.fit_to_grid(it.target, size, 1, "crop")
-        m = imageio.fit_to_grid(np.repeat(it.mask[..., None].astype(np.uint8) * 255, 3, -1), size, 1,
-                                "crop")[..., 0] > 127
-        out.append(dict(id=it.id, source=src, target=tgt, mask=m, instruction=it.instruction,
-                        category=it.category))
-    return out
+    return [dict(id=items[i].id, source=items[i].source, target=items[i].target, mask=items[i].mask,
+                 instruction=items[i].instruction, category=items[i].category)
+            for i in keep if items[i].mask is not None]
 
 
-def score(items: list[dict], edits: np.ndarray, pred_ids: np.ndarray, source_ids: np.ndarray,
-          target_ids: np.ndarray) -> dict[str, float]:
-    """Aggregate edit success (overall and per category) and changed-token accuracy.
+def item_scores(item: dict, edit: np.ndarray, heatmap=None, tokens=None, source_ids=None, target_ids=None) -> dict:
+    """Every per-item number of the evaluation (``None`` where it cannot be judged)."""
+    row = metrics.clean_edit_success(edit, item["target"], item["source"], item["mask"])
+    row["leak_psnr_src"] = metrics.psnr(edit, item["source"], region=~np.asarray(item["mask"], bool))
+    row["map_auroc"] = row["map_iou"] = None
+    if heatmap is not None:
+        mm = metrics.map_metrics(heatmap, item["mask"], threshold=0.5)
+        row["map_auroc"], row["map_iou"] = mm["auroc"], mm["iou_topk"]
+    row["changed"] = row["hits"] = None
+    if tokens is not None and target_ids is not None:
+        row["hits"], row["changed"] = metrics.changed_token_counts(tokens, target_ids, source_ids)
+    return row
 
-    ``edits`` ``[N, S, S, 3]`` uint8 decoded edits of ``items``; ids ``[N, h, w]``.
-    """
-    ok: dict[str, list[bool]] = {}
-    for it, e in zip(items, edits):
-        s = metrics.edit_success(e, it["target"], it["source"], it["mask"])
-        if s is not None:
-            ok.setdefault(it["category"], []).append(s)
-    hits, changed = metrics.changed_token_counts(pred_ids, target_ids, source_ids)
-    every = [v for vs in ok.values() for v in vs]
-    out = {"edit_success": float(np.mean(every)) if every else float("nan"),
-           "changed_token_accuracy": hits / changed if changed else float("nan")}
-    for c, vs in sorted(ok.items()):
-        out[f"edit_success/{c}"] = float(np.mean(vs))
+
+def summarize(items: list[dict], rows: list[dict]) -> dict[str, float]:
+    """Aggregate per-item rows: means of the success flags (overall and per category), medians of
+    the leakage, means of the map scores, pooled changed-token accuracy."""
+    def mean(key, sel=None):
+        vals = [float(r[key]) for r in (sel if sel is not None else rows) if r[key] is not None]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    leaks = [r["leak_psnr_src"] for r in rows if r["leak_psnr_src"] is not None]
+    out = {"clean_success": mean("clean"), "inside_success": mean("inside"), "kept_outside": mean("kept"),
+           "leak_psnr_src": float(np.median(leaks)) if leaks else float("nan"),
+           "map_auroc": mean("map_auroc"), "map_iou": mean("map_iou")}
+    changed = sum(r["changed"] or 0 for r in rows)
+    out["changed_token_accuracy"] = sum(r["hits"] or 0 for r in rows) / changed if changed else float("nan")
+    for c in sorted({it["category"] for it in items}):
+        sel = [r for it, r in zip(items, rows) if it["category"] == c]
+        out[f"clean_success/{c}"] = mean("clean", sel)
+        out[f"inside_success/{c}"] = mean("inside", sel)
     return out
 
 
 class EditEval:
-    """Runs the held-out edit evaluation of the current parameters (``__call__(params)`` -> dict)."""
+    """Edits the held-out subset with the current parameters (``__call__(params)`` -> dict).
 
-    def __init__(self, config, program, aux, frozen_programs, tokenizer, *, per_category: int = 10):
+    The ``Editor`` is built once from the run's modules and conventions; each call swaps in the
+    current parameters, so its compiled edit program is reused.
+    """
+
+    def __init__(self, config, program, aux, frozen_programs, tokenizer, *, per_category: int = 10,
+                 batch_size: int = 35):
         if "vq" not in frozen_programs:
             raise ValueError("the held-out edit evaluation needs the frozen tokenizer "
                              "(set editor.vq_checkpoint)")
         if config.editor.text.kind != "small":
             raise ValueError("the held-out edit evaluation supports editor.text.kind='small' only")
+        from editmgt_jax.training.checkpoint import editor_conventions
+
         self.config = config
         self.program = program
         self.aux = aux
         self.vq_prog = frozen_programs["vq"]
+        self.tokenizer = tokenizer
+        self.conventions = editor_conventions(config)
         self.items = load_items(config, per_category)
-        self.instruction_ids = np.asarray(tokenizer([it["instruction"] for it in self.items])["ids"])
-        self.sources = np.stack([it["source"] for it in self.items])
-        self.targets = np.stack([it["target"] for it in self.items])
-        self._fn = None
+        self.batch_size = int(batch_size)
+        self._editor = None
 
-    def _build(self):
-        import jax
-        import jax.numpy as jnp
+    def editor(self, params):
+        """The ``Editor`` of ``params`` (the one the run would export)."""
+        from editmgt_jax.editor import Editor
+        from editmgt_jax.text_side import SmallTextSide
 
-        from editmgt_jax.sampling.config import SamplerSettings
-        from editmgt_jax.sampling.region_hold import sample
-        from editmgt_jax.training.step import mask_token_id
+        model = self.program.model.merge(params, self.aux["rest"])
+        vq = self.vq_prog.merge(*self.aux["frozen"]["vq"])
+        if self._editor is None:
+            doc = {"conventions": self.conventions.to_dict()}
+            self._editor = Editor(doc, {"vq": vq, "transformer": model.transformer},
+                                  SmallTextSide(model.text_encoder, self.tokenizer))
+        else:
+            self._editor.set_states({"transformer": model.transformer, "text": model.text_encoder})
+        return self._editor
 
-        cfg = self.config
-        defaults = dict(cfg.editor.get("sampler_defaults", {}) or {})
-        # the micro-conditions the editor trains with (losses.default_micro_conds)
-        res, aesthetic = float(cfg.data.resolution), float(cfg.editor.get("aesthetic", 6.0))
-        guidance = float(defaults.get("guidance_scale", 3.0)) if float(cfg.editor.cond_dropout) > 0 else 1.0
-        scfg, knobs = SamplerSettings(steps=int(defaults.get("steps", cfg.train.sample_steps)),
-                                      guidance_scale=guidance,
-                                      reference_strength=float(defaults.get("reference_strength", 1.0)),
-                                      greedy=True, mask_token_id=mask_token_id(cfg),
-                                      micro_conds=(res, res, 0.0, 0.0, aesthetic),
-                                      timestep_convention=("mask_fraction" if cfg.editor.timestep_convention
-                                                           == "mask_fraction" else "step_index")).split()
-        model_prog, vq_prog = self.program.model, self.vq_prog
-
-        def fn(params, aux, sources, targets, instruction_ids):
-            model = model_prog.merge(params, aux["rest"])
-            vq = vq_prog.merge(*aux["frozen"]["vq"])
-            src = vq.encode_ids(sources.astype(jnp.float32) / 255.0)
-            tgt = vq.encode_ids(targets.astype(jnp.float32) / 255.0)
-            states, pooled = model.text_encoder(instruction_ids)
-            empty = jnp.full((1, instruction_ids.shape[1]), model.text_encoder.config.pad_id, jnp.int32)
-            nstates, npooled = model.text_encoder(empty)
-            out = sample(model.transformer, scfg, knobs, src, states, pooled, nstates, npooled)
-            n_codes = vq.cfg.num_vq_embeddings
-            tokens = jnp.where(out["tokens"] >= n_codes, src, out["tokens"])
-            pixels = jnp.clip(vq.decode_ids(tokens), 0.0, 1.0)
-            return jnp.round(pixels * 255.0).astype(jnp.uint8), tokens, src, tgt
-
-        return jax.jit(fn)
+    def edit_all(self, editor) -> list:
+        return edit_batches(editor, self.items, self.batch_size)
 
     def __call__(self, params) -> dict[str, float]:
-        import jax
+        return evaluate_editor(self.editor(params), self.items, self.batch_size)
 
-        if self._fn is None:
-            self._fn = self._build()
-        edits, pred, src, tgt = jax.device_get(self._fn(params, self.aux, self.sources, self.targets,
-                                                        self.instruction_ids))
-        return score(self.items, np.asarray(edits), np.asarray(pred), np.asarray(src), np.asarray(tgt))
+
+def edit_batches(editor, items: list[dict], batch_size: int) -> list:
+    """``(items, EditResult)`` per batch of ``batch_size`` items, batch ``j`` with seed ``SEED + j *
+    batch_size`` (the last batch padded by repeating its last item: one compiled shape)."""
+    results = []
+    for s in range(0, len(items), batch_size):
+        chunk = items[s:s + batch_size]
+        pad = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        res = editor.edit([it["source"] for it in pad], [it["instruction"] for it in pad], seed=SEED + s)
+        results.append((chunk, res))
+    return results
+
+
+def evaluate_editor(editor, items: list[dict], batch_size: int = 35) -> dict[str, float]:
+    """The evaluation's numbers for any ``Editor`` (the trainer's, or one loaded from an exported
+    model: the same model gives the same numbers)."""
+    target_ids = [editor.encode_ids([editor.prepare(it["target"])])[0] for it in items]
+    rows = []
+    for chunk, res in edit_batches(editor, items, batch_size):
+        for k, it in enumerate(chunk):
+            i = len(rows)
+            heat = None if res.heatmaps is None else res.heatmaps[k]
+            rows.append(item_scores(it, res.images[k], heat, res.tokens[k], res.source_tokens[k], target_ids[i]))
+    return summarize(items, rows)

@@ -293,8 +293,9 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
                 writer.scalars(step_no, "edit_eval", ev)
                 if lead:
                     writer.step(step_no, {f"eval_{k}": v for k, v in ev.items()})
-                    logging.info("step %d held-out edit success %.3f, changed-token accuracy %.3f (%.0f s)",
-                                 step_no, ev["edit_success"], ev["changed_token_accuracy"],
+                    logging.info("step %d held-out clean success %.3f (inside %.3f, kept outside %.3f), "
+                                 "leak %.1f dB, map AUROC %.3f (%.0f s)", step_no, ev["clean_success"],
+                                 ev["inside_success"], ev["kept_outside"], ev["leak_psnr_src"], ev["map_auroc"],
                                  time.perf_counter() - t_eval)
                 t_window += time.perf_counter() - t_eval   # evaluation time is not training throughput
             sample_every = int(config.train.sample_every)
@@ -304,7 +305,7 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
                     pending = None
                 if sampler is None:
                     eval_raw = eval_raw or next(iter(eval_dataset()))
-                    sampler = Sampler(config, program, aux, frozen_programs, eval_raw, mesh)
+                    sampler = Sampler(config, program, aux, frozen_programs, eval_raw, mesh, tokenizer)
                 grid = sampler.grid(state.params)
                 if grid is not None and lead:
                     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
@@ -327,8 +328,10 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
         plot_losses(read_losses(workdir), os.path.join(workdir, "loss.png"),
                     f"{config.task} training loss")
         curves = {name: read_losses(workdir, key) for name, key in (
-            ("held-out edit success (sampled)", "eval_edit_success"),
-            ("held-out changed-token accuracy (sampled)", "eval_changed_token_accuracy"),
+            ("held-out clean success", "eval_clean_success"),
+            ("held-out inside-only success", "eval_inside_success"),
+            ("held-out edit-region map AUROC", "eval_map_auroc"),
+            ("held-out changed-token accuracy (edited)", "eval_changed_token_accuracy"),
             ("held-out changed-token accuracy (masked, one step)", "eval_changed_accuracy"))}
         if any(curves.values()):
             plot_curves(curves, os.path.join(workdir, "curves.png"), f"{config.task}: learning curves")

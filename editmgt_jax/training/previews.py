@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from editmgt_jax.training.batches import prepare_batch
-from editmgt_jax.training.losses import sampler_timestep_convention
 
 
 def image_grid(columns: list[np.ndarray]) -> np.ndarray:
@@ -20,13 +19,15 @@ def image_grid(columns: list[np.ndarray]) -> np.ndarray:
 
 
 class Sampler:
-    """Periodic sample grids of the current parameters on a fixed evaluation batch.
+    """Periodic sample grids of the current parameters.
 
-    vq: input | reconstruction. editor: source | target | greedy sample edit (the instruction's
-    edit decoded with the frozen tokenizer; pre-tokenised data shows the decoded tokens).
+    vq: input | reconstruction, on a fixed evaluation batch. editor: source | target | edit of the
+    first ``train.num_samples`` held-out items, edited by the program users run (the ``Editor`` of
+    the current parameters with the run's exported settings; ``edit_eval.EditEval``), at the
+    items' own size.
     """
 
-    def __init__(self, config, program, aux, frozen_programs, eval_raw, mesh):
+    def __init__(self, config, program, aux, frozen_programs, eval_raw, mesh, tokenizer=None):
         import jax
 
         self.config = config
@@ -35,72 +36,38 @@ class Sampler:
         self.frozen_programs = frozen_programs
         self.raw = {k: v[: int(config.train.num_samples)] for k, v in eval_raw.items()}
         self.mesh = mesh
-        self.available = config.task == "vq" or ("vq" in aux["frozen"] and (
-            config.editor.text.kind == "small" or "uncond" in aux["frozen"]))
+        self.available = config.task == "vq" or ("vq" in frozen_programs and config.editor.text.kind == "small")
         self._fn = None
+        self._edits = None
+        self._tokenizer = tokenizer
         self._jax = jax
-
-    def _build(self):
-        import jax
-        import jax.numpy as jnp
-
-        from editmgt_jax.sampling.config import SamplerSettings
-        from editmgt_jax.sampling.region_hold import sample
-        from editmgt_jax.training.step import mask_token_id, to_unit_range
-
-        cfg = self.config
-        model_prog = self.program.model
-        if cfg.task == "vq":
-            def fn(params, aux, images):
-                model = model_prog.merge(params, aux["rest"])
-                return model(to_unit_range(images))[0]
-            return jax.jit(fn)
-
-        vq_prog = self.frozen_programs["vq"]
-        text_prog = self.frozen_programs.get("text")
-        guidance = 3.0 if float(cfg.editor.cond_dropout) > 0 else 1.0
-        scfg, knobs = SamplerSettings(
-            steps=int(cfg.train.sample_steps), guidance_scale=guidance, reference_strength=1.0, greedy=True,
-            mask_token_id=mask_token_id(cfg),
-            timestep_convention=sampler_timestep_convention(cfg.editor.timestep_convention)).split()
-        mask_id = model_prog.abstract_params["transformer"]["mlm_layer"]["conv2"]["kernel"].shape[-1]
-
-        def fn(params, aux, batch):
-            model = model_prog.merge(params, aux["rest"])
-            vq = vq_prog.merge(*aux["frozen"]["vq"])
-            src = batch["source_ids"] if "source_ids" in batch else vq.encode_ids(
-                to_unit_range(batch["source"]))
-            if model.text_encoder is not None:
-                states, pooled = model.text_encoder(batch["instruction_ids"])
-                empty = jnp.zeros((1, batch["instruction_ids"].shape[1]), jnp.int32)
-                nstates, npooled = model.text_encoder(empty)
-            elif text_prog is not None:    # the release's frozen encoders
-                text = text_prog.merge(*aux["frozen"]["text"])
-                states, pooled = text(batch["clip_ids"], batch["gemma_ids"])
-                nstates, npooled = aux["frozen"]["uncond"]
-            else:
-                states, pooled = batch["text_states"], batch["pooled"]
-                nstates, npooled = aux["frozen"]["uncond"]
-
-            micro = batch.get("micro_conds")
-            out = sample(model.transformer, scfg, knobs, src, states, pooled, nstates, npooled, micro_conds=micro)
-            tokens = jnp.where(out["tokens"] >= mask_id, 0, out["tokens"])
-            if "source" in batch:
-                shown = (to_unit_range(batch["source"]), to_unit_range(batch["target"]))
-            else:   # pre-tokenised data: show what the tokens decode to
-                shown = (vq.decode_ids(batch["source_ids"]), vq.decode_ids(batch["target_ids"]))
-            return shown + (vq.decode_ids(tokens),)
-        return jax.jit(fn)
 
     def grid(self, params) -> np.ndarray | None:
         if not self.available:
             return None
-        if self._fn is None:
-            self._fn = self._build()
-        batch = prepare_batch(self.raw, self.config)
-        batch = {k: v for k, v in batch.items() if k != "index"}
         if self.config.task == "vq":
-            images = batch["image"][: len(self.raw["target"])]
-            recon = self._jax.device_get(self._fn(params, self.aux, images))
-            return image_grid([images, recon])
-        return image_grid(list(self._jax.device_get(self._fn(params, self.aux, batch))))
+            return self._vq_grid(params)
+        if self._edits is None:
+            from editmgt_jax.training.edit_eval import EditEval
+
+            self._edits = EditEval(self.config, self.program, self.aux, self.frozen_programs, self._tokenizer,
+                                   per_category=1, batch_size=int(self.config.train.num_samples))
+            self._edits.items = self._edits.items[: int(self.config.train.num_samples)]
+        editor = self._edits.editor(params)
+        (items, res), = self._edits.edit_all(editor)[:1]
+        return image_grid([np.stack([it["source"] for it in items]), np.stack([it["target"] for it in items]),
+                           np.stack(list(res.images[: len(items)]))])
+
+    def _vq_grid(self, params) -> np.ndarray:
+        if self._fn is None:
+            import jax
+
+            from editmgt_jax.training.step import to_unit_range
+
+            model_prog = self.program.model
+            self._fn = jax.jit(lambda params, aux, images: model_prog.merge(params, aux["rest"])(
+                to_unit_range(images))[0])
+        batch = prepare_batch(self.raw, self.config)
+        images = batch["image"][: len(self.raw["target"])]
+        recon = self._jax.device_get(self._fn(params, self.aux, images))
+        return image_grid([images, recon])
