@@ -361,6 +361,14 @@ def fold_bias(q, k, v, seg: Segments, log_strength, multiple: int = 8):
 
 def _text_rows_capture(q, k, seg: Segments, log_strength, mode: str) -> jax.Array:
     """Capture from the text rows' block of logits ``[B, H, L, S]`` (kernel implementations)."""
+    return jax.lax.stop_gradient(text_rows_scores(q, k, seg, log_strength, mode))
+
+
+def text_rows_scores(q, k, seg: Segments, log_strength, mode: str) -> jax.Array:
+    """The captured text-to-image attention ``[B, seg.image] float32``, differentiable: the text rows'
+    logits ``[B, H, L, S]`` only (a few rows), softmax, image columns, mean over heads and text rows.
+    What :func:`attention` returns as its score with ``capture_grad=True`` (the edit-region map an
+    auxiliary loss can train)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     s = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, : seg.text] * scale, k, preferred_element_type=jnp.float32)
     if mode == "official":
@@ -369,7 +377,7 @@ def _text_rows_capture(q, k, seg: Segments, log_strength, mode: str) -> jax.Arra
         s = s + jnp.where(jnp.arange(seg.total) >= seg.reference_start,
                           jnp.asarray(log_strength, jnp.float32), 0.0)
     p = jax.nn.softmax(s, axis=-1)[..., seg.text: seg.reference_start]
-    return jax.lax.stop_gradient(jnp.mean(p, axis=(1, 2)))
+    return jnp.mean(p, axis=(1, 2))
 
 
 def _nn_kernel(q, k, v, seg, log_strength, capture_mode, nn_implementation="cudnn"):
@@ -405,7 +413,7 @@ def _pallas(q, k, v, seg, log_strength, capture_mode):
 # ----------------------------------------------------------------------------- entry point
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments,
               log_strength: jax.Array | float | None = None, *, capture_mode: str | None = None,
-              implementation: str | None = None, block_q: int | None = None
+              implementation: str | None = None, block_q: int | None = None, capture_grad: bool = False
               ) -> tuple[jax.Array, jax.Array | None]:
     """Softmax attention over the joint sequence with the reference-strength bias.
 
@@ -418,15 +426,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments,
         of the attention actually used, image columns).
       implementation: one of :data:`IMPLEMENTATIONS`, default :func:`default_implementation`.
       block_q: query rows per block (``xla``), default from :data:`BLOCK_ELEMENTS`.
+      capture_grad: the score is differentiable (:func:`text_rows_scores`, from the text rows' logits
+        alone, whatever the implementation); for training the map with an auxiliary loss.
     Returns:
       ``(out [B, H, S, D] in v.dtype, score)``; ``score`` is ``[B, seg.image] float32`` (mean over
-      heads and text rows; not differentiated) when ``capture_mode`` is set, else ``None``.
+      heads and text rows; differentiated only with ``capture_grad``) when ``capture_mode`` is set, else ``None``.
     """
     _check_capture(capture_mode)
     if q.shape[2] != seg.total:
         raise ValueError(f"attention: sequence length {q.shape[2]} != segments total {seg.total}")
     if seg.reference == 0:
         log_strength = None
+    if capture_grad and capture_mode is not None:
+        out, _ = attention(q, k, v, seg, log_strength, implementation=implementation, block_q=block_q)
+        return out, text_rows_scores(q, k, seg, log_strength, capture_mode)
     impl = implementation or default_implementation()
     if impl == "xla":
         return _xla(q, k, v, seg, log_strength, capture_mode, block_q)
@@ -440,4 +453,4 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments,
 
 
 __all__ = ["CAPTURE_MODES", "IMPLEMENTATIONS", "Segments", "attention", "default_implementation",
-           "fold_bias", "naive_attention", "naive_capture", "reference_bias"]
+           "fold_bias", "naive_attention", "naive_capture", "reference_bias", "text_rows_scores"]

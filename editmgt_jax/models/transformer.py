@@ -232,7 +232,7 @@ class EditTransformer(nnx.Module):
     # ------------------------------------------------------------------ forward
     def __call__(self, ids: jax.Array, ref_ids: jax.Array | None, text_states: jax.Array, pooled: jax.Array,
                  micro_conds: jax.Array, timestep: jax.Array, *, reference_strength=1.0,
-                 capture_blocks: Sequence[int] = (), capture_mode: str = "official"):
+                 capture_blocks: Sequence[int] = (), capture_mode: str = "official", capture_grad: bool = False):
         """One forward pass.
 
         Args:
@@ -248,6 +248,8 @@ class EditTransformer(nnx.Module):
             blocks) whose text-to-image attention is returned.
           capture_mode: ``"official"`` (softmax over text and image keys, no reference keys or bias, as
             the reference records it) or ``"model"`` (the attention used, image columns).
+          capture_grad: the scores are differentiable (training the edit-region map with an
+            auxiliary loss, ``training.losses.region_attention_loss``); the same values either way.
         Returns:
           ``(logits [B, H, W, codebook_size] float32, scores)``, ``scores`` ``None`` without captures,
           else ``[B, len(capture_blocks), h*w] float32``: per captured block the attention of all text
@@ -305,13 +307,13 @@ class EditTransformer(nnx.Module):
         def dual_call(m):
             def call(block, txt, img, temb, ref_temb, log_strength):
                 return block(txt, img, temb, ref_temb, cos, sin, seg=seg, log_strength=log_strength,
-                             capture_mode=m, attention_impl=self.attention)
+                             capture_mode=m, attention_impl=self.attention, capture_grad=capture_grad)
             return wrap(call)
 
         def single_call(m):
             def call(block, x, temb, ref_temb, log_strength):
                 return block(x, temb, ref_temb, cos, sin, seg=seg, log_strength=log_strength,
-                             capture_mode=m, attention_impl=self.attention)
+                             capture_mode=m, attention_impl=self.attention, capture_grad=capture_grad)
             return wrap(call)
 
         # Named scopes ("dual_block_3", "attention_core", "logits_head", ...) name the compiled ops in

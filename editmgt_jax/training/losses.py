@@ -166,6 +166,43 @@ def balanced_changed_cross_entropy(logits: jax.Array, source_ids: jax.Array, tar
     return jnp.sum(per_example * present) / jnp.maximum(jnp.sum(present), 1.0)
 
 
+def region_attention_loss(scores: jax.Array, source_ids: jax.Array, target_ids: jax.Array,
+                          weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Pull the consolidated text-to-image attention towards the cells the edit changes.
+
+    ``scores`` ``[B, n_blocks, N]``: the captured attention of the blocks the sampler consolidates
+    (``capture_grad=True``), mean over heads and text rows, on the transformer's ``h x w`` grid;
+    ``source_ids`` / ``target_ids`` ``[B, H, W]``. The sampler's first reduction is the mean over
+    blocks; here that mean, normalised over the image cells, is a distribution ``p``, and the
+    changed-token mask (target id != source id; max-pooled to the score grid when the transformer
+    down-samples) normalised the same way is ``q``. Per example the loss is ``KL(q || p)`` (0 when
+    the attention is spread evenly over exactly the changed cells); examples where nothing changed,
+    or with ``weights`` 0 (e.g. the instruction dropped for guidance training), count 0.
+
+    Returns ``(loss [] f32, mass [] f32)``: the mean KL over the counted examples, and the mean share
+    of the attention ``p`` that falls on changed cells (1 = all of it).
+    """
+    a = jnp.mean(scores.astype(jnp.float32), axis=1)                       # [B, N]
+    b, n = a.shape
+    changed = (source_ids != target_ids)
+    h, w = changed.shape[1:]
+    if n != h * w:                                                         # down-sampled grid
+        f = int(round(math.sqrt(h * w / n)))
+        changed = changed.reshape(b, h // f, f, w // f, f).any(axis=(2, 4))
+    q = changed.reshape(b, -1).astype(jnp.float32)
+    count = jnp.sum(q, axis=1)
+    q = q / jnp.maximum(count, 1.0)[:, None]
+    p = a / jnp.maximum(jnp.sum(a, axis=1, keepdims=True), 1e-12)
+    kl = jnp.sum(jnp.where(q > 0, q * (jnp.log(jnp.maximum(q, 1e-12)) - jnp.log(jnp.maximum(p, 1e-12))), 0.0),
+                 axis=1)
+    mass = jnp.sum(p * (q > 0), axis=1)
+    use = (count > 0).astype(jnp.float32)
+    if weights is not None:
+        use = use * weights.astype(jnp.float32)
+    denom = jnp.maximum(jnp.sum(use), 1.0)
+    return jnp.sum(kl * use) / denom, jnp.sum(mass * use) / denom
+
+
 def changed_token_hits(logits: jax.Array, source_ids: jax.Array, target_ids: jax.Array,
                        mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(hits, count) f32 scalars over masked positions whose target id differs from the source's:

@@ -70,6 +70,8 @@ class EditorLoss:
     full_mask_prob: float = 0.0           # fraction of examples with the whole target masked
     changed_share: float = 0.0            # > 0: per-example loss, this share on the changed positions
                                           #   (losses.balanced_changed_cross_entropy; replaces changed_weight)
+    region_weight: float = 0.0            # > 0: + this times losses.region_attention_loss on the
+    region_blocks: tuple[int, ...] = ()   #   captured attention of these blocks (the sampler's)
 
     def tokens(self, batch, frozen):
         if "target_ids" in batch:
@@ -138,12 +140,20 @@ class EditorLoss:
                 raise KeyError("editor batch has no micro_conds and no image size is configured")
             micro = losses.default_micro_conds(b, size, size, self.aesthetic)
         timestep = losses.training_timestep(ratio, fraction, self.timestep_convention)
-        logits, _ = model.transformer(masked, src, states, pooled, micro, timestep)
+        region = self.region_weight > 0 and bool(self.region_blocks)
+        logits, scores = model.transformer(masked, src, states, pooled, micro, timestep,
+                                           capture_blocks=self.region_blocks if region else (),
+                                           capture_grad=region)
         weights = (losses.changed_token_weights(src, tgt, self.changed_weight)
                    if self.changed_weight != 1.0 else None)
         loss, acc = losses.masked_token_cross_entropy(logits, tgt, mask, weights)
         if self.changed_share > 0:
             loss = losses.balanced_changed_cross_entropy(logits, src, tgt, mask, self.changed_share)
+        if region:
+            kept_text = None if "cond_dropped" not in metrics else 1.0 - dropped.astype(jnp.float32)
+            region_loss, region_mass = losses.region_attention_loss(scores, src, tgt, kept_text)
+            metrics.update(token_loss=loss, region_loss=region_loss, region_mass=region_mass)
+            loss = loss + self.region_weight * region_loss
         hits, count = losses.changed_token_hits(logits, src, tgt, mask)
         metrics.update(loss=loss, masked_accuracy=acc, mask_fraction=jnp.mean(fraction),
                        changed_accuracy=hits / jnp.maximum(count, 1.0),
@@ -198,6 +208,17 @@ def mask_token_id(config, tcfg=None) -> int:
     return conv.check_vocabulary(tcfg.vocab_size, tcfg.codebook_size, where).mask_token_id
 
 
+def region_loss_blocks(config) -> tuple[int, ...]:
+    """The blocks whose attention the region loss trains: ``editor.region_loss_blocks``, else the
+    blocks the exported sampler settings consolidate (``editor.sampler_defaults``), so the map the
+    loss shapes is the map region hold reads."""
+    e = config.editor
+    blocks = tuple(e.get("region_loss_blocks", ()) or ())
+    if not blocks:
+        blocks = tuple(dict(e.get("sampler_defaults", {}) or {}).get("consolidation_blocks", ()) or ())
+    return tuple(int(b) for b in blocks)
+
+
 def loss_from_config(config) -> EditorLoss | VQLoss:
     if config.task == "editor":
         from editmgt_jax.training.state import transformer_config
@@ -211,7 +232,9 @@ def loss_from_config(config) -> EditorLoss | VQLoss:
                           image_size=int(e.image_size) if e.get("image_size") else None,
                           changed_weight=float(e.get("changed_weight", 1.0)),
                           full_mask_prob=float(e.get("full_mask_prob", 0.0)),
-                          changed_share=float(e.get("changed_share", 0.0)))
+                          changed_share=float(e.get("changed_share", 0.0)),
+                          region_weight=float(e.get("region_loss_weight", 0.0)),
+                          region_blocks=region_loss_blocks(config))
     if config.task == "vq":
         v = config.vq
         return VQLoss(l1_weight=float(v.l1_weight), l2_weight=float(v.l2_weight),
