@@ -210,6 +210,11 @@ class Editor:
         srcs = [imageio.fit_to_grid(o, size, gran, policy) for o in originals]
         neg = negative_prompt if negative_prompt is not None else self.defaults.get("negative_prompt", "")
         txt, pooled = self.text.encode(instructions)
+        rows = None
+        if settings.capture_words and cfg.captures:
+            if not hasattr(self.text, "word_rows"):
+                raise EditError("capture_words: this model's text side does not mark its word rows")
+            rows = self.text.word_rows(instructions)
         ntxt, npooled = self.text.encode([neg] * len(instructions), allow_empty=True)
         keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), len(srcs))))
         f = self.vq_cfg.downsample_factor
@@ -231,7 +236,7 @@ class Editor:
             self.progress.start(cfg.steps)
             try:
                 out = self._run(cfg, knobs, src, txt[idx], pooled[idx], ntxt[idx], npooled[idx], micro, keys[idx],
-                                inpaint, progress)
+                                inpaint, None if rows is None else rows[idx], progress)
             finally:
                 self.progress.finish()
             for k, i in enumerate(idx):
@@ -301,36 +306,39 @@ class Editor:
         self.progress(*operands)   # looked up per call: ``self.progress`` may be replaced
 
     def _run(self, cfg: SamplerConfig, knobs: Knobs, src, txt, pooled, ntxt, npooled, micro, keys, inpaint,
-             progress=False):
+             rows=None, progress=False):
         """One compiled program per static ``cfg`` and input shapes; the ``knobs`` are its arguments.
         ``keys``: ``[b, 2] uint32`` raw PRNG keys, one per image (so an image's draw does not depend on
         the other images of the call or on padding)."""
         n_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         b = len(src)
         pad = (-b) % n_dev
-        arrays = [src, txt, pooled, ntxt, npooled, micro] + ([inpaint] if inpaint is not None else [])
+        arrays = ([src, txt, pooled, ntxt, npooled, micro] + ([inpaint] if inpaint is not None else [])
+                  + ([rows] if rows is not None else []))
         if pad:
             arrays = [np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) for a in arrays]
             keys = np.concatenate([keys, np.repeat(keys[-1:], pad, axis=0)])
         key = jax.device_put(keys, parallel.replicated(self.mesh))
-        sig = (cfg, tuple(a.shape for a in arrays), inpaint is not None, progress)
+        sig = (cfg, tuple(a.shape for a in arrays), inpaint is not None, rows is not None, progress)
         prog = self._programs.get(sig)
         if prog is None:
-            prog = self._programs[sig] = self._compile(cfg, arrays, inpaint is not None, progress)
+            prog = self._programs[sig] = self._compile(cfg, arrays, inpaint is not None, progress, rows is not None)
         batch_sh = [parallel.batch_sharding(self.mesh, a.ndim) for a in arrays]
         placed = [jax.device_put(np.asarray(a), s) for a, s in zip(arrays, batch_sh)]
         out = prog(self.states, knobs, key, *placed)
         return {k: np.asarray(v)[:b] for k, v in out.items()}
 
-    def _compile(self, cfg: SamplerConfig, arrays, has_mask: bool, progress: bool = False):
+    def _compile(self, cfg: SamplerConfig, arrays, has_mask: bool, progress: bool = False, has_rows: bool = False):
         graphdefs = self.graphdefs
         on_step = self._on_step if progress else None
 
-        def run(states, knobs, key, src, txt, pooled, ntxt, npooled, micro, *maybe_mask):
+        def run(states, knobs, key, src, txt, pooled, ntxt, npooled, micro, *optional):
             vq = nnx.merge(graphdefs["vq"], states["vq"])
             tr = nnx.merge(graphdefs["transformer"], states["transformer"])
-            return program.edit(vq, tr, cfg, knobs, key, src, txt, pooled, ntxt, npooled, micro,
-                                maybe_mask[0] if maybe_mask else None, on_step=on_step)
+            mask = optional[0] if has_mask else None
+            rows = optional[-1] if has_rows else None
+            return program.edit(vq, tr, cfg, knobs, key, src, txt, pooled, ntxt, npooled, micro, mask, rows,
+                                on_step=on_step)
 
         rep = parallel.replicated(self.mesh)
         in_sh = (rep, rep, rep) + tuple(parallel.batch_sharding(self.mesh, a.ndim) for a in arrays)

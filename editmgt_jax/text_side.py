@@ -68,6 +68,13 @@ class SmallTextSide:
         self._graphdef, self._state = gd, _ = nnx.split(encoder)
         self._fn = jax.jit(lambda st, ids: nnx.merge(gd, st)(ids))
 
+    def word_rows(self, prompts: Sequence[str]) -> np.ndarray:
+        """``[B, L] float32``: 1 on the text rows of each prompt's words, 0 on padding."""
+        ids = self.tokenizer(list(prompts))
+        ids = ids["ids"] if isinstance(ids, Mapping) else ids
+        return (np.asarray(ids) != self.tokenizer.pad_id if hasattr(self.tokenizer, "pad_id")
+                else np.asarray(ids) != 0).astype(np.float32)
+
     def set_module(self, encoder) -> None:
         """Swap in new parameters of the same encoder structure (the compiled encoder stays valid)."""
         graphdef, state = nnx.split(encoder)

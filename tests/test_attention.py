@@ -157,3 +157,35 @@ def test_implementation_selection(monkeypatch):
         attention(q, k, v, SEG, implementation="bogus")
     with pytest.raises(ValueError, match="capture_mode"):
         attention(q, k, v, SEG, capture_mode="bogus", implementation="xla")
+
+
+def test_capture_rows_weigh_the_text_rows_and_capture_grad_differentiates():
+    """The capture with text-row weights: all ones = the reference mean (what every implementation
+    returns); a one-hot weight = that row's own attention; with capture_grad the score has a gradient
+    (the region loss trains it) and the same values."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from editmgt_jax.models.attention import Segments, attention, naive_capture, text_rows_scores
+
+    seg = Segments(text=3, image=4, reference=4)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 2, seg.total, 8)), jnp.float32) for _ in range(3))
+    ref = naive_capture(q, k, seg, None, "official")
+    ones = jnp.ones((2, seg.text))
+    np.testing.assert_allclose(text_rows_scores(q, k, seg, None, "official", ones), ref, rtol=1e-5, atol=1e-7)
+    _, with_rows = attention(q, k, v, seg, capture_mode="official", implementation="xla", capture_rows=ones)
+    np.testing.assert_allclose(with_rows, ref, rtol=1e-5, atol=1e-7)
+    onehot = jnp.zeros((2, seg.text)).at[:, 1].set(1.0)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, 1:2], k[:, :, : seg.reference_start]) / np.sqrt(8)
+    row1 = jnp.mean(jax.nn.softmax(logits, -1)[..., seg.text:], axis=(1, 2))
+    np.testing.assert_allclose(text_rows_scores(q, k, seg, None, "official", onehot), row1, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(row1, ref)
+
+    def total(q, grad):
+        _, s = attention(q, k, v, seg, capture_mode="official", implementation="xla", capture_grad=grad)
+        return jnp.sum(s[:, 0])
+    assert float(jnp.abs(jax.grad(total)(q, True)).sum()) > 0
+    assert float(jnp.abs(jax.grad(total)(q, False)).sum()) == 0     # an observation without it
+    np.testing.assert_allclose(total(q, True), total(q, False), rtol=1e-6)

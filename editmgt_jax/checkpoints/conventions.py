@@ -33,7 +33,7 @@ RELEASE_SAMPLER = {"steps": 36, "guidance_scale": 6.0, "reference_strength": 1.1
 # Sampler settings a conventions record may recommend (``SamplerSettings`` fields).
 SAMPLER_KEYS = ("steps", "guidance_scale", "reference_strength", "hold_threshold", "keep_source", "consolidation_blocks",
                 "capture_mode", "greedy", "freeze_held", "temperature_start", "temperature_end", "score_grid",
-                "composite")
+                "composite", "capture_words")
 SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
 
 

@@ -364,11 +364,12 @@ def _text_rows_capture(q, k, seg: Segments, log_strength, mode: str) -> jax.Arra
     return jax.lax.stop_gradient(text_rows_scores(q, k, seg, log_strength, mode))
 
 
-def text_rows_scores(q, k, seg: Segments, log_strength, mode: str) -> jax.Array:
+def text_rows_scores(q, k, seg: Segments, log_strength, mode: str, rows: jax.Array | None = None) -> jax.Array:
     """The captured text-to-image attention ``[B, seg.image] float32``, differentiable: the text rows'
-    logits ``[B, H, L, S]`` only (a few rows), softmax, image columns, mean over heads and text rows.
-    What :func:`attention` returns as its score with ``capture_grad=True`` (the edit-region map an
-    auxiliary loss can train)."""
+    logits ``[B, H, L, S]`` only (a few rows), softmax, image columns, mean over heads and text rows
+    (``rows`` ``[B, L]``: a weighted mean over the text rows instead, e.g. 1 on the instruction's
+    words and 0 on padding). What :func:`attention` returns as its score with ``capture_grad=True``
+    (the edit-region map an auxiliary loss can train) or with ``capture_rows``."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     s = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, : seg.text] * scale, k, preferred_element_type=jnp.float32)
     if mode == "official":
@@ -377,7 +378,11 @@ def text_rows_scores(q, k, seg: Segments, log_strength, mode: str) -> jax.Array:
         s = s + jnp.where(jnp.arange(seg.total) >= seg.reference_start,
                           jnp.asarray(log_strength, jnp.float32), 0.0)
     p = jax.nn.softmax(s, axis=-1)[..., seg.text: seg.reference_start]
-    return jnp.mean(p, axis=(1, 2))
+    if rows is None:
+        return jnp.mean(p, axis=(1, 2))
+    w = jnp.asarray(rows, jnp.float32)
+    w = w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1e-6)
+    return jnp.einsum("bhln,bl->bn", p, w) / p.shape[1]
 
 
 def _nn_kernel(q, k, v, seg, log_strength, capture_mode, nn_implementation="cudnn"):
@@ -413,8 +418,8 @@ def _pallas(q, k, v, seg, log_strength, capture_mode):
 # ----------------------------------------------------------------------------- entry point
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments,
               log_strength: jax.Array | float | None = None, *, capture_mode: str | None = None,
-              implementation: str | None = None, block_q: int | None = None, capture_grad: bool = False
-              ) -> tuple[jax.Array, jax.Array | None]:
+              implementation: str | None = None, block_q: int | None = None, capture_grad: bool = False,
+              capture_rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
     """Softmax attention over the joint sequence with the reference-strength bias.
 
     Args:
@@ -428,6 +433,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments,
       block_q: query rows per block (``xla``), default from :data:`BLOCK_ELEMENTS`.
       capture_grad: the score is differentiable (:func:`text_rows_scores`, from the text rows' logits
         alone, whatever the implementation); for training the map with an auxiliary loss.
+      capture_rows: ``[B, seg.text]`` weights of the text rows in the captured score (default: the
+        mean over all rows, as the reference); e.g. the instruction's words without the padding.
     Returns:
       ``(out [B, H, S, D] in v.dtype, score)``; ``score`` is ``[B, seg.image] float32`` (mean over
       heads and text rows; differentiated only with ``capture_grad``) when ``capture_mode`` is set, else ``None``.
@@ -437,9 +444,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments,
         raise ValueError(f"attention: sequence length {q.shape[2]} != segments total {seg.total}")
     if seg.reference == 0:
         log_strength = None
-    if capture_grad and capture_mode is not None:
+    if (capture_grad or capture_rows is not None) and capture_mode is not None:
         out, _ = attention(q, k, v, seg, log_strength, implementation=implementation, block_q=block_q)
-        return out, text_rows_scores(q, k, seg, log_strength, capture_mode)
+        score = text_rows_scores(q, k, seg, log_strength, capture_mode, capture_rows)
+        return out, score if capture_grad else jax.lax.stop_gradient(score)
     impl = implementation or default_implementation()
     if impl == "xla":
         return _xla(q, k, v, seg, log_strength, capture_mode, block_q)

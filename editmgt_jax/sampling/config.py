@@ -171,6 +171,8 @@ class SamplerSettings:
     linear temperature schedule); ``mask_token_id``, ``timestep_convention``, ``score_grid`` and
     ``micro_conds`` are the :class:`ModelFacts`; the rest are :class:`SamplerConfig` fields.
     ``guidance_scale <= 1`` turns guidance off and ``reference_strength == 1`` the reference bias.
+    ``capture_words``: the edit-region map reads the text rows of the instruction's words only, not
+    the padding (the caller passes those rows to the loop: ``Editor`` does, from its text side).
     """
 
     steps: int = 36
@@ -188,6 +190,7 @@ class SamplerSettings:
     mask_token_id: int | None = None
     score_grid: tuple[int, int] | None = None
     timestep_convention: str = "step_index"
+    capture_words: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "consolidation_blocks", tuple(int(b) for b in self.consolidation_blocks))
