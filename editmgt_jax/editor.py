@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from editmgt_jax import checkpoints, composite as compositing, imageio, parallel
+from editmgt_jax.assets import DEFAULT_MODEL
 from editmgt_jax.convert.registry import COMPONENTS
 from editmgt_jax.edit_inputs import (EditError, check_instructions, load_rgb, mask_to_grid, mask_to_work,
                                      sampler_settings)
@@ -45,8 +46,8 @@ from editmgt_jax.text_side import (InstructionWarning, ReleaseTextSide, SmallTex
 # The official demo's negative prompt (owned by the checkpoint conventions; kept here for imports).
 RELEASE_NEGATIVE_PROMPT = checkpoints.RELEASE_NEGATIVE_PROMPT
 
-DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "checkpoints", "editmgt-synthetic-64")
+# The shipped default model: package data (editmgt_jax/assets), so any install of the package edits.
+DEFAULT_CHECKPOINT = DEFAULT_MODEL
 
 
 @dataclasses.dataclass
@@ -77,6 +78,8 @@ def _stack(arrays: list):
 
 class Editor:
     """A loaded model: VQ tokenizer, transformer and text side, plus compiled edit programs."""
+
+    DEFAULT_CHECKPOINT = DEFAULT_CHECKPOINT   # what ``Editor.load()`` loads
 
     def __init__(self, doc: Mapping, modules: Mapping[str, nnx.Module], text, *, mesh=None,
                  defaults: Mapping | None = None, path: str | None = None):
@@ -120,7 +123,7 @@ class Editor:
         stay float32 as in the official bf16 pipeline, and the sampler's probabilities are float32.
         """
         if path is None:
-            path = DEFAULT_CHECKPOINT
+            path = cls.DEFAULT_CHECKPOINT
             if not os.path.isfile(os.path.join(path, "config.json")):
                 raise checkpoints.CheckpointError(
                     f"no checkpoint given and no default model at {path}; pass a model checkpoint "
