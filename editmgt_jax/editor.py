@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from editmgt_jax import checkpoints, composite as compositing, imageio, parallel
+from editmgt_jax import checkpoints, composite as compositing, hub, imageio, parallel
 from editmgt_jax.assets import DEFAULT_MODEL
 from editmgt_jax.convert.registry import COMPONENTS
 from editmgt_jax.edit_inputs import (EditError, check_instructions, load_rgb, mask_to_grid, mask_to_work,
@@ -122,6 +122,8 @@ class Editor:
         while normalisation statistics, attention softmax, RoPE, timestep sinusoids and the logits
         stay float32 as in the official bf16 pipeline, and the sampler's probabilities are float32.
         """
+        if hub.is_hub_spec(path):   # hf:ORG/NAME[@REVISION]: downloaded and converted once (editmgt_jax.hub)
+            path = hub.resolve(path)
         if path is None:
             path = cls.DEFAULT_CHECKPOINT
             if not os.path.isfile(os.path.join(path, "config.json")):
@@ -143,6 +145,19 @@ class Editor:
         text = make_text_side(path, doc, modules)
         mesh = parallel.make_mesh(mesh_shape) if mesh_shape else None
         return cls(doc, {k: modules[k] for k in ("vq", "transformer")}, text, mesh=mesh, path=path)
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str = hub.DEFAULT_REPO, *, revision: str | None = None,
+                        cache_dir: str | None = None, **load_kwargs) -> "Editor":
+        """Load a model by hub id (``"WeiChow/EditMGT"``, the official release, by default), as
+        ``Editor.load("hf:ORG/NAME")`` does: the release is downloaded into the hub cache
+        (``cache_dir``, default ``HF_HUB_CACHE``; with ``HF_HUB_OFFLINE=1`` only the cache is read),
+        converted once into ``editmgt_jax.hub.cache_root()`` and loaded from there. A local folder
+        holding a model checkpoint is loaded as it is. ``load_kwargs``: ``mesh_shape``, ``dtype``."""
+        if os.path.isdir(repo_id) and checkpoints.is_model_checkpoint(repo_id):
+            return cls.load(repo_id, **load_kwargs)
+        repo, rev = hub.parse_spec(repo_id)
+        return cls.load(hub.checkpoint_folder(repo, revision or rev, cache_dir=cache_dir), **load_kwargs)
 
     # ------------------------------------------------------------------ geometry
     @property
