@@ -69,6 +69,18 @@ class EditResult:
     composite: str = "changed"      # the region rule used: 'changed', 'map' or 'none'
 
 
+def _image_keys(seed, n: int) -> np.ndarray:
+    """``[n, 2] uint32`` raw PRNG keys, one per image: split from ``seed``, or with one seed per image
+    (a sequence) each image's key is the one a call of that image alone with that seed draws, so an
+    edit does not depend on the batch it ran in."""
+    if isinstance(seed, (Sequence, np.ndarray)):
+        if len(seed) != n:
+            raise EditError(f"{n} image(s) but {len(seed)} seed(s)")
+        return np.stack([np.asarray(jax.random.key_data(jax.random.split(jax.random.key(int(s)), 1)[0]))
+                         for s in seed])
+    return np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), n)))
+
+
 def _stack(arrays: list):
     """One array when the shapes agree, else the list (images of different sizes)."""
     if any(a is None for a in arrays):
@@ -183,7 +195,7 @@ class Editor:
         return sampler_settings(self.defaults, overrides, num_blocks=self.tr_cfg.num_blocks,
                                 num_layers=self.tr_cfg.num_layers)
 
-    def edit(self, images, instructions: Sequence[str] | str, *, seed: int = 0, masks=None,
+    def edit(self, images, instructions: Sequence[str] | str, *, seed: int | Sequence[int] = 0, masks=None,
              negative_prompt: str | None = None, size: int | None = None, policy: str = "fit",
              composite: str | None = None, feather: float | None = None, progress: bool = False,
              **sampler_overrides) -> EditResult:
@@ -201,7 +213,8 @@ class Editor:
         checkpoint's ``composite`` sampler default, else 'changed'. ``feather``: width of the soft
         seam in input pixels (default: a quarter of a token, at least 3 px).
         ``progress``: show a bar over the sampling steps (on stderr) when they take more than a few
-        seconds (``StepProgress``)."""
+        seconds (``StepProgress``). ``seed``: one for the call, or one per image (each image then draws
+        as it would edited alone with its seed)."""
         if isinstance(instructions, str):
             instructions = [instructions]
         if not isinstance(images, (list, tuple)):
@@ -229,7 +242,7 @@ class Editor:
         neg = negative_prompt if negative_prompt is not None else self.defaults.get("negative_prompt", "")
         txt, pooled = self.text.encode(instructions)
         ntxt, npooled = self.text.encode([neg] * len(instructions), allow_empty=True)
-        keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), len(srcs))))
+        keys = _image_keys(seed, len(srcs))
         f = self.vq_cfg.downsample_factor
         # one compiled program per working shape; results go back to the callers' order
         outs: list = [None] * len(srcs)
