@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from editmgt_jax import checkpoints, composite as compositing, imageio, parallel
+from editmgt_jax import checkpoints, composite as compositing, hub, imageio, parallel
+from editmgt_jax.assets import DEFAULT_MODEL
 from editmgt_jax.convert.registry import COMPONENTS
 from editmgt_jax.edit_inputs import (EditError, check_instructions, load_rgb, mask_to_grid, mask_to_work,
                                      sampler_settings)
@@ -45,8 +46,8 @@ from editmgt_jax.text_side import (InstructionWarning, ReleaseTextSide, SmallTex
 # The official demo's negative prompt (owned by the checkpoint conventions; kept here for imports).
 RELEASE_NEGATIVE_PROMPT = checkpoints.RELEASE_NEGATIVE_PROMPT
 
-DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "checkpoints", "editmgt-synthetic-64")
+# The shipped default model: package data (editmgt_jax/assets), so any install of the package edits.
+DEFAULT_CHECKPOINT = DEFAULT_MODEL
 
 
 @dataclasses.dataclass
@@ -68,6 +69,18 @@ class EditResult:
     composite: str = "changed"      # the region rule used: 'changed', 'map' or 'none'
 
 
+def _image_keys(seed, n: int) -> np.ndarray:
+    """``[n, 2] uint32`` raw PRNG keys, one per image: split from ``seed``, or with one seed per image
+    (a sequence) each image's key is the one a call of that image alone with that seed draws, so an
+    edit does not depend on the batch it ran in."""
+    if isinstance(seed, (Sequence, np.ndarray)):
+        if len(seed) != n:
+            raise EditError(f"{n} image(s) but {len(seed)} seed(s)")
+        return np.stack([np.asarray(jax.random.key_data(jax.random.split(jax.random.key(int(s)), 1)[0]))
+                         for s in seed])
+    return np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), n)))
+
+
 def _stack(arrays: list):
     """One array when the shapes agree, else the list (images of different sizes)."""
     if any(a is None for a in arrays):
@@ -77,6 +90,8 @@ def _stack(arrays: list):
 
 class Editor:
     """A loaded model: VQ tokenizer, transformer and text side, plus compiled edit programs."""
+
+    DEFAULT_CHECKPOINT = DEFAULT_CHECKPOINT   # what ``Editor.load()`` loads
 
     def __init__(self, doc: Mapping, modules: Mapping[str, nnx.Module], text, *, mesh=None,
                  defaults: Mapping | None = None, path: str | None = None):
@@ -119,8 +134,10 @@ class Editor:
         while normalisation statistics, attention softmax, RoPE, timestep sinusoids and the logits
         stay float32 as in the official bf16 pipeline, and the sampler's probabilities are float32.
         """
+        if hub.is_hub_spec(path):   # hf:ORG/NAME[@REVISION]: downloaded and converted once (editmgt_jax.hub)
+            path = hub.resolve(path)
         if path is None:
-            path = DEFAULT_CHECKPOINT
+            path = cls.DEFAULT_CHECKPOINT
             if not os.path.isfile(os.path.join(path, "config.json")):
                 raise checkpoints.CheckpointError(
                     f"no checkpoint given and no default model at {path}; pass a model checkpoint "
@@ -140,6 +157,19 @@ class Editor:
         text = make_text_side(path, doc, modules)
         mesh = parallel.make_mesh(mesh_shape) if mesh_shape else None
         return cls(doc, {k: modules[k] for k in ("vq", "transformer")}, text, mesh=mesh, path=path)
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str = hub.DEFAULT_REPO, *, revision: str | None = None,
+                        cache_dir: str | None = None, **load_kwargs) -> "Editor":
+        """Load a model by hub id (``"WeiChow/EditMGT"``, the official release, by default), as
+        ``Editor.load("hf:ORG/NAME")`` does: the release is downloaded into the hub cache
+        (``cache_dir``, default ``HF_HUB_CACHE``; with ``HF_HUB_OFFLINE=1`` only the cache is read),
+        converted once into ``editmgt_jax.hub.cache_root()`` and loaded from there. A local folder
+        holding a model checkpoint is loaded as it is. ``load_kwargs``: ``mesh_shape``, ``dtype``."""
+        if os.path.isdir(repo_id) and checkpoints.is_model_checkpoint(repo_id):
+            return cls.load(repo_id, **load_kwargs)
+        repo, rev = hub.parse_spec(repo_id)
+        return cls.load(hub.checkpoint_folder(repo, revision or rev, cache_dir=cache_dir), **load_kwargs)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -165,7 +195,7 @@ class Editor:
         return sampler_settings(self.defaults, overrides, num_blocks=self.tr_cfg.num_blocks,
                                 num_layers=self.tr_cfg.num_layers)
 
-    def edit(self, images, instructions: Sequence[str] | str, *, seed: int = 0, masks=None,
+    def edit(self, images, instructions: Sequence[str] | str, *, seed: int | Sequence[int] = 0, masks=None,
              negative_prompt: str | None = None, size: int | None = None, policy: str = "fit",
              composite: str | None = None, feather: float | None = None, progress: bool = False,
              **sampler_overrides) -> EditResult:
@@ -183,7 +213,8 @@ class Editor:
         checkpoint's ``composite`` sampler default, else 'changed'. ``feather``: width of the soft
         seam in input pixels (default: a quarter of a token, at least 3 px).
         ``progress``: show a bar over the sampling steps (on stderr) when they take more than a few
-        seconds (``StepProgress``)."""
+        seconds (``StepProgress``). ``seed``: one for the call, or one per image (each image then draws
+        as it would edited alone with its seed)."""
         if isinstance(instructions, str):
             instructions = [instructions]
         if not isinstance(images, (list, tuple)):
@@ -216,7 +247,7 @@ class Editor:
                 raise EditError("capture_words: this model's text side does not mark its word rows")
             rows = self.text.word_rows(instructions)
         ntxt, npooled = self.text.encode([neg] * len(instructions), allow_empty=True)
-        keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), len(srcs))))
+        keys = _image_keys(seed, len(srcs))
         f = self.vq_cfg.downsample_factor
         # one compiled program per working shape; results go back to the callers' order
         outs: list = [None] * len(srcs)

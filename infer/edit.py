@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m infer.edit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, metavar="CKPT",
-                   help="model checkpoint folder (default: the shipped model in checkpoints/)")
+                   help="model checkpoint folder, or hf:ORG/NAME[@REVISION] (a release on the hub, converted "
+                        "once; default: the shipped model, editmgt_jax/assets/)")
     src = p.add_argument_group("one edit")
     src.add_argument("--image", metavar="PATH", help="source image (any PIL-readable format)")
     src.add_argument("--instruction", metavar="TEXT", help="what to change, in words")

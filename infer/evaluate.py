@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m infer.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, metavar="CKPT",
-                   help="model checkpoint folder (default: the shipped model in checkpoints/)")
+                   help="model checkpoint folder, or hf:ORG/NAME[@REVISION] (a release on the hub, converted "
+                        "once; default: the shipped model, editmgt_jax/assets/)")
     p.add_argument("--data", required=True, metavar="SPEC", help="evaluation set (see above)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.json, report.md and grids/")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N items only")

@@ -14,11 +14,12 @@ import pytest
 
 import editmgt_jax  # noqa: F401
 from editmgt_jax import checkpoints
+from editmgt_jax.assets import DEFAULT_MODEL
 from editmgt_jax.convert.__main__ import main as convert_main
 from editmgt_jax.tools.tiny_release import make_release
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIPPED = os.path.join(REPO, "checkpoints", "editmgt-synthetic-64")
+SHIPPED = DEFAULT_MODEL
 
 
 def _one_error_line(err: str) -> str:

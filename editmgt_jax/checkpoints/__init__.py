@@ -8,6 +8,7 @@ editor and the trainer's frozen loaders read)::
     CKPT/params/<component>/    Orbax PyTree checkpoint of that component's parameters
     CKPT/vocab.txt              the small text encoder's word tokenizer (optional)
     CKPT/tokenizer/, CKPT/llm_tokenizer/   tokenizer files copied from the release (optional)
+    CKPT/README.md              the model card, written with config.json (``card``)
 
 - :mod:`~editmgt_jax.checkpoints.layout`: the names and paths above, ``config.json``, the tokenizer
   folders;

@@ -200,6 +200,9 @@ def write_config(path: str, configs: Mapping[str, Mapping], metadata: Mapping | 
     if "transformer" in doc["components"]:
         doc["conventions"] = read_conventions(doc).to_dict()   # checked against the vocabulary
     dump_config(path, doc)
+    from editmgt_jax.checkpoints.card import write_model_card
+
+    write_model_card(path, doc)   # README.md: what the model is, how it was made, its conventions
 
 
 def add_components(model_dir: str, source: str, names: Sequence[str], *, tokenizers: bool = True) -> None:
@@ -284,6 +287,24 @@ def load_component(path: str | os.PathLike, name: str, abstract: Mapping | None 
         first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
         raise CheckpointError(f"{item}: parameters cannot be read, a file is damaged, truncated or missing "
                               f"({first[:200]})") from None
+
+
+def component_shapes(path: str | os.PathLike, name: str) -> dict:
+    """The stored tree of component ``name`` (array metadata with ``.shape`` and ``.dtype``; parts
+    merged), read from its index without reading any array."""
+    item = params_dir(os.path.abspath(os.fspath(path)), name)
+    parts_file = os.path.join(item, PARTS_FILE)
+    items = [item]
+    if os.path.isfile(parts_file):
+        import json
+
+        with open(parts_file) as fh:
+            items = [os.path.join(item, p) for p in json.load(fh)["parts"]]
+    ckptr = _checkpointer()
+    merged: dict = {}
+    for it in items:
+        _merge_into(merged, _stored_tree(ckptr, it))
+    return merged
 
 
 def _stored_tree(ckptr, item) -> Mapping:

@@ -231,7 +231,12 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
     else:
         comps["vq"] = params
         cfgs["vq"] = state_lib.vq_config(config).to_dict()
-    meta.update(metadata or {})
+    extra = dict(metadata or {})
+    training = {**meta["training"], **dict(extra.pop("training", None) or {})}
+    meta.update(extra)
+    # the whole training config rides along (the model card summarises it: data, batch, optimizer)
+    meta["training"] = {**training, "config": config_to_json(config)}
+
     def complete(folder: str) -> None:
         if tokenizer is not None:
             checkpoints.save_word_tokenizer(folder, tokenizer)

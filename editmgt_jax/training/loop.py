@@ -354,6 +354,12 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
                                  "timestep_convention") if config.task == "editor" else None}
             if text_checkpoint is not None:
                 training_meta.update(text_kind="release", text_checkpoint=text_checkpoint)
+            from editmgt_jax.training.metrics_log import latest_evaluation
+
+            last_eval = latest_evaluation(workdir)   # the model card's measured quality
+            if last_eval is not None:
+                training_meta["evaluation"] = {"metrics": last_eval["metrics"],
+                                               "on": f"the held-out split during training, step {last_eval['step']}"}
             model_dir = export_model(os.path.join(workdir, "model"), config, params,
                                      vq_params=vq_params, vq_config=vq_cfg_dict,
                                      tokenizer=tokenizer if text_checkpoint is None else None,
