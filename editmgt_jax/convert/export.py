@@ -32,6 +32,7 @@ import re
 import shutil
 from collections.abc import Callable, Mapping
 
+import jax
 import numpy as np
 
 from editmgt_jax import checkpoints
@@ -403,6 +404,12 @@ def export_official(ckpt: str, out_dir: str, *, components=None, overwrite: bool
             folder, stem, library = LAYOUT[n]
             comp, cfg = COMPONENTS[n], cfgs[n]
             params = checkpoints.load_component(ckpt, n)
+            lcfg = checkpoints.lora_of(ckpt) if n == "transformer" else None
+            if lcfg is not None:   # a LoRA fine-tune: its adapters merged at scale 1
+                from editmgt_jax.models.lora import merge_adapters
+
+                params = jax.tree.map(np.asarray, merge_adapters(params, lcfg, 1.0))
+                log(f"[export] transformer: LoRA adapters (rank {lcfg.rank}, alpha {lcfg.alpha:g}) merged at scale 1")
             _check_params(ckpt, n, params, abstract_params(comp, cfg))
             tensors = export_tensors(params, comp.rules(cfg), component=n)
             del params
