@@ -68,5 +68,10 @@ def base() -> ml_collections.ConfigDict:
     c.init_from = ""
 
     c.editor = ml_collections.ConfigDict()
+    # LoRA fine-tuning of the transformer (editmgt_jax.models.lora): only the adapters train and are
+    # checkpointed; needs init_from. rank/alpha as the official README's --lora_r 32 --lora_alpha 128,
+    # targets as its trainer's --lora_target_modules (the image-stream q/k/v projections).
+    c.editor.lora = ml_collections.ConfigDict(dict(enabled=False, rank=32, alpha=128.0,
+                                                   targets=("to_q", "to_k", "to_v")))
     c.vq = ml_collections.ConfigDict()
     return c

@@ -8,6 +8,7 @@ message naming the flag or file; the command prints it and exits with status 2.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -23,6 +24,8 @@ def check_flags(args) -> None:
         raise ValueError(f"--size {args.size}: must be a positive number of pixels")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+    if not math.isfinite(getattr(args, "lora_scale", 1.0)):
+        raise ValueError(f"--lora-scale {args.lora_scale}: must be a finite number")
     if args.batch:
         if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
             raise ValueError(f"--out-dir {args.out_dir}: is a file, not a folder")
@@ -44,7 +47,8 @@ def load_editor(args):
     from editmgt_jax.editor import Editor
 
     mesh = parallel.parse_mesh_flag(args.mesh) if args.mesh else None
-    return Editor.load(args.checkpoint, mesh_shape=mesh, dtype=jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
+    return Editor.load(args.checkpoint, mesh_shape=mesh, dtype=jnp.bfloat16 if args.dtype == "bf16" else jnp.float32,
+                       lora_scale=getattr(args, "lora_scale", 1.0))
 
 
 def edit_settings(editor, args) -> dict:

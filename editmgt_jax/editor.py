@@ -126,14 +126,18 @@ class Editor:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, *, mesh_shape: Mapping[str, int] | None = None,
-             dtype=jnp.float32) -> "Editor":
+             dtype=jnp.float32, lora_scale: float = 1.0) -> "Editor":
         """Load a model checkpoint folder (as written by the converter or exported by training).
 
         ``dtype``: ``jnp.float32`` (default; parity with the official float32 pipeline) or
         ``jnp.bfloat16`` for accelerators: parameters are stored in bf16 and the matmuls run in bf16,
         while normalisation statistics, attention softmax, RoPE, timestep sinusoids and the logits
         stay float32 as in the official bf16 pipeline, and the sampler's probabilities are float32.
+        ``lora_scale``: a LoRA fine-tune's adapters are merged into the transformer at this scale
+        (``W + lora_scale * alpha / rank * A @ B``; 0 = the base model); other checkpoints ignore it.
         """
+        if not (isinstance(lora_scale, (int, float)) and np.isfinite(lora_scale)):
+            raise EditError(f"lora_scale={lora_scale!r}: expected a finite number")
         if hub.is_hub_spec(path):   # hf:ORG/NAME[@REVISION]: downloaded and converted once (editmgt_jax.hub)
             path = hub.resolve(path)
         if path is None:
@@ -153,7 +157,7 @@ class Editor:
         for name, cfg_dict in comps.items():
             if name not in COMPONENTS and name != "small_text":
                 continue
-            modules[name] = load_module(path, name, cfg_dict, dtype=dtype)
+            modules[name] = checkpoints.load_module(path, name, cfg_dict, dtype=dtype, lora_scale=lora_scale)
         text = make_text_side(path, doc, modules)
         mesh = parallel.make_mesh(mesh_shape) if mesh_shape else None
         return cls(doc, {k: modules[k] for k in ("vq", "transformer")}, text, mesh=mesh, path=path)

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="parameter and matmul dtype: fp32 (default, matches the official float32 "
                         "pipeline) or bf16 (accelerators; softmax, norms and logits stay float32)")
+    o.add_argument("--lora-scale", type=float, default=1.0, metavar="S",
+                   help="a LoRA fine-tune's adapters are merged at this scale (default 1; 0 = the base "
+                        "model); other checkpoints ignore it")
     return p
 
 

@@ -33,7 +33,7 @@ from editmgt_jax.checkpoints.layout import (CONFIG_FILE, FORMAT, PARAMS_DIR, SMA
                                             has_config, is_model_checkpoint, json_default, params_dir,
                                             read_config, release_tokenizer, save_word_tokenizer, word_tokenizer)
 from editmgt_jax.checkpoints.modules import (abstract_module, component_classes, component_config, load_module,
-                                             merge_params)
+                                             load_params, lora_of, merge_params)
 
 __all__ = [
     "CONFIG_FILE", "FORMAT", "PARAMS_DIR", "PART_BYTES", "RELEASE_NEGATIVE_PROMPT", "RELEASE_SAMPLER", "SAMPLER_KEYS",
@@ -42,7 +42,7 @@ __all__ = [
     "component_classes", "component_config", "config_path", "copy_tokenizer_files", "default_mask_token_id",
     "finish_component_parts",
     "has_config", "is_model_checkpoint", "json_default", "legacy_conventions", "load_component",
-    "load_module", "merge_params", "params_dir", "plan_parts", "quiet_orphaned_reads", "read_config", "read_conventions",
+    "load_module", "load_params", "lora_of", "merge_params", "params_dir", "plan_parts", "quiet_orphaned_reads", "read_config", "read_conventions",
     "read_scheduler_mask_id", "release_conventions", "release_tokenizer", "save_component", "save_component_part",
     "save_model", "save_word_tokenizer", "word_tokenizer", "write_config", "writing_checkpoint",
 ]

@@ -71,7 +71,9 @@ def check_resume_config(saved: Mapping | None, config) -> None:
         # and rerunning a finished run re-exports the model.
         value = doc.get(key)
         if key == "editor" and isinstance(value, Mapping):
-            value = {k: v for k, v in value.items() if k != "sampler_defaults"}
+            # (a run saved before editor.lora existed resumes: lora off is the same training)
+            value = {k: v for k, v in value.items() if k != "sampler_defaults"
+                     and not (k == "lora" and not (v or {}).get("enabled"))}
         return value
 
     now = config_to_json(config)
@@ -168,6 +170,8 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
         check_resume_config(saved_config, config)
         rest = program.model.init(int(config.seed), compiler_options)[1] if jax.tree.leaves(
             program.model.abstract_rest) else {}
+        if program.lora is not None:   # the checkpoint holds the adapters; the frozen model is init_from
+            rest = load_init_params(config, program)
         if lead:
             for skipped, why in ckpt.skipped:
                 print(f"checkpoint step {skipped} skipped: it cannot be read back ({why}); "
@@ -340,7 +344,7 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
     recommended = dict(config.editor.get("sampler_defaults", {}) or {}) if config.task == "editor" else {}
     if config.train.export and (num_steps > start or not export_matches(os.path.join(workdir, "model"),
                                                                         final_step, recommended)):
-        params = state.params
+        params = program.model.all_params(state.params, aux["rest"])   # LoRA: the model with its adapters
         vq_params = aux["frozen"]["vq"][0] if "vq" in aux["frozen"] else None
         if pcount > 1:
             from jax.experimental import multihost_utils
@@ -360,10 +364,11 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
             if last_eval is not None:
                 training_meta["evaluation"] = {"metrics": last_eval["metrics"],
                                                "on": f"the held-out split during training, step {last_eval['step']}"}
+            lora_meta = {} if program.lora is None else {"lora": program.lora.to_dict()}
             model_dir = export_model(os.path.join(workdir, "model"), config, params,
                                      vq_params=vq_params, vq_config=vq_cfg_dict,
                                      tokenizer=tokenizer if text_checkpoint is None else None,
-                                     overwrite=True, metadata={"training": training_meta},
+                                     overwrite=True, metadata={"training": training_meta, **lora_meta},
                                      finish=None if text_checkpoint is None else
                                      (lambda folder: add_release_text(folder, text_checkpoint)))
     return TrainResult(final_step=final_step, losses=losses, workdir=workdir, model_dir=model_dir)
