@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from editmgt_jax import checkpoints, composite as compositing, imageio, parallel
+from editmgt_jax import checkpoints, compile_cache, composite as compositing, imageio, parallel
 from editmgt_jax.convert.registry import COMPONENTS
 from editmgt_jax.edit_inputs import (EditError, check_instructions, load_rgb, mask_to_grid, mask_to_work,
                                      sampler_settings)
@@ -118,7 +118,11 @@ class Editor:
         ``jnp.bfloat16`` for accelerators: parameters are stored in bf16 and the matmuls run in bf16,
         while normalisation statistics, attention softmax, RoPE, timestep sinusoids and the logits
         stay float32 as in the official bf16 pipeline, and the sampler's probabilities are float32.
+
+        Compiled edit programs go to the persistent compilation cache (``editmgt_jax.compile_cache``;
+        ``EDITMGT_COMPILATION_CACHE=off`` turns it off).
         """
+        compile_cache.enable()
         if path is None:
             path = DEFAULT_CHECKPOINT
             if not os.path.isfile(os.path.join(path, "config.json")):
