@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from editmgt_jax import checkpoints, composite as compositing, hub, imageio, parallel
+from editmgt_jax import checkpoints, compile_cache, composite as compositing, hub, imageio, parallel
 from editmgt_jax.assets import DEFAULT_MODEL
 from editmgt_jax.convert.registry import COMPONENTS
 from editmgt_jax.edit_inputs import (EditError, check_instructions, load_rgb, mask_to_grid, mask_to_work,
@@ -135,9 +135,13 @@ class Editor:
         stay float32 as in the official bf16 pipeline, and the sampler's probabilities are float32.
         ``lora_scale``: a LoRA fine-tune's adapters are merged into the transformer at this scale
         (``W + lora_scale * alpha / rank * A @ B``; 0 = the base model); other checkpoints ignore it.
+
+        Compiled edit programs go to the persistent compilation cache (``editmgt_jax.compile_cache``;
+        ``EDITMGT_COMPILATION_CACHE=off`` turns it off).
         """
         if not (isinstance(lora_scale, (int, float)) and np.isfinite(lora_scale)):
             raise EditError(f"lora_scale={lora_scale!r}: expected a finite number")
+        compile_cache.enable()
         if hub.is_hub_spec(path):   # hf:ORG/NAME[@REVISION]: downloaded and converted once (editmgt_jax.hub)
             path = hub.resolve(path)
         if path is None:

@@ -101,13 +101,14 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import editmgt_jax  # noqa: F401
-    from editmgt_jax import checkpoints, imageio
+    from editmgt_jax import checkpoints, compile_cache, imageio
     from editmgt_jax.editor import EditError
     from editmgt_jax.evaluation.ablations import UsageError
     from editmgt_jax.evaluation.datasets import EvalDataError
     from editmgt_jax.evaluation.report import fmt
     from editmgt_jax.evaluation.runner import EvalOptions, evaluate
 
+    compile_cache.enable()
     try:
         t0 = time.time()
         report = evaluate(EvalOptions(**vars(args)))

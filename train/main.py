@@ -116,7 +116,9 @@ def main(argv):
     if config is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required")
     _init_distributed()
-    from editmgt_jax import checkpoints
+    from editmgt_jax import checkpoints, compile_cache
+
+    compile_cache.enable()   # EDITMGT_COMPILATION_CACHE=off: none
     from editmgt_jax.training.checkpoint import CheckpointDamagedError
     from editmgt_jax.training.loop import train
     from editmgt_jax.training.workdir import WorkdirBusyError
