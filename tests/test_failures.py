@@ -433,3 +433,106 @@ def test_train_main_errors_are_one_line_and_leave_nothing(tmp_path, cli):
         f"error: dataset 'synthetic_edits/small' is not built in {tmp_path / 'data'}; build it with "
         f"`python -m train.build_dataset synthetic_edits/small --data-dir {tmp_path / 'data'}`")
     assert not workdir.exists()
+
+
+# ------------------------------------------------ resume after a config change: the checkpoints stay
+@pytest.fixture(scope="module")
+def tokens_dir(tmp_path_factory):
+    import train_fixtures
+
+    root = tmp_path_factory.mktemp("tokdata")
+    return train_fixtures.build_tokens(train_fixtures.build_images(str(root / "tfds")), str(root / "tokens"))
+
+
+def _tiny_editor_run(tokens_dir, workdir):
+    """The tiny editor on pre-tokenised data, as ``--config.FIELD=VALUE`` flags and as the config
+    they make, with checkpoints at steps 1 and 2 of a run that stopped there (written directly: what
+    a run leaves, without compiling its step) and its metrics.jsonl."""
+    import train_fixtures
+    from configs import editor_tiny
+    from editmgt_jax.data.pipeline import make_dataset
+    from editmgt_jax.parallel import make_mesh
+    from editmgt_jax.training.batches import pipeline_config
+    from editmgt_jax.training.checkpoint import TrainCheckpointer
+    from editmgt_jax.training.state import TrainProgram, mesh_shape_from_config
+    from editmgt_jax.training.tokenizers import make_tokenizer
+
+    overrides = {"data.tokens_dir": tokens_dir, "data.name": train_fixtures.DATA_NAME,
+                 "data.resolution": train_fixtures.RES, "editor.image_size": train_fixtures.RES,
+                 "editor.transformer.num_single_layers": 0, "train.batch_size": 8, "train.num_steps": 2,
+                 "train.checkpoint_every": 1, "train.export": False, "train.loss_plot": False}
+    c = editor_tiny.get_config()
+    c.update_from_flattened_dict(overrides)
+    program = TrainProgram.create(c, make_mesh(mesh_shape_from_config(c)), check_replication=False)
+    state, _ = program.init_state(0, compiler_options={"xla_backend_optimization_level": 0})
+    it = iter(make_dataset(pipeline_config(c, c.data.split, 1), tokenize=make_tokenizer(c)))
+    ck = TrainCheckpointer(os.path.join(workdir, "checkpoints"))
+    for step in (1, 2):
+        next(it)
+        ck.save(step, state, c, it)
+    ck.close()
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.write("".join(json.dumps({"step": s, "loss": 4.0}) + "\n" for s in (1, 2)))
+    flags = ["--config", "configs/editor_tiny.py", "--workdir", str(workdir)]
+    return c, flags + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def test_a_rerun_with_another_model_config_names_the_fields_and_keeps_the_checkpoints(tokens_dir, tmp_path, cli,
+                                                                                    capsys):
+    from editmgt_jax.training.loop import train
+
+    wd = tmp_path / "run"
+    config, flags = _tiny_editor_run(tokens_dir, wd)
+    before = _tree(wd)
+    proc = cli("train.main", *flags, "--config.editor.transformer.num_layers=2",
+               "--config.editor.text.width=48", "--config.train.num_steps=4")
+    assert proc.returncode == 2, proc.stderr
+    line = _one_error_line(proc.stderr)
+    assert line.startswith(f"error: {wd / 'checkpoints' / '2'}: trained with another config: "), line
+    assert ("editor.text.width 32 -> 48; editor.transformer.num_layers 1 -> 2 (checkpoint -> now)" in line
+            and "(the checkpoints are kept)" in line), line
+    assert "damaged" not in proc.stderr
+    after = _tree(wd)
+    after.pop(".lock")                   # the workdir lock the run held
+    assert after == before               # nothing moved aside, metrics.jsonl as it was
+    # The learning rate and its schedule may change on resume: said, and the run goes on from step 2.
+    config.optim.update(learning_rate=0.0005, schedule="cosine", decay_steps=100)
+    capsys.readouterr()
+    assert train(config, str(wd), progress=False).final_step == 2
+    assert ("resuming from step 2 with a changed optimizer setting: optim.decay_steps 0 -> 100; "
+            "optim.learning_rate 0.001 -> 0.0005; optim.schedule 'warmup_constant' -> 'cosine' "
+            "(checkpoint -> now)") in capsys.readouterr().err
+    assert sorted(os.listdir(wd / "checkpoints")) == ["1", "2"]
+
+
+def test_a_checkpoint_whose_arrays_do_not_fit_is_not_called_damaged(tmp_path):
+    """Without the config check (a config that says the same but builds another model): the
+    arrays' names and shapes are read from the checkpoint's metadata and named; nothing moves."""
+    from configs import vq_tiny
+    from editmgt_jax.parallel import make_mesh
+    from editmgt_jax.training.checkpoint import CheckpointConfigError, TrainCheckpointer
+    from editmgt_jax.training.state import TrainProgram
+
+    def program(width):
+        c = vq_tiny.get_config()
+        c.vq.model.update(block_out_channels=(width, width), norm_num_groups=4, latent_channels=4,
+                          num_vq_embeddings=16)
+        return c, TrainProgram.create(c, make_mesh((1, 1, 1), jax.devices()[:1]), check_replication=False)
+
+    import jax
+
+    c, small = program(8)
+    state, _ = small.init_state(0, compiler_options={"xla_backend_optimization_level": 0})
+    ck = TrainCheckpointer(tmp_path / "ck")
+    ck.save(3, state, c)
+    ck.close()
+    ck = TrainCheckpointer(tmp_path / "ck")
+    assert ck._state_mismatch(3, small.abstract_state) == ""          # the same model: nothing differs
+    with pytest.raises(CheckpointConfigError) as e:
+        ck.restore_latest(program(16)[1].abstract_state)
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'ck' / '3'}: the saved state does not fit the model this config builds (")
+    assert "in the checkpoint," in msg and "more" in msg and "(the checkpoints are kept)" in msg
+    assert "\n" not in msg and sorted(os.listdir(tmp_path / "ck")) == ["3"]
+    assert ck.restore_latest(small.abstract_state)[0] == 3 and ck.skipped == []
+    ck.close()
