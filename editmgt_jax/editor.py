@@ -35,12 +35,13 @@ from editmgt_jax import checkpoints, composite as compositing, imageio, parallel
 from editmgt_jax.convert.registry import COMPONENTS
 from editmgt_jax.edit_inputs import (EditError, check_instructions, load_rgb, mask_to_grid, mask_to_work,
                                      sampler_settings)
+from editmgt_jax.models.attention import text_row_weights
 from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC, micro_conditions
 from editmgt_jax.sampling.config import TIMESTEP_CONVENTIONS, Knobs, SamplerConfig, SamplerSettings
 from editmgt_jax.sampling.region_hold import sample
 from editmgt_jax.step_progress import StepProgress
 from editmgt_jax.text_side import (InstructionWarning, ReleaseTextSide, SmallTextSide,  # noqa: F401
-                                   make_text_side)
+                                   make_text_side, query_row_weights)
 
 # The official demo's negative prompt (owned by the checkpoint conventions; kept here for imports).
 RELEASE_NEGATIVE_PROMPT = checkpoints.RELEASE_NEGATIVE_PROMPT
@@ -172,7 +173,7 @@ class Editor:
     def edit(self, images, instructions: Sequence[str] | str, *, seed: int = 0, masks=None,
              negative_prompt: str | None = None, size: int | None = None, policy: str = "fit",
              composite: str | None = None, feather: float | None = None, progress: bool = False,
-             **sampler_overrides) -> EditResult:
+             query_words: str | Sequence[str] | None = None, **sampler_overrides) -> EditResult:
         """Edit a batch. ``images``: a list (or one) of paths / PIL images / ``[H, W, 3]`` arrays, of
         any sizes; ``instructions``: one per image. ``masks``: optional ``[H, W]`` bool arrays (True =
         may change; at the input's or the working size) for inpainting mode. Sampler settings
@@ -187,7 +188,9 @@ class Editor:
         checkpoint's ``composite`` sampler default, else 'changed'. ``feather``: width of the soft
         seam in input pixels (default: a quarter of a token, at least 3 px).
         ``progress``: show a bar over the sampling steps (on stderr) when they take more than a few
-        seconds (``StepProgress``)."""
+        seconds (``StepProgress``). ``query_words``: words of the instruction (one string for all,
+        or one per image) whose text rows alone are the query of the edit-region map (the official
+        ``local_query_text``); needs ``consolidation_blocks``."""
         if isinstance(instructions, str):
             instructions = [instructions]
         if not isinstance(images, (list, tuple)):
@@ -215,6 +218,11 @@ class Editor:
         neg = negative_prompt if negative_prompt is not None else self.defaults.get("negative_prompt", "")
         txt, pooled = self.text.encode(instructions)
         ntxt, npooled = self.text.encode([neg] * len(instructions), allow_empty=True)
+        query = None
+        if query_words is not None:
+            if not cfg.captures:
+                raise EditError("query_words weights the edit-region map: give consolidation_blocks")
+            query = query_row_weights(self.text, instructions, query_words, txt.shape[1])
         keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), len(srcs))))
         f = self.vq_cfg.downsample_factor
         # one compiled program per working shape; results go back to the callers' order
@@ -235,7 +243,7 @@ class Editor:
             self.progress.start(cfg.steps)
             try:
                 out = self._run(cfg, knobs, src, txt[idx], pooled[idx], ntxt[idx], npooled[idx], micro, keys[idx],
-                                inpaint, progress)
+                                inpaint, progress, query=None if query is None else query[idx])
             finally:
                 self.progress.finish()
             for k, i in enumerate(idx):
@@ -291,7 +299,7 @@ class Editor:
         self.progress(*operands)   # looked up per call: ``self.progress`` may be replaced
 
     def _run(self, cfg: SamplerConfig, knobs: Knobs, src, txt, pooled, ntxt, npooled, micro, keys, inpaint,
-             progress=False):
+             progress=False, query=None):
         """One compiled program per static ``cfg`` and input shapes; the ``knobs`` are its arguments.
         ``keys``: ``[b, 2] uint32`` raw PRNG keys, one per image (so an image's draw does not depend on
         the other images of the call or on padding)."""
@@ -299,26 +307,29 @@ class Editor:
         b = len(src)
         pad = (-b) % n_dev
         arrays = [src, txt, pooled, ntxt, npooled, micro] + ([inpaint] if inpaint is not None else [])
+        arrays += [query] if query is not None else []
         if pad:
             arrays = [np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) for a in arrays]
             keys = np.concatenate([keys, np.repeat(keys[-1:], pad, axis=0)])
         key = jax.device_put(keys, parallel.replicated(self.mesh))
-        sig = (cfg, tuple(a.shape for a in arrays), inpaint is not None, progress)
+        sig = (cfg, tuple(a.shape for a in arrays), inpaint is not None, progress, query is not None)
         prog = self._programs.get(sig)
         if prog is None:
-            prog = self._programs[sig] = self._compile(cfg, arrays, inpaint is not None, progress)
+            prog = self._programs[sig] = self._compile(cfg, arrays, inpaint is not None, progress,
+                                                       query is not None)
         batch_sh = [parallel.batch_sharding(self.mesh, a.ndim) for a in arrays]
         placed = [jax.device_put(np.asarray(a), s) for a, s in zip(arrays, batch_sh)]
         out = prog(self.states, knobs, key, *placed)
         return {k: np.asarray(v)[:b] for k, v in out.items()}
 
-    def _compile(self, cfg: SamplerConfig, arrays, has_mask: bool, progress: bool = False):
+    def _compile(self, cfg: SamplerConfig, arrays, has_mask: bool, progress: bool = False, has_query: bool = False):
         graphdefs = self.graphdefs
         on_step = self._on_step
         mask_id = cfg.model.mask_token_id          # the checkpoint's conventions (sampler_config)
         n_codes = self.vq_cfg.num_vq_embeddings
 
-        def program(states, knobs, key, src, txt, pooled, ntxt, npooled, micro, *maybe_mask):
+        def program(states, knobs, key, src, txt, pooled, ntxt, npooled, micro, *optional):
+            maybe_mask = optional[:1] if has_mask else ()
             vq = nnx.merge(graphdefs["vq"], states["vq"])
             tr = nnx.merge(graphdefs["transformer"], states["transformer"])
             pixels = src.astype(jnp.float32) / 255.0
@@ -328,6 +339,8 @@ class Editor:
                 def model_fn(ids, *args, **kwargs):   # one host call per step, as the step begins
                     jax.debug.callback(on_step, args[-1])
                     return tr(ids, *args, **kwargs)
+            if has_query:
+                model_fn = _with_query_rows(model_fn, optional[-1])
             res = sample(model_fn, cfg, knobs, ref_ids, txt, pooled, ntxt, npooled, key=key, micro_conds=micro,
                          inpaint_mask=maybe_mask[0] if maybe_mask else None)
             tokens = res["tokens"]
@@ -343,6 +356,16 @@ class Editor:
         rep = parallel.replicated(self.mesh)
         in_sh = (rep, rep, rep) + tuple(parallel.batch_sharding(self.mesh, a.ndim) for a in arrays)
         return jax.jit(program, in_shardings=in_sh)
+
+
+def _with_query_rows(model_fn, rows):
+    """``model_fn`` whose captured attention averages the text rows with ``rows`` ``[B, L]`` (the
+    word query), tiled over the guidance batch ``[uncond; cond]``."""
+    def fn(ids, *args, **kwargs):
+        w = rows if ids.shape[0] == rows.shape[0] else jnp.tile(rows, (ids.shape[0] // rows.shape[0], 1))
+        with text_row_weights(w):
+            return model_fn(ids, *args, **kwargs)
+    return fn
 
 
 # ---------------------------------------------------------------------- components

@@ -38,6 +38,7 @@ The default implementation follows the backend (``cpu``: ``xla``, ``gpu``: ``cud
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -359,8 +360,9 @@ def fold_bias(q, k, v, seg: Segments, log_strength, multiple: int = 8):
     return q2, k2, v2
 
 
-def _text_rows_capture(q, k, seg: Segments, log_strength, mode: str) -> jax.Array:
-    """Capture from the text rows' block of logits ``[B, H, L, S]`` (kernel implementations)."""
+def _text_rows_capture(q, k, seg: Segments, log_strength, mode: str, row_weights=None) -> jax.Array:
+    """Capture from the text rows' block of logits ``[B, H, L, S]`` (kernel implementations, and any
+    implementation under :func:`text_row_weights`: then the rows are averaged with ``row_weights``)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     s = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, : seg.text] * scale, k, preferred_element_type=jnp.float32)
     if mode == "official":
@@ -369,7 +371,29 @@ def _text_rows_capture(q, k, seg: Segments, log_strength, mode: str) -> jax.Arra
         s = s + jnp.where(jnp.arange(seg.total) >= seg.reference_start,
                           jnp.asarray(log_strength, jnp.float32), 0.0)
     p = jax.nn.softmax(s, axis=-1)[..., seg.text: seg.reference_start]
+    if row_weights is not None:
+        w = jnp.asarray(row_weights, jnp.float32)
+        w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), jnp.float32(1e-30))
+        return jax.lax.stop_gradient(jnp.einsum("bhli,bl->bi", p, w) / p.shape[1])
     return jax.lax.stop_gradient(jnp.mean(p, axis=(1, 2)))
+
+
+# ----------------------------------------------------------------------------- word query
+_ROW_WEIGHTS: list = []
+
+
+@contextlib.contextmanager
+def text_row_weights(weights):
+    """Within this context (while a model is traced), the captured text-to-image attention averages
+    the text rows with ``weights`` ``[B, L]`` (normalised per example; ``B`` the attention's batch)
+    instead of uniformly: the official ``local_query_text``, where the chosen words' rows are the
+    query of the edit-region map (``weights`` 1 on their rows, 0 elsewhere). The capture is then
+    computed from the text rows' logits next to the attention (as the kernel implementations do)."""
+    _ROW_WEIGHTS.append(weights)
+    try:
+        yield
+    finally:
+        _ROW_WEIGHTS.pop()
 
 
 def _nn_kernel(q, k, v, seg, log_strength, capture_mode, nn_implementation="cudnn"):
@@ -427,6 +451,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments,
         raise ValueError(f"attention: sequence length {q.shape[2]} != segments total {seg.total}")
     if seg.reference == 0:
         log_strength = None
+    if capture_mode is not None and _ROW_WEIGHTS:
+        weights = _ROW_WEIGHTS[-1]
+        if tuple(weights.shape) != (q.shape[0], seg.text):
+            raise ValueError(f"text_row_weights {tuple(weights.shape)} do not fit the batch {q.shape[0]} x "
+                             f"{seg.text} text rows")
+        out, _ = attention(q, k, v, seg, log_strength, implementation=implementation, block_q=block_q)
+        return out, _text_rows_capture(q, k, seg, log_strength, capture_mode, weights)
     impl = implementation or default_implementation()
     if impl == "xla":
         return _xla(q, k, v, seg, log_strength, capture_mode, block_q)
