@@ -26,6 +26,11 @@ def check_flags(args) -> None:
         raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
     if not math.isfinite(getattr(args, "lora_scale", 1.0)):
         raise ValueError(f"--lora-scale {args.lora_scale}: must be a finite number")
+    if getattr(args, "query_words", None) is not None:
+        if args.batch:
+            raise ValueError("--query-words: applies to one edit (--image / --instruction), not to --batch")
+        if not args.query_words.strip():
+            raise ValueError("--query-words: empty; give words of the instruction")
     if args.batch:
         if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
             raise ValueError(f"--out-dir {args.out_dir}: is a file, not a folder")
@@ -89,7 +94,9 @@ def edit_one(editor, args, settings: dict) -> list[str]:
     from editmgt_jax import imageio
 
     masks = [imageio.load_image(args.mask)] if args.mask else None
-    res = editor.edit([args.image], [args.instruction], masks=masks, **settings)
+    query = getattr(args, "query_words", None)
+    res = editor.edit([args.image], [args.instruction], masks=masks,
+                      **({"query_words": query} if query else {}), **settings)
     return save_outputs(res, 0, args.out, args.save_heatmap)
 
 

@@ -41,7 +41,7 @@ from editmgt_jax.sampling.config import TIMESTEP_CONVENTIONS, Knobs, SamplerConf
 from editmgt_jax.sampling import program
 from editmgt_jax.step_progress import StepProgress
 from editmgt_jax.text_side import (InstructionWarning, ReleaseTextSide, SmallTextSide,  # noqa: F401
-                                   make_text_side)
+                                   make_text_side, query_row_weights)
 
 # The official demo's negative prompt (owned by the checkpoint conventions; kept here for imports).
 RELEASE_NEGATIVE_PROMPT = checkpoints.RELEASE_NEGATIVE_PROMPT
@@ -206,7 +206,7 @@ class Editor:
     def edit(self, images, instructions: Sequence[str] | str, *, seed: int | Sequence[int] = 0, masks=None,
              negative_prompt: str | None = None, size: int | None = None, policy: str = "fit",
              composite: str | None = None, feather: float | None = None, progress: bool = False,
-             **sampler_overrides) -> EditResult:
+             query_words: str | Sequence[str] | None = None, **sampler_overrides) -> EditResult:
         """Edit a batch. ``images``: a list (or one) of paths / PIL images / ``[H, W, 3]`` arrays, of
         any sizes; ``instructions``: one per image. ``masks``: optional ``[H, W]`` bool arrays (True =
         may change; at the input's or the working size) for inpainting mode. Sampler settings
@@ -221,8 +221,9 @@ class Editor:
         checkpoint's ``composite`` sampler default, else 'changed'. ``feather``: width of the soft
         seam in input pixels (default: a quarter of a token, at least 3 px).
         ``progress``: show a bar over the sampling steps (on stderr) when they take more than a few
-        seconds (``StepProgress``). ``seed``: one for the call, or one per image (each image then draws
-        as it would edited alone with its seed)."""
+        seconds (``StepProgress``). ``query_words``: words of the instruction (one string for all,
+        or one per image) whose text rows alone are the query of the edit-region map (the official
+        ``local_query_text``); needs ``consolidation_blocks``."""
         if isinstance(instructions, str):
             instructions = [instructions]
         if not isinstance(images, (list, tuple)):
@@ -250,7 +251,11 @@ class Editor:
         neg = negative_prompt if negative_prompt is not None else self.defaults.get("negative_prompt", "")
         txt, pooled = self.text.encode(instructions)
         rows = None
-        if settings.capture_words and cfg.captures:
+        if query_words is not None:
+            if not cfg.captures:
+                raise EditError("query_words weights the edit-region map: give consolidation_blocks")
+            rows = query_row_weights(self.text, instructions, query_words, txt.shape[1])
+        elif settings.capture_words and cfg.captures:
             if not hasattr(self.text, "word_rows"):
                 raise EditError("capture_words: this model's text side does not mark its word rows")
             rows = self.text.word_rows(instructions)

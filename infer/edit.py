@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit (default): long side to --size, aspect ratio kept, nothing cut off; "
                         "crop: short side to --size then the centre square (official)")
     s.add_argument("--negative-prompt", default=None, help="unconditional prompt for guidance")
+    s.add_argument("--query-words", default=None, metavar="WORDS",
+                   help="words of the instruction whose text rows alone query the edit-region map "
+                        "(official local_query_text), e.g. 'orange circle'; needs consolidation blocks")
     o = p.add_argument_group("output")
     o.add_argument("--composite", choices=["changed", "map"], default=None,
                    help="which pixels of the input take the edit: changed (tokens the edit changed, "

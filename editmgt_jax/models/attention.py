@@ -628,6 +628,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments,
     if seg.reference == 0:
         log_strength = None
     if (capture_grad or capture_rows is not None) and capture_mode is not None:
+        if capture_rows is not None and tuple(capture_rows.shape) != (q.shape[0], seg.text):
+            raise ValueError(f"capture_rows {tuple(capture_rows.shape)} do not fit the batch {q.shape[0]} x "
+                             f"{seg.text} text rows")
         out, _ = attention(q, k, v, seg, log_strength, implementation=implementation, block_q=block_q)
         score = text_rows_scores(q, k, seg, log_strength, capture_mode, capture_rows)
         return out, score if capture_grad else jax.lax.stop_gradient(score)
