@@ -42,5 +42,5 @@ def get_config():
     c.train.sample_every = 500
     c.train.num_samples = 7
     c.editor.sampler_defaults = dict(steps=1, greedy=True, guidance_scale=3.0, reference_strength=1.0,
-                                     hold_threshold=0.3, consolidation_blocks=BLOCKS, composite="changed")
+                                     hold_threshold=0.15, consolidation_blocks=BLOCKS, composite="changed")
     return c
