@@ -540,3 +540,54 @@ def test_a_checkpoint_whose_arrays_do_not_fit_is_not_called_damaged(tmp_path):
     assert "\n" not in msg and sorted(os.listdir(tmp_path / "ck")) == ["3"]
     assert ck.restore_latest(small.abstract_state)[0] == 3 and ck.skipped == []
     ck.close()
+
+
+# ------------------------------------------------------------- no edit replaces a source image
+def test_no_edit_replaces_a_source_image_or_writes_outside_the_out_dir(tmp_path, cli):
+    from editmgt_jax import edit_cli
+    from editmgt_jax.edit_batch import read_batch
+    from infer.edit import build_parser
+
+    shapes = os.path.join(REPO, "examples", "shapes.png")
+    for name in ("photo.png", "b.png", "d.png", "x_heatmap.png"):
+        shutil.copy(shapes, tmp_path / name)
+    before = _tree(tmp_path)
+    photo = tmp_path / "photo.png"
+    proc = cli("infer.edit", "--image", photo, "--instruction", "paint it cyan", "--out", photo)
+    assert proc.returncode == 2 and "loaded" not in proc.stderr           # refused before the model loads
+    assert _one_error_line(proc.stderr) == (f"error: --out {photo}: would write {photo}, which is the --image "
+                                            "file; choose another --out (source images are never replaced)")
+    for argv, message in [(["--out", str(tmp_path / "sub" / ".." / "photo.png")], "which is the --image file"),
+                          (["--out", str(tmp_path / "x.png"), "--save-heatmap", "--image", str(tmp_path / "x_heatmap.png")],
+                           f"would write {tmp_path / 'x_heatmap.png'}, which is the --image file"),
+                          (["--out", str(tmp_path / "b.png"), "--mask", str(tmp_path / "b.png")],
+                           "which is the --mask file")]:
+        args = build_parser().parse_args(["--image", str(photo), "--instruction", "x"] + argv)
+        with pytest.raises(ValueError, match=message):
+            edit_cli.check_flags(args)
+    # Batch: an out outside --out-dir (relative or absolute) or equal to any line's input is skipped.
+    lines = [{"image": "photo.png", "instruction": "x", "out": "../photo.png"},
+             {"image": shapes, "instruction": "x", "out": str(tmp_path / "abs.png")},
+             {"image": shapes, "instruction": "x", "out": "b.png"},          # line 4's source
+             {"image": "b.png", "instruction": "x", "out": "new.png"},
+             {"image": "d.png", "instruction": "x", "out": "d.png"},          # its own source
+             {"image": shapes, "instruction": "x", "out": "sub/../fine.png"},
+             {"image": shapes, "instruction": "x", "out": "x.png"}]           # x_heatmap.png is line 8's
+    lines.append({"image": "x_heatmap.png", "instruction": "x", "out": "y.png"})
+    batch = tmp_path / "edits.jsonl"
+    batch.write_text("".join(json.dumps(d) + "\n" for d in lines))
+    items, skipped = read_batch(str(batch), str(tmp_path), heatmap=True)
+    assert [d["line"] for d in items] == [4, 6, 8]
+    assert [s.split(": ", 1)[0] for s in skipped] == [f"{batch}:{n}" for n in (1, 2, 3, 5, 7)]
+    assert "must be a name inside the output folder" in skipped[0] and "must be a name inside" in skipped[1]
+    assert "source image of line 4" in skipped[2] and "source image of line 5" in skipped[3]
+    assert f"would write {tmp_path / 'x_heatmap.png'}, the source image of line 8" in skipped[4]
+    assert read_batch(str(batch), str(tmp_path), heatmap=False)[0][-2]["line"] == 7   # no heatmap, no clash
+    # The command: nothing runnable, nothing written, every source as it was.
+    batch.write_text("".join(json.dumps(lines[i]) + "\n" for i in (0, 1, 2, 4)))
+    proc = cli("infer.edit", "--batch", batch, "--out-dir", tmp_path)
+    assert proc.returncode == 2 and "loaded" not in proc.stderr, proc.stderr
+    assert "none of its 4 edit(s) can be run" in _one_error_line(proc.stderr)
+    after = _tree(tmp_path)
+    after.pop("edits.jsonl")
+    assert after == before
