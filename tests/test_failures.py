@@ -591,3 +591,107 @@ def test_no_edit_replaces_a_source_image_or_writes_outside_the_out_dir(tmp_path,
     after = _tree(tmp_path)
     after.pop("edits.jsonl")
     assert after == before
+
+
+# ----------------------------------------------- pre-tokenising and rebuilding data are atomic
+def _images_dir(tmp_path_factory):
+    import train_fixtures
+
+    return train_fixtures.build_images(str(tmp_path_factory.mktemp("imgdata") / "tfds"))
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory):
+    return _images_dir(tmp_path_factory)
+
+
+def test_pretokenize_replaces_its_output_only_when_complete(images_dir, tmp_path, cli):
+    import signal
+    import subprocess
+    import sys
+
+    import train_fixtures
+    from editmgt_jax.data.pipeline import DatasetSpec
+    from editmgt_jax.data.pretokenize import avgpool_encode_fn, pretokenize
+    from editmgt_jax.data.sources import token_source
+
+    out = tmp_path / "tokens"
+    train_fixtures.build_tokens(images_dir, str(out))
+    before = _tree(out)
+    # A failed run (crops the encoder cannot take) leaves the old records, nothing beside them.
+    with pytest.raises(ValueError, match="not a multiple of 16"):
+        pretokenize(train_fixtures.DATA_NAME, str(out), avgpool_encode_fn(16), data_dir=images_dir,
+                    resolution=30, batch_size=8, progress=False)
+    assert _tree(out) == before and sorted(os.listdir(tmp_path)) == ["tokens"]
+    # Killed (SIGKILL) while writing its records: the old dataset is untouched and still reads.
+    script = ("import sys, time\n"
+              "from editmgt_jax.data.pretokenize import avgpool_encode_fn, pretokenize\n"
+              "enc = avgpool_encode_fn(4, 64); calls = []\n"
+              "def slow(pixels):\n"
+              "    calls.append(1)\n"
+              "    if len(calls) == 2:\n"
+              "        print('writing', flush=True); time.sleep(60)\n"
+              "    return enc(pixels)\n"
+              f"pretokenize({train_fixtures.DATA_NAME!r}, sys.argv[1], slow, data_dir=sys.argv[2], resolution=32,"
+              " batch_size=8, progress=False)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(out), images_dir], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True, env=train_fixtures.subprocess_env(1))
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert _tree(out) == before
+    assert len(token_source(DatasetSpec(tokens_dir=str(out)))[0]) == train_fixtures.N_TRAIN
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".tokens.tmp-")]     # what the kill left ...
+    proc = cli("train.pretokenize", "--dataset", train_fixtures.DATA_NAME, "--data-dir", images_dir,
+               "--out", out, "--resolution", 32, "--encoder", "avgpool", "--downsample", 8, "--batch-size", 8)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["tokens"]                              # ... the next run removes
+    assert json.loads((out / "metadata.json").read_text())["grid"] == [4, 4]
+    # A folder that is not a pre-tokenised dataset is never replaced.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=f"--out {mine}: exists and is not a pre-tokenised dataset"):
+        pretokenize(train_fixtures.DATA_NAME, str(mine), avgpool_encode_fn(4, 64), data_dir=images_dir,
+                    resolution=32, batch_size=8, progress=False)
+    assert (mine / "notes.txt").read_text() == "mine"
+
+
+def test_build_dataset_overwrite_killed_keeps_the_old_dataset(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import train_fixtures
+    from editmgt_jax.data.synthetic_edits import builder as se
+
+    data = tmp_path / "data"
+    cmd = [sys.executable, "-m", "train.build_dataset", "synthetic_edits", "--data-dir", str(data),
+           "--resolution", "32", "--num-examples", "400", "--num-test", "4"]
+    env = train_fixtures.subprocess_env(1)
+    assert subprocess.run(cmd, cwd=REPO, capture_output=True, env=env).returncode == 0
+    version = data / "synthetic_edits" / se.config_name(32, 400, 4, 0) / "1.0.0"
+    before = _tree(version)
+    # Killed (SIGKILL) as soon as the rebuild is under way: the old dataset is untouched.
+    proc = subprocess.Popen(cmd + ["--overwrite"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            if any(p.startswith(".build-tmp-") for p in os.listdir(data)) or not version.is_dir():
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL            # killed mid-build, not finished
+    finally:
+        proc.kill()
+    assert _tree(version) == before
+    # The next --overwrite completes, replaces it and leaves nothing temporary behind.
+    proc = subprocess.run(cmd + ["--overwrite"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert not [p for p in os.listdir(data) if p.startswith(".")]
+    assert _tree(version).keys() == before.keys()
