@@ -729,3 +729,40 @@ print("done", flush=True)
     assert proc.returncode == 0 and proc.stdout == "done\n", proc.stderr
     assert "Event loop is closed" not in proc.stderr, proc.stderr
     assert "ZeroDivisionError" in proc.stderr                       # any other error still prints
+
+
+# ------------------------------------------------- train.main: values no run can use are one line
+def test_train_values_no_run_can_use_are_one_line_before_anything_is_made(tmp_path, cli):
+    from configs import vq_tiny
+    from editmgt_jax.training.config_checks import TrainConfigError, check_train_config, check_workdir
+
+    for field, value, message in [
+            ("train.batch_size", 0, "--config.train.batch_size=0: must be an integer >= 1"),
+            ("train.checkpoint_every", 0, "--config.train.checkpoint_every=0: must be an integer >= 1"),
+            ("train.num_steps", -5, "--config.train.num_steps=-5: must be an integer >= 1 (the optimizer steps"),
+            ("train.eval_every", -1, "--config.train.eval_every=-1: must be an integer >= 0 (0 = off)"),
+            ("data.resolution", 0, "--config.data.resolution=0: must be an integer >= 1"),
+            ("optim.learning_rate", float("nan"), "--config.optim.learning_rate=nan: must be a finite number >= 0"),
+            ("optim.schedule", "cosine", "--config.optim.schedule='cosine' needs decay_steps (0) > warmup_steps (20)"),
+            ("optim.schedule", "linear", "--config.optim.schedule='linear': use 'constant'")]:
+        c = vq_tiny.get_config()
+        c.update_from_flattened_dict({field: value})
+        with pytest.raises(TrainConfigError) as e:
+            check_train_config(c)
+        assert str(e.value).startswith(message), str(e.value)
+    check_train_config(vq_tiny.get_config())
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for workdir, message in [(afile, f"--workdir {afile}: is a file, not a folder"),
+                             (afile / "run", f"--workdir {afile / 'run'}: {afile} is a file, not a folder")]:
+        with pytest.raises(TrainConfigError) as e:
+            check_workdir(str(workdir))
+        assert str(e.value) == message
+    # The command: one line, exit status 2, before the data is opened or the workdir made.
+    wd = tmp_path / "wd"
+    proc = cli("train.main", "--config", "configs/vq_tiny.py", "--workdir", wd, "--config.train.checkpoint_every=0")
+    assert proc.returncode == 2
+    assert _one_error_line(proc.stderr) == "error: --config.train.checkpoint_every=0: must be an integer >= 1"
+    proc = cli("train.main", "--config", "configs/vq_tiny.py", "--workdir", afile)
+    assert proc.returncode == 2 and _one_error_line(proc.stderr) == f"error: --workdir {afile}: is a file, not a folder"
+    assert sorted(os.listdir(tmp_path)) == ["afile"] and afile.read_text() == "x"
