@@ -766,3 +766,45 @@ def test_train_values_no_run_can_use_are_one_line_before_anything_is_made(tmp_pa
     proc = cli("train.main", "--config", "configs/vq_tiny.py", "--workdir", afile)
     assert proc.returncode == 2 and _one_error_line(proc.stderr) == f"error: --workdir {afile}: is a file, not a folder"
     assert sorted(os.listdir(tmp_path)) == ["afile"] and afile.read_text() == "x"
+
+
+# ------------------------------------------- evaluation and data commands: bad flags are one line
+def test_evaluate_build_dataset_and_pretokenize_flags_are_one_line(tmp_path, capsys):
+    from infer.evaluate import main as evaluate_main
+    from train.build_dataset import main as build_main
+    from train.pretokenize import main as pretokenize_main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    notackpt = tmp_path / "notackpt"
+    notackpt.mkdir()
+    (notackpt / "readme.txt").write_text("x")
+    cases = [
+        (evaluate_main, ["--data", "synthetic_edits:d", "--out", str(afile)], f"--out {afile}: is a file, not a folder"),
+        (evaluate_main, ["--data", "synthetic_edits:d", "--out", str(tmp_path / "r"), "--seed", "-1"],
+         "--seed -1: must be >= 0"),
+        (build_main, ["synthetic_edits", "--data-dir", str(tmp_path / "d"), "--num-examples", "0"],
+         "--num-examples 0: must be >= 1"),
+        (build_main, ["synthetic_edits", "--data-dir", str(tmp_path / "d"), "--resolution", "7"],
+         "--resolution 7: must be >= 16 (the smallest images the synthetic shapes are drawn at)"),
+        (build_main, ["synthetic_edits", "--data-dir", str(afile)], f"--data-dir {afile}: is a file, not a folder"),
+        (build_main, ["synthetic_edits", "--data-dir", str(tmp_path / "d"), "--manual-dir", "x"],
+         "--manual-dir and --holdout-fraction apply to crispedit only."),
+        (pretokenize_main, ["--dataset", "synthetic_edits/small", "--out", str(tmp_path / "t"), "--vq-loader",
+                            "editmgt_jax.training.checkpoint:load_vq", "--vq-checkpoint", str(notackpt)],
+         f"--vq-checkpoint {notackpt}: cannot be loaded by --vq-loader editmgt_jax.training.checkpoint:load_vq ("),
+        (pretokenize_main, ["--dataset", "synthetic_edits/small", "--out", str(tmp_path / "t"), "--vq-loader",
+                            "editmgt_jax.training.checkpoint:load_vq", "--vq-checkpoint", str(tmp_path / "none")],
+         f"--vq-checkpoint {tmp_path / 'none'}: no such file or folder"),
+        (pretokenize_main, ["--dataset", "synthetic_edits/small", "--out", str(tmp_path / "t"), "--vq-loader",
+                            "no_such_module:load", "--vq-checkpoint", str(notackpt)],
+         "--vq-loader 'no_such_module:load': cannot import it"),
+        (pretokenize_main, ["--dataset", "synthetic_edits/small", "--out", str(afile), "--encoder", "avgpool"],
+         f"--out {afile}: is a file, not a folder"),
+        (pretokenize_main, ["--dataset", "synthetic_edits/small", "--out", str(tmp_path / "t"), "--encoder", "avgpool",
+                            "--batch-size", "0"], "--batch-size 0: must be >= 1")]
+    for main, argv, message in cases:
+        assert main(argv) == 2, argv
+        line = _one_error_line(capsys.readouterr().err)
+        assert line.startswith(f"error: {message}"), (argv, line)
+    assert sorted(os.listdir(tmp_path)) == ["afile", "notackpt"]          # nothing made
