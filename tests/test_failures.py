@@ -808,3 +808,26 @@ def test_evaluate_build_dataset_and_pretokenize_flags_are_one_line(tmp_path, cap
         line = _one_error_line(capsys.readouterr().err)
         assert line.startswith(f"error: {message}"), (argv, line)
     assert sorted(os.listdir(tmp_path)) == ["afile", "notackpt"]          # nothing made
+
+
+# --------------------------------------------------------------------- tools: one line, exit 2
+def test_check_reference_names_a_checkpoint_of_another_configuration_and_tiny_release_a_file(
+        release, tmp_path, capsys):
+    from editmgt_jax.tools.check_reference import main as check_main
+    from editmgt_jax.tools.tiny_release import main as tiny_main
+
+    v1 = tmp_path / "v1-ckpt"
+    assert convert_main(["--official", release, "--out", str(v1), "--components", "transformer"]) == 0
+    capsys.readouterr()
+    v2 = os.path.join(REPO, "tests", "fixtures", "editmgt-tiny-v2")
+    assert check_main([v2, "--checkpoint", str(v1), "--cases", "a"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: --checkpoint {v1}: this checkpoint is not the fixture's configuration ("), line
+    assert "transformer.vocab_size: fixture 112, checkpoint" in line
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, message in [(afile, f"{afile}: is a file, not a folder"),
+                         (afile / "rel", f"{afile / 'rel'}: {afile} is a file, not a folder")]:
+        assert tiny_main([v2, str(out)]) == 2
+        assert _one_error_line(capsys.readouterr().err) == f"error: {message}"
+    assert afile.read_text() == "x"
