@@ -831,3 +831,109 @@ def test_check_reference_names_a_checkpoint_of_another_configuration_and_tiny_re
         assert tiny_main([v2, str(out)]) == 2
         assert _one_error_line(capsys.readouterr().err) == f"error: {message}"
     assert afile.read_text() == "x"
+
+
+# ------------------------------------------------------- editing: the API's inputs, size and memory
+def test_edit_arguments_are_one_clear_edit_error_before_anything_compiles(shipped):
+    from editmgt_jax.edit_inputs import EditError
+
+    shapes = os.path.join(REPO, "examples", "shapes.png")
+    pixels = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(shapes).convert("RGB"))
+    compiled = set(shipped._programs)
+    for args, kw, message in [
+            ((shapes, None), {}, "instructions: expected a string or a list of strings, got NoneType"),
+            ((shapes, [None]), {}, "instruction 0: expected a string, got NoneType"),
+            ((shapes, "x"), dict(seed="x"), "seed='x': expected an integer, got str"),
+            ((shapes, "x"), dict(seed=2**40), f"seed={2**40}: must be in [0, 4294967295]"),
+            ((shapes, "x"), dict(size="64"), "size='64': expected an integer, got str"),
+            ((shapes, "x"), dict(size=50), "size=50: must be a positive multiple of 4"),
+            ((pixels.astype(np.float32), "x"), {}, "image 0: float array with values in [0, 255]; float images "
+                                                   "must be in [0, 1]"),
+            ((np.full((64, 64, 3), np.nan, np.float32), "x"), {}, "image 0: float array with NaN"),
+            ((np.full((64, 64, 3), 300, np.int16), "x"), {}, "image 0: int16 array with values in [300, 300]"),
+            ((shapes, "paint it \udcff cyan"), {}, "instruction 0: not UTF-8 text"),
+            ((np.zeros((1, 1, 3), np.uint8), "x"), {}, "image 0: 1x1 pixels is too small to edit"),
+            ((np.zeros((10, 20000, 3), np.uint8), "x"), {}, "image 0: 20000x10 pixels is too narrow for size 64")]:
+        with pytest.raises(EditError) as e:
+            shipped.edit(*args, steps=1, **kw)
+        assert str(e.value).startswith(message), str(e.value)
+    # Float images in [0, 1] are read as before.
+    np.testing.assert_array_equal(shipped.load_rgb(pixels.astype(np.float32) / 255), pixels)
+    assert set(shipped._programs) == compiled                      # nothing was compiled for any of them
+
+
+def test_an_edit_that_cannot_fit_in_memory_is_refused_with_the_size_that_fits(shipped, cli, tmp_path):
+    import jax
+
+    from editmgt_jax.edit_inputs import EditError, check_edit_memory, edit_memory_bytes
+
+    tr, vq = shipped.tr_cfg, shipped.vq_cfg
+    cpu = jax.devices()[0]
+    # The estimate grows with the pixels: the logits over the codebook dominate this model.
+    small, large = edit_memory_bytes(tr, vq, (64, 64), 1), edit_memory_bytes(tr, vq, (4096, 4096), 1)
+    assert large > 2 * 4096 * 4096 // 16 * tr.codebook_size * 4           # two rows of logits at least
+    assert small < 200 << 20
+    budget = edit_memory_bytes(tr, vq, (1024, 1024), 1)
+    with pytest.raises(EditError) as e:
+        check_edit_memory(tr, vq, [(128, 128)], 4096, 4, "fit", devices=1, device=cpu, available=budget)
+    assert str(e.value).startswith(f"size=4096: this edit needs about {large / 2**30:.1f} GiB, more than the "
+                                   f"{budget / 2**30:.1f} GiB free on cpu; the largest size that fits is 1024")
+    check_edit_memory(tr, vq, [(128, 128)], 1024, 4, "fit", devices=1, device=cpu, available=budget)
+    with pytest.raises(EditError, match="the largest size that fits is 1020"):      # 1024 less one token
+        check_edit_memory(tr, vq, [(128, 128)], 2048, 4, "fit", devices=1, device=cpu, available=budget - 1)
+    # The command: one line and exit status 2 instead of an out-of-memory traceback, nothing written.
+    proc = cli("infer.edit", "--image", os.path.join(REPO, "examples", "shapes.png"), "--instruction", "x",
+               "--size", "40000", "--out", tmp_path / "o.png")
+    assert proc.returncode == 2, proc.stderr
+    line = _one_error_line(proc.stderr)
+    assert line.startswith("error: size=40000: this edit needs about ") and "the largest size that fits is " in line
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_edit_command_flags_that_would_be_ignored_or_overflow_are_one_line(tmp_path, capsys):
+    from editmgt_jax import edit_cli
+    from infer.edit import build_parser, main
+
+    shapes = os.path.join(REPO, "examples", "shapes.png")
+    batch = tmp_path / "b.jsonl"
+    batch.write_text(json.dumps({"image": shapes, "instruction": "x"}) + "\n")
+    for argv, message in [
+            (["--batch", str(batch), "--image", shapes, "--out", "o.png"],
+             "--batch edits the images its lines name; --image, --out would be ignored"),
+            (["--image", shapes, "--instruction", "x", "--out-dir", str(tmp_path / "d")],
+             "--out-dir is for --batch; one edit is written to --out")]:
+        assert main(argv) == 2
+        assert _one_error_line(capsys.readouterr().err).startswith(f"error: {message}")
+    args = build_parser().parse_args(["--image", shapes, "--instruction", "x", "--out", str(tmp_path / "o.png"),
+                                      "--seed", "99999999999999999999"])
+    with pytest.raises(ValueError, match=r"^--seed 99999999999999999999: must be in \[0, 4294967295\]$"):
+        edit_cli.check_flags(args)
+    assert sorted(os.listdir(tmp_path)) == ["b.jsonl"]
+
+
+def test_a_checkpoint_whose_defaults_cannot_be_used_is_named(tmp_path):
+    from editmgt_jax.editor import Editor
+
+    def copy_with(name, edit):
+        d = tmp_path / name
+        shutil.copytree(SHIPPED, d)
+        doc = json.loads((d / "config.json").read_text())
+        edit(doc)
+        (d / "config.json").write_text(json.dumps(doc))
+        return d
+
+    def resolution(doc):
+        doc["conventions"]["resolution"] = 62
+    def steps(doc):
+        doc["conventions"]["sampler"]["steps"] = 0
+    for d, message in [(copy_with("res", resolution), "resolution 62 (the checkpoint's working size) is not a "
+                                                      "positive multiple of this model's 4 pixels per token"),
+                       (copy_with("steps", steps), "the checkpoint's recommended sampler settings: steps=0")]:
+        with pytest.raises(checkpoints.CheckpointError) as e:
+            Editor.load(d)
+        assert str(e.value).startswith(f"{d / 'config.json'}: {message}"), str(e.value)
+    vocab = tmp_path / "vocab"
+    shutil.copytree(SHIPPED, vocab)
+    (vocab / "vocab.txt").write_bytes((vocab / "vocab.txt").read_bytes().replace(b"circle", b"circ\xffe"))
+    with pytest.raises(checkpoints.CheckpointError, match=rf"^{vocab / 'vocab.txt'}: not UTF-8 text \(byte 0xff"):
+        Editor.load(vocab)
