@@ -368,6 +368,12 @@ def test_constraints_pin_every_dependency_within_setup_ranges_and_ci_runs_the_re
     assert ci == [test_cmd]
     commands = re.findall(r"^pip install[^\n&]*", readme, flags=re.M)     # commands, not prose
     assert len(commands) >= 2 and all("-c constraints.txt" in c for c in commands)
+    # The header's pointer to the README leads to the paragraph on moving to newer versions.
+    header = "".join(ln.lstrip("# ") for ln in open(os.path.join(REPO, "constraints.txt")) if ln.startswith("#"))
+    section = re.search(r'README\.md, section "([^"]+)"', header)[1]
+    assert f"\n## {section}\n" in readme
+    body = readme.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    assert "Run the tests" in body and "pip freeze" in body
 
 
 # ------------------------------------------------------- 4: one run per workdir, metrics after resume
