@@ -69,9 +69,9 @@ def _run(args) -> int:
       raise ValueError(f"--vq-checkpoint {args.vq_checkpoint}: no such file or folder")
     try:
       model = load_vq(args.vq_loader, args.vq_checkpoint)
-    except ValueError:
-      raise
     except Exception as e:  # pylint: disable=broad-except  (the loader is the user's: any failure is one line)
+      if str(e).startswith("--vq-loader"):
+        raise
       first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
       raise ValueError(f"--vq-checkpoint {args.vq_checkpoint}: cannot be loaded by --vq-loader "
                        f"{args.vq_loader} ({first})") from None
