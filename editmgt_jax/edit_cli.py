@@ -15,11 +15,23 @@ import sys
 from editmgt_jax.cli_flags import check_sampler_flags, sampler_overrides
 
 
+def output_files(out: str, heatmap: bool) -> list[str]:
+    """The files an edit writes for ``out``: the image, and with ``heatmap`` ``<out>_heatmap.png``."""
+    return [out] + ([f"{os.path.splitext(out)[0]}_heatmap.png"] if heatmap else [])
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (symbolic links and ``..`` resolved; the files need not exist)."""
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
 def check_flags(args) -> None:
     """Flag values the edit cannot use -> ``ValueError`` naming the flag (before anything loads)."""
     from editmgt_jax import imageio
 
     check_sampler_flags(args)
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed {args.seed}: must be in [0, {2**32 - 1}]")
     if args.size is not None and args.size < 1:
         raise ValueError(f"--size {args.size}: must be a positive number of pixels")
     if args.batch_size < 1:
@@ -38,6 +50,11 @@ def check_flags(args) -> None:
         if not args.instruction.strip():
             raise ValueError("--instruction: empty instruction")
         imageio.check_output_path(args.out, "--out")
+        for written in output_files(args.out, args.save_heatmap):
+            for flag, source in (("--image", args.image), ("--mask", args.mask)):
+                if source and same_file(written, source):
+                    raise ValueError(f"--out {args.out}: would write {written}, which is the {flag} file; "
+                                     "choose another --out (source images are never replaced)")
         imageio.load_image(args.image, name=f"--image {args.image}")
         if args.mask:
             imageio.load_image(args.mask, name=f"--mask {args.mask}")

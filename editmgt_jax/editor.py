@@ -34,8 +34,8 @@ from flax import nnx
 from editmgt_jax import checkpoints, compile_cache, composite as compositing, hub, imageio, parallel
 from editmgt_jax.assets import DEFAULT_MODEL
 from editmgt_jax.convert.registry import COMPONENTS
-from editmgt_jax.edit_inputs import (EditError, check_instructions, load_rgb, mask_to_grid, mask_to_work,
-                                     sampler_settings)
+from editmgt_jax.edit_inputs import (EditError, check_checkpoint_defaults, check_edit_call, check_working_sizes,
+                                     load_rgb, mask_to_grid, mask_to_work, sampler_settings)
 from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC, micro_conditions
 from editmgt_jax.sampling.config import TIMESTEP_CONVENTIONS, Knobs, SamplerConfig, SamplerSettings
 from editmgt_jax.sampling import program
@@ -116,6 +116,7 @@ class Editor:
         self.defaults = {**conv.sampler_settings(), "resolution": conv.resolution,
                          "negative_prompt": conv.negative_prompt, "aesthetic_score": conv.aesthetic_score,
                          **dict(defaults or {})}
+        check_checkpoint_defaults(self.defaults, self.pixel_granularity, path)
         if self.defaults["timestep_convention"] not in TIMESTEP_CONVENTIONS:
             raise checkpoints.CheckpointError(
                 f"{path}: timestep_convention={self.defaults['timestep_convention']!r}; expected one of "
@@ -224,11 +225,7 @@ class Editor:
         seconds (``StepProgress``). ``query_words``: words of the instruction (one string for all,
         or one per image) whose text rows alone are the query of the edit-region map (the official
         ``local_query_text``); needs ``consolidation_blocks``."""
-        if isinstance(instructions, str):
-            instructions = [instructions]
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        instructions = check_instructions(instructions)
+        images, instructions = check_edit_call(images, instructions, seed, size, self.pixel_granularity)
         if len(images) != len(instructions):
             raise EditError(f"{len(images)} image(s) but {len(instructions)} instruction(s)")
         if masks is not None and len(masks) != len(images):
@@ -247,6 +244,8 @@ class Editor:
         gran = self.pixel_granularity
         originals = [self.load_rgb(im, name=f"image {i}") for i, im in enumerate(images)]
         placements = [compositing.placement(o.shape[0], o.shape[1], size, gran, policy) for o in originals]
+        check_working_sizes(self.tr_cfg, self.vq_cfg, [o.shape[:2] for o in originals], size, gran, policy,
+                            devices=self.mesh.shape["data"] * self.mesh.shape["fsdp"], device=self.mesh.devices.flat[0])
         srcs = [imageio.fit_to_grid(o, size, gran, policy) for o in originals]
         neg = negative_prompt if negative_prompt is not None else self.defaults.get("negative_prompt", "")
         txt, pooled = self.text.encode(instructions)

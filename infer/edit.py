@@ -46,13 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_argument_group("one edit")
     src.add_argument("--image", metavar="PATH", help="source image (any PIL-readable format)")
     src.add_argument("--instruction", metavar="TEXT", help="what to change, in words")
-    src.add_argument("--out", metavar="PATH", default="edited.png",
-                     help="where to write the edited image (an image extension; replaced if it exists)")
+    src.add_argument("--out", metavar="PATH", default=None,
+                     help="where to write the edited image (default ./edited.png; an image extension; "
+                          "replaced if it exists, never when it is --image or --mask)")
     src.add_argument("--mask", metavar="PATH", default=None,
                      help="inpainting mode: image whose non-zero pixels may change; the rest is kept")
     bat = p.add_argument_group("batch mode")
     bat.add_argument("--batch", metavar="FILE.jsonl", help="one JSON object per line: image, instruction, out, mask?")
-    bat.add_argument("--out-dir", metavar="DIR", default="edits", help="folder for batch outputs")
+    bat.add_argument("--out-dir", metavar="DIR", default=None,
+                     help="folder for batch outputs (default ./edits/; a line without \"out\" writes "
+                          "<line number>.png, e.g. 00003.png)")
     bat.add_argument("--batch-size", type=int, default=4, help="edits per compiled call (default 4)")
     s = p.add_argument_group("sampler (defaults come from the checkpoint)")
     add_sampler_flags(s)
@@ -87,9 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.batch and not (args.image and args.instruction is not None):
-        print("error: give --image and --instruction, or --batch FILE.jsonl (see --help)", file=sys.stderr)
-        return 2
+    if args.batch:
+        mixed = [f for f, v in (("--image", args.image), ("--instruction", args.instruction), ("--out", args.out),
+                                ("--mask", args.mask)) if v is not None]
+        if mixed:
+            print(f"error: --batch edits the images its lines name; {', '.join(mixed)} would be ignored: "
+                  f"give either --batch or one edit's flags", file=sys.stderr)
+            return 2
+        args.out_dir = args.out_dir or "edits"
+    else:
+        if not (args.image and args.instruction is not None):
+            print("error: give --image and --instruction, or --batch FILE.jsonl (see --help)", file=sys.stderr)
+            return 2
+        if args.out_dir is not None:
+            print("error: --out-dir is for --batch; one edit is written to --out", file=sys.stderr)
+            return 2
+        args.out = args.out or "edited.png"
 
     import warnings
 
@@ -101,7 +117,7 @@ def main(argv=None) -> int:
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     try:
         edit_cli.check_flags(args)
-        items, skipped = read_batch(args.batch, args.out_dir) if args.batch else ([], [])
+        items, skipped = read_batch(args.batch, args.out_dir, args.save_heatmap) if args.batch else ([], [])
         for line in skipped:
             print(f"skipped {line}", file=sys.stderr)
         if args.batch and not items:

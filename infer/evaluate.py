@@ -93,10 +93,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_out_dir(out: str) -> None:
+    """``ValueError`` unless ``--out`` is a folder or can be made one (it is written at the end)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: is a file, not a folder")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent if not os.path.exists(out) else out, os.W_OK):
+        raise ValueError(f"--out {out}: not writable")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:   # before any data or model is loaded
         check_sampler_flags(args)
+        check_out_dir(args.out)
+        for flag, value, low in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--size", args.size, 1), ("--seed", args.seed, 0)):
+            if value is not None and value < low:
+                raise ValueError(f"{flag} {value}: must be >= {low}")
+        if args.seed >= 2**32:
+            raise ValueError(f"--seed {args.seed}: must be below 2**32")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

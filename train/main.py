@@ -120,13 +120,14 @@ def main(argv):
 
     compile_cache.enable()   # EDITMGT_COMPILATION_CACHE=off: none
     from editmgt_jax.training.checkpoint import CheckpointConfigError, CheckpointDamagedError
+    from editmgt_jax.training.config_checks import TrainConfigError
     from editmgt_jax.training.loop import train
     from editmgt_jax.training.workdir import WorkdirBusyError
 
     try:
         result = train(config, _WORKDIR.value)
     except (FileNotFoundError, WorkdirBusyError, CheckpointDamagedError, CheckpointConfigError,
-            checkpoints.CheckpointError) as e:
+            TrainConfigError, checkpoints.CheckpointError) as e:
         _fail(str(e))
     import jax
 

@@ -249,6 +249,7 @@ def load_component(path: str | os.PathLike, name: str, abstract: Mapping | None 
     if not os.path.isdir(item):
         raise CheckpointError(f"{path}: no parameters for component {name!r} (missing {item})")
     ckptr = _checkpointer()
+    quiet_orphaned_reads()
     parts_file = os.path.join(item, PARTS_FILE)
     try:
         if os.path.isfile(parts_file):
@@ -355,28 +356,55 @@ def _metadata_quietly(ckptr, item):
         log.setLevel(level)
 
 
+def _orphaned_read_error(exc) -> bool:
+    return ((isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed")
+            or str(exc).startswith("Encountered error while reading array index"))
+
+
+class _DropOrphanedReads:
+    """A logging filter for asyncio's 'exception was never retrieved' reports of those errors."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        ctx = record.args if isinstance(record.args, dict) else {}
+        exc = exc or ctx.get("exception")
+        return not (exc is not None and _orphaned_read_error(exc)) and "Event loop is closed" not in str(record.msg)
+
+
 def quiet_orphaned_reads() -> None:
-    """After a failed restore, reads still in flight complete on an event loop that Orbax has
-    closed and each would print an 'Event loop is closed' traceback, and the other reads of the
-    damaged file fail the same way in coroutines nobody awaits any more ('Encountered error while
-    reading array index'); those carry no information beyond the error already raised, so they are
-    dropped (every other unraisable error still prints)."""
+    """Reads of a damaged checkpoint still in flight when its restore fails complete on an event
+    loop that Orbax has closed, each with an 'Event loop is closed' error, and the other reads of
+    the damaged file fail the same way in coroutines nobody awaits any more ('Encountered error
+    while reading array index'). Those carry no information beyond the error already raised and
+    would print tracebacks after it (from a callback, a thread or asyncio's report of an
+    unretrieved exception), so they are dropped on all three paths; every other error still
+    prints. Installed before reading (a read can fail the moment the loop closes, before the
+    caller's handler runs); idempotent."""
+    import logging
     import sys
+    import threading
 
     previous = sys.unraisablehook
     if getattr(previous, "_drops_closed_loop", False):
         return
 
     def hook(unraisable):
-        exc = unraisable.exc_value
-        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-            return
-        if str(exc).startswith("Encountered error while reading array index"):
+        if _orphaned_read_error(unraisable.exc_value):
             return
         previous(unraisable)
 
     hook._drops_closed_loop = True
     sys.unraisablehook = hook
+
+    previous_thread_hook = threading.excepthook
+
+    def thread_hook(args):
+        if _orphaned_read_error(args.exc_value):
+            return
+        previous_thread_hook(args)
+
+    threading.excepthook = thread_hook
+    logging.getLogger("asyncio").addFilter(_DropOrphanedReads())
 
 
 def _flat(tree) -> dict:

@@ -173,6 +173,9 @@ class TrainCheckpointer:
         recorded in ``self.skipped`` as ``(step, reason)``. (With several processes the damaged
         folder is left in place.)
         """
+        from editmgt_jax.checkpoints import quiet_orphaned_reads
+
+        quiet_orphaned_reads()          # reads of a damaged checkpoint left in flight print nothing
         self.skipped: list[tuple[int, str]] = []
         for step in sorted(self.all_steps(), reverse=True):
             where = os.path.join(self.directory, str(step))
@@ -189,9 +192,6 @@ class TrainCheckpointer:
             try:
                 state, config = self.restore(abstract_state, step, data_iterator=data_iterator)
             except Exception as e:  # noqa: BLE001  (any read failure means: not usable)
-                from editmgt_jax.checkpoints import quiet_orphaned_reads
-
-                quiet_orphaned_reads()
                 mismatch = self._state_mismatch(step, abstract_state)
                 if mismatch:
                     raise CheckpointConfigError(
@@ -211,11 +211,18 @@ class TrainCheckpointer:
         """How the saved state's arrays differ from ``abstract_state`` by name and shape, read from
         the checkpoint's metadata ('' when they agree or the metadata itself cannot be read)."""
         ocp = self._ocp
+        log = logging.getLogger("absl")
+        level = log.level
+        log.setLevel(logging.ERROR)           # Orbax warns and returns no tree for an unreadable index
         try:
             with ocp.StandardCheckpointer() as reader:
                 meta = reader.metadata(os.path.join(self.directory, str(step), "state"))
-            saved = tree_shapes(getattr(meta, "item_metadata", meta))
+            saved = tree_shapes(getattr(meta, "item_metadata", meta) or {})
         except Exception:  # noqa: BLE001  (unreadable metadata is damage, not a mismatch)
+            return ""
+        finally:
+            log.setLevel(level)
+        if not saved:                         # an emptied or truncated index: damage
             return ""
         return shape_differences(saved, tree_shapes(_state_tree(abstract_state)))
 

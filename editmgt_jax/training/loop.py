@@ -130,14 +130,20 @@ def train(config, workdir: str, *, compiler_options: Mapping[str, Any] | None = 
     import jax
 
     from editmgt_jax.data.pipeline import make_dataset
+    from editmgt_jax.training.config_checks import TrainConfigError, check_train_config, check_workdir
     from editmgt_jax.training.workdir import WorkdirLock
 
+    check_train_config(config)
+    check_workdir(workdir)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     pidx, pcount = jax.process_index(), jax.process_count()
     tokenizer = make_tokenizer(config)
     dataset = make_dataset(pipeline_config(config, config.data.split, pcount), tokenize=tokenizer,
                            shard_index=pidx, shard_count=pcount)
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise TrainConfigError(f"--workdir {workdir}: cannot be created ({e.strerror or e})") from None
     lock = WorkdirLock(workdir) if pidx == 0 else None
     if lock is not None:
         lock.acquire()
