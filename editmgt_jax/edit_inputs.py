@@ -105,7 +105,7 @@ def load_rgb(image, *, name: str | None = None) -> np.ndarray:
         if np.issubdtype(arr.dtype, np.floating):
             if not np.isfinite(arr).all():
                 raise EditError(f"{name or 'image'}: float array with NaN or infinite values")
-            low, high = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+            low, high = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
             if low < 0 or high > 1:
                 raise EditError(f"{name or 'image'}: float array with values in [{low:g}, {high:g}]; float images "
                                 "must be in [0, 1] (pass uint8 for 0-255)")

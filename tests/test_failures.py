@@ -830,7 +830,7 @@ def test_check_reference_names_a_checkpoint_of_another_configuration_and_tiny_re
     assert check_main([v2, "--checkpoint", str(v1), "--cases", "a"]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: --checkpoint {v1}: this checkpoint is not the fixture's configuration ("), line
-    assert "transformer.vocab_size: fixture 112, checkpoint" in line
+    assert "transformer.joint_attention_dim: fixture 48, checkpoint 40" in line and "more)" in line
     afile = tmp_path / "afile"
     afile.write_text("x")
     for out, message in [(afile, f"{afile}: is a file, not a folder"),
@@ -854,8 +854,8 @@ def test_edit_arguments_are_one_clear_edit_error_before_anything_compiles(shippe
             ((shapes, "x"), dict(seed=2**40), f"seed={2**40}: must be in [0, 4294967295]"),
             ((shapes, "x"), dict(size="64"), "size='64': expected an integer, got str"),
             ((shapes, "x"), dict(size=50), "size=50: must be a positive multiple of 4"),
-            ((pixels.astype(np.float32), "x"), {}, "image 0: float array with values in [0, 255]; float images "
-                                                   "must be in [0, 1]"),
+            ((pixels.astype(np.float32), "x"), {}, f"image 0: float array with values in [{pixels.min():g}, "
+                                                   f"{pixels.max():g}]; float images must be in [0, 1]"),
             ((np.full((64, 64, 3), np.nan, np.float32), "x"), {}, "image 0: float array with NaN"),
             ((np.full((64, 64, 3), 300, np.int16), "x"), {}, "image 0: int16 array with values in [300, 300]"),
             ((shapes, "paint it \udcff cyan"), {}, "instruction 0: not UTF-8 text"),
