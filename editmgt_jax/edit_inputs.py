@@ -37,19 +37,21 @@ def check_instructions(instructions: Sequence[str]) -> list[str]:
 def check_edit_call(images, instructions, seed, size, granularity: int) -> tuple[list, list[str]]:
     """The arguments of ``Editor.edit`` that are not images' pixels, checked: ``(images as a list,
     stripped instructions)``; ``EditError`` naming the argument otherwise. ``seed`` must be an
-    integer in [0, 2**32) (JAX keeps 32 bits of a seed: larger ones would repeat smaller ones'
-    draws), ``size`` None or a positive integer multiple of ``granularity``."""
+    integer in [0, 2**32), or a list of such, one per image (JAX keeps 32 bits of a seed: larger
+    ones would repeat smaller ones' draws), ``size`` None or a positive integer multiple of ``granularity``."""
     if isinstance(instructions, str):
         instructions = [instructions]
     if instructions is None or not isinstance(instructions, Sequence):
         raise EditError(f"instructions: expected a string or a list of strings, got {type(instructions).__name__}")
-    for name, value in (("seed", seed), ("size", size)):
+    seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else [seed]   # one, or one per image
+    for name, value in [("seed", s_) for s_ in seeds] + [("size", size)]:
         if value is None and name == "size":
             continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise EditError(f"{name}={value!r}: expected an integer, got {type(value).__name__}")
-    if not 0 <= int(seed) < 2**32:
-        raise EditError(f"seed={seed}: must be in [0, {2**32 - 1}] (the seeds that give distinct draws)")
+    for s_ in seeds:
+        if not 0 <= int(s_) < 2**32:
+            raise EditError(f"seed={s_}: must be in [0, {2**32 - 1}] (the seeds that give distinct draws)")
     if size is not None and (int(size) < granularity or int(size) % granularity):
         raise EditError(f"size={size}: must be a positive multiple of {granularity} (this model's pixels per "
                         "token side)")

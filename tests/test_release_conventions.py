@@ -164,7 +164,7 @@ def test_editor_decodes_leftover_mask_ids_to_code_zero(v2_ckpt, monkeypatch):
     def fake_sample(*args, **kwargs):
         return {"tokens": jnp.asarray(planted, jnp.int32)}
 
-    monkeypatch.setattr(editor_mod, "sample", fake_sample)
+    monkeypatch.setattr(editor_mod.program, "sample", fake_sample)
     editor.text = FixtureText({"d_encoder_hidden_states": np.zeros((1, 5, 48), np.float32),
                                "d_prompt_embeds": np.zeros((1, 20), np.float32),
                                "d_negative_encoder_hidden_states": np.zeros((1, 5, 48), np.float32),
