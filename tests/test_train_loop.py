@@ -143,7 +143,7 @@ def test_both_tasks_reduce_their_loss(data, tmp_path):
     # the model card: how it was trained and the last held-out evaluation
     card = open(os.path.join(res.model_dir, "README.md")).read()
     assert "task `editor`, 40 steps" in card and "batch 8" in card
-    assert f"| held-out edit success (sampled) | {edit_evals[0]['eval_edit_success']:.4g} |" in card
+    assert f"| eval_clean_success | {edit_evals[0]['eval_clean_success']:.4g} |" in card
     assert editor.doc["sampler_defaults"]["timestep_convention"] == "mask_fraction"
     assert editor.sampler_config().timestep_convention == "mask_fraction"   # what edits feed
     scfg = editor.sampler_config()                 # the config's recommended settings ship with it
