@@ -172,3 +172,39 @@ def test_inverse_rules():
         export_tensors({**params, "extra": {"kernel": w}}, rules)
     with pytest.raises(ConversionError, match="cannot be inverted"):
         invert_rules([Rule(r"a.*\.weight", "a/kernel")])
+
+
+def test_lora_fine_tune_exports_merged(v2_round_trip, tmp_path):
+    """A checkpoint whose transformer carries LoRA adapters is exported with them merged at scale 1:
+    torch ``W + alpha / r * (A @ B)^T`` on the adapted layers, every other tensor as before."""
+    import shutil
+
+    from editmgt_jax.models.lora import LoRAConfig
+
+    fixture, _, ckpt, _ = v2_round_trip
+    lora_ckpt = tmp_path / "lora"
+    shutil.copytree(ckpt, lora_ckpt)
+    params = checkpoints.load_component(lora_ckpt, "transformer")
+    rng = np.random.default_rng(0)
+    adapters = {}
+    for blk, attn in params["transformer_blocks"].items():
+        kernel = np.asarray(attn["attn"]["to_q"]["kernel"])
+        a = rng.normal(size=(kernel.shape[0], 2)).astype(np.float32)
+        b = rng.normal(size=(2, kernel.shape[1])).astype(np.float32)
+        attn["attn"]["to_q"]["lora"] = {"lora_a": a, "lora_b": b}
+        adapters[f"transformer_blocks.{blk}.attn.to_q.weight"] = (a @ b).T
+    shutil.rmtree(checkpoints.params_dir(lora_ckpt, "transformer"))
+    checkpoints.save_component(str(lora_ckpt), "transformer", params)
+    doc = checkpoints.read_config(lora_ckpt)
+    doc["lora"] = LoRAConfig(rank=2, alpha=6.0, targets=("to_q",)).to_dict()
+    with open(lora_ckpt / "config.json", "w") as fh:
+        json.dump(doc, fh)
+    out = pathlib.Path(export_official(str(lora_ckpt), str(tmp_path / "exp"), components=["transformer"], log=_quiet))
+    got = _tensors(out / "editmgt" / "diffusion_pytorch_model.safetensors")
+    want = _tensors(fixture / "transformer.safetensors")
+    assert sorted(got) == sorted(want) and len(adapters) == 2
+    for k in want:
+        if k in adapters:
+            np.testing.assert_allclose(got[k], want[k] + 3.0 * adapters[k], rtol=1e-5, atol=1e-6)
+        else:
+            assert got[k].tobytes() == want[k].tobytes(), k
