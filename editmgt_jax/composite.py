@@ -17,6 +17,10 @@ The region map ``m`` is built on the token grid and brought to the input's size:
 - ``'changed'`` (default): the tokens whose final id differs from the source's id, dilated by one token
   (8-neighbourhood: the decoder's receptive field spreads a changed token's pixels onto its
   neighbours);
+- ``'pixels'``: within those dilated changed tokens, only the pixels whose decoded edit differs from
+  the decoded source (the tokenizer's reconstruction of the unedited image) by more than
+  :data:`PIXEL_THRESHOLD` of the range: the pixels the edit moved, not the token-wide ring of
+  reconstruction error around them (its map is built on the pixel grid of the working image);
 - ``'map'``: the tokens whose edit-region score (the consolidated attention map the sampler
   computes, ``EditResult.heatmaps``, averaged over the steps) is at least a threshold (the sampler's
   hold threshold, 0.5 when hold is off), dilated by one token;
@@ -44,7 +48,10 @@ import numpy as np
 
 from editmgt_jax import imageio
 
-MODES = ("changed", "map", "none")
+MODES = ("changed", "pixels", "map", "none")
+# ``pixels``: a working-size pixel takes the edit where its decoded edit differs from the decoded
+# source by more than this fraction of the pixel range (largest channel difference).
+PIXEL_THRESHOLD = 0.15
 STRIP_PIXELS = 1 << 21          # pixels per strip of rows (24 MB of float32 RGB)
 
 
@@ -94,6 +101,27 @@ def dilate(mask: np.ndarray, steps: int = 1) -> np.ndarray:
 def changed_tokens(tokens: np.ndarray, source_tokens: np.ndarray, dilation: int = 1) -> np.ndarray:
     """``[h, w] bool``: tokens whose id differs from the source's, dilated by ``dilation`` tokens."""
     return dilate(np.asarray(tokens) != np.asarray(source_tokens), dilation)
+
+
+def changed_pixels(tokens: np.ndarray, source_tokens: np.ndarray, raw: np.ndarray, source_raw: np.ndarray,
+                   threshold: float = PIXEL_THRESHOLD, dilation: int = 1) -> np.ndarray:
+    """``[H, W] bool`` at the working size: inside the changed tokens (dilated by ``dilation``), the
+    pixels whose decoded edit ``raw`` differs from the decoded source ``source_raw`` (both ``[H, W,
+    3]`` uint8 at the working size) by more than ``threshold`` of the range in some channel.
+
+    The decoder reproduces an unchanged neighbourhood up to its reconstruction error, so a pixel
+    whose decode did not move keeps the source's own value; a recoloured shape takes only its own
+    pixels, not the token-wide ring around it."""
+    tokens, raw, source_raw = np.asarray(tokens), np.asarray(raw), np.asarray(source_raw)
+    if raw.shape != source_raw.shape:
+        raise ValueError(f"changed_pixels: edit {raw.shape} and source decode {source_raw.shape} differ")
+    h, w = tokens.shape
+    if raw.shape[0] % h or raw.shape[1] % w:
+        raise ValueError(f"changed_pixels: {raw.shape[:2]} pixels do not tile the {h}x{w} token grid")
+    near = changed_tokens(tokens, source_tokens, dilation)
+    near = np.repeat(np.repeat(near, raw.shape[0] // h, axis=0), raw.shape[1] // w, axis=1)
+    diff = np.abs(raw.astype(np.int16) - source_raw.astype(np.int16)).max(axis=-1)
+    return near & (diff > np.float32(threshold) * 255.0)
 
 
 def map_tokens(heatmap: np.ndarray, id_hw: tuple[int, int], threshold: float, dilation: int = 1) -> np.ndarray:

@@ -217,7 +217,8 @@ class Editor:
         The model edits each image at ``size`` (default: the checkpoint's) under ``policy`` ('fit':
         long side at ``size``, aspect kept; 'crop': the centre square). ``composite`` says which
         pixels of the input take the model's output (``editmgt_jax.composite``): 'changed' (the tokens
-        that changed, dilated by one token), 'map' (the edit-region map, which needs consolidation),
+        that changed, dilated by one token), 'pixels' (within those, the pixels whose decode moved
+        from the source's decode), 'map' (the edit-region map, which needs consolidation),
         or 'none' (``images`` are then the raw model output at the working size); default: the
         checkpoint's ``composite`` sampler default, else 'changed'. ``feather``: width of the soft
         seam in input pixels (default: a quarter of a token, at least 3 px).
@@ -292,9 +293,12 @@ class Editor:
         else:
             region_maps, finals = [], []
             threshold = settings.hold_threshold if settings.holds else 0.5
+            source_raw = self._source_decodes(srcs) if composite == "pixels" else None
             for i, o in enumerate(outs):
                 if composite == "changed":
                     tok_mask = compositing.changed_tokens(o["tokens"], o["ref_ids"])
+                elif composite == "pixels":
+                    tok_mask = compositing.changed_pixels(o["tokens"], o["ref_ids"], raw[i], source_raw[i])
                 else:
                     tok_mask = compositing.map_tokens(o["heatmap"], o["tokens"].shape, threshold)
                 region = compositing.region_map(tok_mask, placements[i], feather)
@@ -318,6 +322,18 @@ class Editor:
             raise EditError(f"images of one batch must share a size after resizing, got "
                             f"{sorted({s.shape for s in srcs})}")
         return self._roundtrip(np.stack(srcs))["image"]
+
+    def _source_decodes(self, srcs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The tokenizer's reconstruction of each working-size source (one program per shape)."""
+        out: list = [None] * len(srcs)
+        groups: dict[tuple, list[int]] = {}
+        for i, s_ in enumerate(srcs):
+            groups.setdefault(s_.shape, []).append(i)
+        for idx in groups.values():
+            rec = self._roundtrip(np.stack([srcs[i] for i in idx]))["image"]
+            for k, i in enumerate(idx):
+                out[i] = rec[k]
+        return out
 
     def encode_ids(self, images) -> np.ndarray:
         """Token ids of images already at a working size the grid takes (``[B, H, W, 3]`` uint8, or a

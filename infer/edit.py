@@ -69,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="words of the instruction whose text rows alone query the edit-region map "
                         "(official local_query_text), e.g. 'orange circle'; needs consolidation blocks")
     o = p.add_argument_group("output")
-    o.add_argument("--composite", choices=["changed", "map"], default=None,
+    o.add_argument("--composite", choices=["changed", "pixels", "map"], default=None,
                    help="which pixels of the input take the edit: changed (tokens the edit changed, "
-                        "grown by one token) or map (the edit-region map; needs consolidation); "
+                        "grown by one token), pixels (within those, the pixels whose decode moved "
+                        "from the source's decode) or map (the edit-region map; needs consolidation); "
                         "default: the checkpoint's setting, else changed")
     o.add_argument("--no-composite", dest="composite", action="store_const", const="none",
                    help="write the raw model output at the working size instead of the input's size")

@@ -44,7 +44,8 @@ seed S + j). LIST is comma-separated; each item is GROUP or GROUP=V1/V2/...:
   keep       0/0.1/0.3     keep-source probability sweep (a cell keeps its source token when the
              model gives it at least this probability; 0 = off)
   inpaint    gt            inpainting with the ground-truth mask (an upper bound for region hold)
-  composite  changed/map/none  which pixels take the edit (the changed tokens, the edit-region map,
+  composite  changed/pixels/map/none  which pixels take the edit (the changed tokens, the pixels of
+             those whose decode moved, the edit-region map,
              or the raw model output; Editor.edit's composite)
   all        every group with its default values;  none  no ablations (default)
 Runs that need consolidation blocks when the base has none use the 'late' preset. A run whose

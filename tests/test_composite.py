@@ -41,6 +41,30 @@ def test_token_masks():
     assert hm.sum() == 4 and hm[2:, 4:].all()
 
 
+def test_changed_pixels_takes_only_the_pixels_whose_decode_moved():
+    """A hand-made 4x4-token grid of 4 px tokens: one token changed; its decode moved on a 3x3 pixel
+    patch, the neighbouring token's decode by a little (reconstruction noise) and, far away, a lot
+    (outside the dilated token, so not taken)."""
+    src_tok = np.zeros((4, 4), np.int32)
+    tok = src_tok.copy()
+    tok[1, 1] = 7
+    src_raw = np.full((16, 16, 3), 100, np.uint8)
+    raw = src_raw.copy()
+    raw[5:8, 5:8] = [200, 100, 100]          # the edit, inside token (1, 1)
+    raw[4:12, 9] = 110                        # neighbour token (1, 2)/(2, 2): 10/255 < 0.15, kept
+    raw[14, 14] = 250                         # token (3, 3): outside the dilated change, kept
+    got = composite.changed_pixels(tok, src_tok, raw, src_raw)
+    want = np.zeros((16, 16), bool)
+    want[5:8, 5:8] = True
+    np.testing.assert_array_equal(got, want)
+    # a larger move of the neighbour counts (it is within one token of the change)
+    raw[4:12, 9] = 160
+    got = composite.changed_pixels(tok, src_tok, raw, src_raw)
+    assert got[4:12, 9].all() and got.sum() == 9 + 8
+    with pytest.raises(ValueError, match="token grid"):
+        composite.changed_pixels(tok, src_tok, raw[:15], src_raw[:15])
+
+
 def test_region_map_is_feathered_around_the_dilated_tokens():
     pl = composite.placement(400, 600, 64, 4, "fit")            # 11x16 ids, a token is ~36x37.5 px
     mask = np.zeros((11, 16), bool)
@@ -161,6 +185,14 @@ def test_modes_none_and_map(editor, wide, mixed):
     m = by_map.region_maps[0]
     np.testing.assert_array_equal(by_map.images[0][m == 0], wide[m == 0])
     assert cfg.captures
+    # 'pixels': the changed tokens' pixels whose decode moved from the source's decode
+    by_px = editor.edit(wide, TEXT, hold_threshold=0.0, seed=1, composite="pixels")
+    np.testing.assert_array_equal(by_px.tokens, by_map.tokens)
+    rec = editor.reconstruct(wide)[0]
+    px = composite.changed_pixels(by_px.tokens[0], by_px.source_tokens[0], by_px.raw_images[0], rec)
+    np.testing.assert_array_equal(by_px.region_maps[0], composite.region_map(px, by_px.placements[0]))
+    m = by_px.region_maps[0]
+    np.testing.assert_array_equal(by_px.images[0][m == 0], wide[m == 0])
     with pytest.raises(EditError, match="composite="):
         editor.edit(wide, TEXT, composite="everything")
     with pytest.raises(EditError, match="consolidation_blocks"):

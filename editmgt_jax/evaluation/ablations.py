@@ -19,7 +19,7 @@ DEFAULT_VALUES = {
     "steps": ("8", "16", "36"),
     "cfg": ("1", "3", "6", "9"),
     "inpaint": ("gt",),
-    "composite": ("changed", "map", "none"),
+    "composite": ("changed", "pixels", "map", "none"),
     "keep": ("0", "0.1", "0.3"),
 }
 GROUP_ALIASES = {"consolidation": "blocks", "region-hold": "hold", "guidance": "cfg", "lam": "lambda"}
@@ -122,8 +122,8 @@ def expand_runs(groups, base_cfg, presets: dict[str, tuple[int, ...]]) -> list[R
                     raise UsageError(f"--ablations: keep={v!r}: a probability in [0, 1]")
                 runs.append(RunSpec(name, group, {"keep_source": x}))
             elif group == "composite":
-                if v not in ("changed", "map", "none"):
-                    raise UsageError(f"--ablations: composite takes changed/map/none, got {v!r}")
+                if v not in ("changed", "pixels", "map", "none"):
+                    raise UsageError(f"--ablations: composite takes changed/pixels/map/none, got {v!r}")
                 over = {"composite": v}
                 if v == "map" and not base_cfg.captures:
                     over.update(consolidation_blocks=blocks)
