@@ -5,6 +5,7 @@
     python -m bench.train --configs medium --attention naive,xla --donate-only   # attention before/after
     python -m bench.train --configs medium --donate-only --lora       # full fine-tuning vs LoRA r32/a128
     python -m bench.train --configs medium --donate-only --lora --steps 2 --rounds 4   # + alternating rounds
+    python -m bench.train --configs medium --lora --state-only    # train-state bytes only, no compile
 
 Per config, with and without donating the train state, each in a fresh process (so the peak host
 memory, ``ru_maxrss``, belongs to that run alone):
@@ -252,6 +253,32 @@ def run_alternating(name: str, donate: bool, steps: int, rounds: int, batch: int
                 full_over_lora=med["full"] / med["lora"])
 
 
+def state_sizes(name: str, lora: bool) -> dict:
+    """The train state's parts for one config from its abstract state (shapes only: nothing is
+    initialised or compiled), and whether every trained leaf is an adapter."""
+    import jax
+    import numpy as np
+
+    import editmgt_jax  # noqa: F401
+    from editmgt_jax.parallel import make_mesh
+    from editmgt_jax.training.state import TrainProgram
+
+    def mib(tree):
+        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)) / 2**20
+
+    config, _ = _config(name)
+    config.editor.lora.enabled = lora
+    program = TrainProgram.create(config, make_mesh({"data": 1}), lora_needs_init_from=False)
+    s = program.abstract_state
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(s.params)[0]]
+    return dict(config=name, training=f"lora r{program.lora.rank}" if lora else "full",
+                trained_params=int(sum(np.prod(a.shape) for a in jax.tree.leaves(s.params))),
+                trained_leaves=len(paths), trained_non_adapter=sum("lora" not in q for q in paths),
+                trained_mib=mib(s.params), opt_state_mib=mib(s.opt_state),
+                opt_state_leaves=sum(1 for a in jax.tree.leaves(s.opt_state) if a.ndim),
+                state_mib=mib(s), frozen_mib=mib(program.model.abstract_rest))
+
+
 def run_released(max_batch: int, steps: int) -> list[dict]:
     """The released model at batch 1, 2, 4, ... up to the largest that fits (or ``max_batch``)."""
     batches = tuple(2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch)
@@ -357,11 +384,18 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=0,
                    help="with --lora: also time full and LoRA in one process, alternating ROUNDS rounds of "
                         "--steps timed steps each (median step of each and their ratio)")
+    p.add_argument("--state-only", action="store_true",
+                   help="with --lora: print the train state's parts (abstract shapes, no compile) and stop")
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--_batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--no-donate", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.state_only:
+        for name in args.configs.split(","):
+            for lora in ((False, True) if args.lora else (False,)):
+                print(json.dumps(state_sizes(name, lora)), flush=True)
+        return 0
     if args.rounds and not args.lora:
         p.error("--rounds alternates full fine-tuning and LoRA: give --lora too")
     if args._one and args.rounds:
