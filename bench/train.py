@@ -4,6 +4,8 @@
     python -m bench.train --released [--max-batch 64]      # on a GPU: the 1024 px released model
     python -m bench.train --configs medium --attention naive,xla --donate-only   # attention before/after
     python -m bench.train --configs medium --donate-only --lora       # full fine-tuning vs LoRA r32/a128
+    python -m bench.train --configs medium --donate-only --lora --steps 2 --rounds 4   # + alternating rounds
+    python -m bench.train --configs medium --lora --state-only    # train-state bytes only, no compile
 
 Per config, with and without donating the train state, each in a fresh process (so the peak host
 memory, ``ru_maxrss``, belongs to that run alone):
@@ -19,6 +21,11 @@ memory, ``ru_maxrss``, belongs to that run alone):
   ``naive`` builds the full ``[B, H, S, S]`` logits, ``xla`` is the blocked default on CPU);
 * ``--lora``: each config also with LoRA (``editor.lora``: rank 32, alpha 128, the official targets
   to_q/to_k/to_v; random base weights): only the adapters get gradients and optimizer state;
+  the rows give the train state's parts and XLA's ``memory_analysis`` of the compiled step
+  (arguments, outputs, temporaries);
+* ``--rounds N`` (with ``--lora``): one more process holds both variants and times them in
+  alternating rounds (full, LoRA, full, ...; ``--steps`` timed steps each), so that the speed
+  ratio is measured under the same load (median step of each);
 * ``--released``: the released 1024 px transformer (1.0B parameters, 64x64 ids), frozen-encoder
   text states (256 x 2304) given as inputs, bf16 compute, remat, at the largest batch that fits
   (doubling from 1). Meant for an accelerator.
@@ -106,15 +113,9 @@ def _batch(config, shape, batch: int):
     return out
 
 
-def run_one(name: str, donate: bool, steps: int, batches: tuple[int, ...] | None = None,
-            stop_on_oom: bool = False, lora: bool = False) -> list[dict]:
-    """Compile and time the train step of one config in this process, for each batch size.
-
-    The parameters and optimizer state are created once; each batch size compiles its own step.
-    With ``stop_on_oom``, the first batch size that runs out of device memory ends the sweep.
-    """
+def _prepare(name: str, donate: bool, batch: int | None, lora: bool) -> dict:
+    """Build, initialise and compile one config's train step (full or LoRA) in this process."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     import editmgt_jax  # noqa: F401
@@ -129,24 +130,59 @@ def run_one(name: str, donate: bool, steps: int, batches: tuple[int, ...] | None
     program = TrainProgram.create(config, mesh, lora_needs_init_from=False)
     state, rest = program.init_state(0)
     aux = {"rest": rest, "frozen": {}}
+    n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(program.model.abstract_params)))
+    n_trained = n_params
+    if lora:   # the model's size (FLOPs), not the adapters'
+        n_params += int(sum(np.prod(x.shape) for x in jax.tree.leaves(program.model.abstract_rest)))
+    batch = batch or shape["batch"]
+    host = _batch(config, shape, batch)
+    steps_fn = make_steps(program, loss_from_config(config), {}, host, aux, donate=donate)
+    data = global_batch(host, mesh)
+    t = time.perf_counter()
+    compiled = steps_fn.train.lower(state, data, aux).compile()
+    compile_s = time.perf_counter() - t
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
+    return dict(program=program, state=state, rest=rest, aux=aux, data=data, compiled=compiled,
+                compile_s=compile_s, shape=shape, batch=batch, n_params=n_params, n_trained=n_trained,
+                trained_leaves=len(paths), trained_non_adapter=sum("lora" not in p for p in paths))
+
+
+def _mib(tree) -> float:
+    import jax
+
+    return sum(x.nbytes for x in jax.tree.leaves(tree)) / 2**20
+
+
+def _memory_fields(p: dict) -> dict:
+    """Sizes of the train state's parts and XLA's ``memory_analysis`` of the compiled step."""
+    mem = p["compiled"].memory_analysis()
+    state = p["state"]
+    return dict(state_mib=_mib(state), trained_mib=_mib(state.params), opt_state_mib=_mib(state.opt_state),
+                frozen_mib=_mib(p["rest"]), trained_leaves=p["trained_leaves"],
+                trained_non_adapter=p["trained_non_adapter"],
+                step_arg_mib=getattr(mem, "argument_size_in_bytes", 0) / 2**20,
+                step_out_mib=getattr(mem, "output_size_in_bytes", 0) / 2**20,
+                step_alias_mib=getattr(mem, "alias_size_in_bytes", 0) / 2**20,
+                step_temp_mib=getattr(mem, "temp_size_in_bytes", 0) / 2**20)
+
+
+def run_one(name: str, donate: bool, steps: int, batches: tuple[int, ...] | None = None,
+            stop_on_oom: bool = False, lora: bool = False) -> list[dict]:
+    """Compile and time the train step of one config in this process, for each batch size.
+
+    Each batch size builds its own train state and compiles its own step.
+    With ``stop_on_oom``, the first batch size that runs out of device memory ends the sweep.
+    """
+    import jax
+    import jax.numpy as jnp
+
     on_gpu = jax.devices()[0].platform == "gpu"
     peak_args = (8192, jnp.bfloat16) if on_gpu else (2048, jnp.float32)
-    n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(program.model.abstract_params)))
-    if lora:   # the model's size (FLOPs), not the adapters'
-        n_trained = n_params
-        n_params += int(sum(np.prod(x.shape) for x in jax.tree.leaves(program.model.abstract_rest)))
-    else:
-        n_trained = n_params
     rows = []
-    for batch in batches or (shape["batch"],):
-        host = _batch(config, shape, batch)
-        steps_fn = make_steps(program, loss_from_config(config), {}, host, aux, donate=donate)
-        data = global_batch(host, mesh)
+    for batch in batches or (None,):
         try:
-            t = time.perf_counter()
-            compiled = steps_fn.train.lower(state, data, aux).compile()
-            compile_s = time.perf_counter() - t
-            mem = compiled.memory_analysis()
+            p = _prepare(name, donate, batch, lora)
+            compiled, state, data, aux = p["compiled"], p["state"], p["data"], p["aux"]
             cost = compiled.cost_analysis()
             cost = cost[0] if isinstance(cost, (list, tuple)) else cost
             flops = float(cost.get("flops", 0.0)) if cost else 0.0
@@ -165,17 +201,17 @@ def run_one(name: str, donate: bool, steps: int, batches: tuple[int, ...] | None
                 print(f"batch {batch}: out of device memory, stopping the sweep", flush=True)
                 break
             raise
+        p["state"] = state
         # On a shared machine the achievable peak drifts: take the better of two measurements
         # bracketing the timed steps (MFU is then a lower bound).
         peak = max(peak_before, matmul_peak(*peak_args))
+        batch, shape, n_params = p["batch"], p["shape"], p["n_params"]
         tokens = batch * shape["grid"] ** 2
         rows.append(dict(
             config=name, donate=donate, batch=batch, params=n_params, tokens_per_step=tokens,
-            training=f"lora r{program.lora.rank}" if lora else "full", trained_params=n_trained,
-            state_mib=sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20,
-            frozen_mib=sum(x.nbytes for x in jax.tree.leaves(rest)) / 2**20,
-            step_temp_mib=getattr(mem, "temp_size_in_bytes", 0) / 2**20,
-            compile_s=compile_s, step_s=step_s, tokens_per_s=tokens / step_s,
+            training=f"lora r{p['program'].lora.rank}" if lora else "full", trained_params=p["n_trained"],
+            **_memory_fields(p),
+            compile_s=p["compile_s"], step_s=step_s, tokens_per_s=tokens / step_s,
             examples_per_s=batch / step_s,
             step_tflop=flops / 1e12, achieved_gflops=flops / step_s / 1e9, peak_gflops=peak / 1e9,
             mfu=flops / step_s / peak if flops else float("nan"),
@@ -183,7 +219,64 @@ def run_one(name: str, donate: bool, steps: int, batches: tuple[int, ...] | None
             peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             device=str(jax.devices()[0].device_kind), platform=jax.devices()[0].platform))
         print(json.dumps(rows[-1]), flush=True)
+        del p, state, compiled
     return rows
+
+
+def run_alternating(name: str, donate: bool, steps: int, rounds: int, batch: int | None = None) -> dict:
+    """Full fine-tuning and LoRA in one process, timed in alternating rounds (full, lora, full, ...;
+    ``steps`` timed steps each), so that both see the same load: the median step of each and their
+    ratio. Both states live in this process, so its peak RSS belongs to neither (see ``run_one``)."""
+    import statistics
+
+    import jax
+
+    variants = {"full": _prepare(name, donate, batch, False), "lora": _prepare(name, donate, batch, True)}
+    times = {v: [] for v in variants}
+    for p in variants.values():   # warm-up
+        for _ in range(2):
+            p["state"], m = p["compiled"](p["state"], p["data"], p["aux"])
+        jax.block_until_ready(m)
+    for r in range(rounds):
+        for v, p in variants.items():
+            for _ in range(steps):
+                t = time.perf_counter()
+                p["state"], m = p["compiled"](p["state"], p["data"], p["aux"])
+                jax.block_until_ready((p["state"], m))
+                times[v].append(time.perf_counter() - t)
+            print(f"round {r + 1}/{rounds} {v}: " + " ".join(f"{s:.2f}" for s in times[v][-steps:]) + " s",
+                  file=sys.stderr, flush=True)
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    return dict(config=name, donate=donate, batch=variants["full"]["batch"], rounds=rounds,
+                steps_per_round=steps, step_s_full=times["full"], step_s_lora=times["lora"],
+                median_s_full=med["full"], median_s_lora=med["lora"],
+                full_over_lora=med["full"] / med["lora"])
+
+
+def state_sizes(name: str, lora: bool) -> dict:
+    """The train state's parts for one config from its abstract state (shapes only: nothing is
+    initialised or compiled), and whether every trained leaf is an adapter."""
+    import jax
+    import numpy as np
+
+    import editmgt_jax  # noqa: F401
+    from editmgt_jax.parallel import make_mesh
+    from editmgt_jax.training.state import TrainProgram
+
+    def mib(tree):
+        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)) / 2**20
+
+    config, _ = _config(name)
+    config.editor.lora.enabled = lora
+    program = TrainProgram.create(config, make_mesh({"data": 1}), lora_needs_init_from=False)
+    s = program.abstract_state
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(s.params)[0]]
+    return dict(config=name, training=f"lora r{program.lora.rank}" if lora else "full",
+                trained_params=int(sum(np.prod(a.shape) for a in jax.tree.leaves(s.params))),
+                trained_leaves=len(paths), trained_non_adapter=sum("lora" not in q for q in paths),
+                trained_mib=mib(s.params), opt_state_mib=mib(s.opt_state),
+                opt_state_leaves=sum(1 for a in jax.tree.leaves(s.opt_state) if a.ndim),
+                state_mib=mib(s), frozen_mib=mib(program.model.abstract_rest))
 
 
 def run_released(max_batch: int, steps: int) -> list[dict]:
@@ -196,10 +289,12 @@ def run_released(max_batch: int, steps: int) -> list[dict]:
 
 
 def _child(name: str, donate: bool, steps: int, attention: str | None = None, batch: int | None = None,
-           lora: bool = False) -> dict:
+           lora: bool = False, rounds: int = 0) -> dict:
     cmd = [sys.executable, "-m", "bench.train", "--_one", name, "--steps", str(steps)]
-    if lora:
+    if lora or rounds:
         cmd.append("--lora")
+    if rounds:
+        cmd += ["--rounds", str(rounds)]
     if not donate:
         cmd.append("--no-donate")
     if batch:
@@ -212,6 +307,8 @@ def _child(name: str, donate: bool, steps: int, attention: str | None = None, ba
         raise RuntimeError(f"{name} (donate={donate}, attention={attention}) failed:\n{out.stderr[-3000:]}")
     row = json.loads(out.stdout.strip().splitlines()[-1])
     row["attention"] = attention or "default"
+    if rounds:
+        sys.stderr.write(out.stderr[-2000:])
     return row
 
 
@@ -231,24 +328,36 @@ def _table(rows: list[dict]) -> str:
 def _lora_table(rows: list[dict]) -> str:
     """Full fine-tuning against LoRA: what is trained, the train state's size (params + optimizer
     state + step + RNG), the step's temporary buffers (XLA ``memory_analysis``), speed, peak RSS."""
-    head = ("| config | training | params | trained | batch | donate | train state (MiB) | frozen weights (MiB) "
-            "| step temporaries (MiB) | step (ms) | tokens/s | TFLOP/step | compile (s) | peak RSS (MiB) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    nan = float("nan")
+    head = ("| config | training | params | trained | batch | donate | train state (MiB) | of it optimizer state (MiB) "
+            "| frozen weights (MiB) | step arguments / outputs / temporaries (MiB) "
+            "| step (ms) | tokens/s | TFLOP/step | compile (s) | peak RSS (MiB) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = [f"| {r['config']} | {r.get('training', 'full')} | {r['params'] / 1e6:.2f}M "
              f"| {r.get('trained_params', r['params']) / 1e6:.3f}M | {r['batch']} | {'yes' if r['donate'] else 'no'} "
-             f"| {r.get('state_mib', float('nan')):.1f} | {r.get('frozen_mib', 0.0):.1f} "
-             f"| {r.get('step_temp_mib', float('nan')):.1f} "
+             f"| {r.get('state_mib', nan):.1f} | {r.get('opt_state_mib', nan):.1f} | {r.get('frozen_mib', 0.0):.1f} "
+             f"| {r.get('step_arg_mib', nan):.1f} / {r.get('step_out_mib', nan):.1f} / {r.get('step_temp_mib', nan):.1f} "
              f"| {1e3 * r['step_s']:.1f} | {r['tokens_per_s']:.0f} | {r['step_tflop']:.3f} | {r['compile_s']:.1f} "
              f"| {r['peak_rss_mib']:.0f} |" for r in rows]
     return head + "\n".join(lines) + "\n"
 
 
-def _record(rows: list[dict], command: str) -> None:
+def _alternating_text(alts: list[dict]) -> str:
+    return "".join(
+        f"\nAlternating rounds in one process ({a['config']}, batch {a['batch']}, {a['rounds']} rounds of "
+        f"{a['steps_per_round']} timed steps per variant, full first): median step full "
+        f"{1e3 * a['median_s_full']:.0f} ms, LoRA {1e3 * a['median_s_lora']:.0f} ms, "
+        f"full / LoRA = {a['full_over_lora']:.2f} (steps (s): full "
+        f"{', '.join(f'{t:.2f}' for t in a['step_s_full'])}; LoRA {', '.join(f'{t:.2f}' for t in a['step_s_lora'])}).\n"
+        for a in alts)
+
+
+def _record(rows: list[dict], command: str, extra: str = "") -> None:
     load = os.getloadavg()[0]
     dev = rows[0]["device"]
     text = (f"\n`{command}` ({datetime.date.today().isoformat()}; {rows[0]['platform']} device "
             f"{dev!r}, {os.cpu_count()} CPUs, 1-min load average {load:.1f} at the end; "
-            f"Python {platform.python_version()})\n\n" + _table(rows))
+            f"Python {platform.python_version()})\n\n" + _table(rows) + extra)
     append_to_section("## Training", text, intro=_NOTES)
 
 
@@ -272,11 +381,26 @@ def main(argv=None) -> int:
     p.add_argument("--donate-only", action="store_true", help="only the rows with a donated state")
     p.add_argument("--lora", action="store_true",
                    help="each config with full fine-tuning and with LoRA (editor.lora: rank 32, alpha 128)")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="with --lora: also time full and LoRA in one process, alternating ROUNDS rounds of "
+                        "--steps timed steps each (median step of each and their ratio)")
+    p.add_argument("--state-only", action="store_true",
+                   help="with --lora: print the train state's parts (abstract shapes, no compile) and stop")
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--_batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--no-donate", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.state_only:
+        for name in args.configs.split(","):
+            for lora in ((False, True) if args.lora else (False,)):
+                print(json.dumps(state_sizes(name, lora)), flush=True)
+        return 0
+    if args.rounds and not args.lora:
+        p.error("--rounds alternates full fine-tuning and LoRA: give --lora too")
+    if args._one and args.rounds:
+        print(json.dumps(run_alternating(args._one, not args.no_donate, args.steps, args.rounds, args._batch)))
+        return 0
     if args._one:
         run_one(args._one, not args.no_donate, args.steps,
                 (args._batch,) if args._batch else None, lora=args.lora)   # prints one JSON line
@@ -285,7 +409,7 @@ def main(argv=None) -> int:
     if args.released:
         rows = run_released(args.max_batch, args.steps)
     else:
-        rows = []
+        rows, alts = [], []
         sizes = [int(b) for b in args.batches.split(",")] if args.batches else [None]
         for name in args.configs.split(","):
             for attention in (args.attention.split(",") if args.attention else [None]):
@@ -295,9 +419,14 @@ def main(argv=None) -> int:
                             r = _child(name, donate, args.steps, attention, batch, lora)
                             print(json.dumps(r), flush=True)
                             rows.append(r)
-    print(_table(rows))
+                        if args.rounds:
+                            a = _child(name, donate, args.steps, attention, batch, rounds=args.rounds)
+                            print(json.dumps(a), flush=True)
+                            alts.append(a)
+    extra = _alternating_text(alts)
+    print(_table(rows) + extra)
     if not args.no_record:
-        _record(rows, command.strip())
+        _record(rows, command.strip(), extra)
     return 0
 
 

@@ -190,7 +190,9 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
     if config.task == "editor" and (needs_vq or config.editor.get("vq_checkpoint", "")):
         frozen_programs["vq"], aux["frozen"]["vq"], vq_cfg_dict = load_frozen_vq(
             config, mesh, rules, compiler_options)
-        codebook = program.model.abstract_params["transformer"]["mlm_layer"]["conv2"]["kernel"].shape[-1]
+        # Under LoRA the output layer is frozen: it is with the model's other variables (``rest``).
+        weights = program.model.abstract_params if program.lora is None else program.model.abstract_rest
+        codebook = weights["transformer"]["mlm_layer"]["conv2"]["kernel"].shape[-1]
         if vq_cfg_dict["num_vq_embeddings"] != codebook:
             raise ValueError(f"the VQ tokenizer has {vq_cfg_dict['num_vq_embeddings']} codewords but "
                              f"the transformer predicts {codebook} (editor.transformer.codebook_size)")
