@@ -70,14 +70,19 @@ def _cpu_s() -> float:
 
 
 def tiny_checkpoint() -> str:
-    """The tiny fixture model in the release layout, converted into a temporary folder."""
+    """The tiny fixture model in the release layout, converted into a temporary folder (removed at
+    exit)."""
     import tempfile
 
     from editmgt_jax.convert.__main__ import main as convert_main
     from editmgt_jax.tools.tiny_release import make_release
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import atexit
+    import shutil
+
     tmp = tempfile.mkdtemp(prefix="steady-tiny-")
+    atexit.register(shutil.rmtree, tmp, True)
     make_release(os.path.join(root, "tests", "fixtures", "editmgt-tiny-v1"), os.path.join(tmp, "release"))
     if convert_main(["--official", os.path.join(tmp, "release"), "--out", os.path.join(tmp, "ckpt")]) != 0:
         raise SystemExit("error: converting the tiny fixture release failed")
