@@ -1,13 +1,15 @@
 """Steady speed: many consecutive edits in one process, each timed against the median.
 
     python -m bench.steady [--mode editor|loop|both] [--edits 50] [--steps 8] [--checkpoint CKPT|tiny]
-                           [--check] [--no-record]
+                           [--interleave] [--check] [--no-record]
 
 ``editor``: the public API a demo or a server uses, ``Editor.load()`` (the shipped default model)
 and ``Editor.edit`` of one image per call (text encoding, the compiled edit program, compositing on
 the host), the same instruction with a new seed each call (``--checkpoint``: another model folder; ``tiny``: the
 tiny fixture model of tests/fixtures/editmgt-tiny-v1 in the official release layout, converted
-into a temporary folder). ``loop``: the medium transformer
+into a temporary folder; ``--interleave``: between two timed edits, untimed, the other work the
+side-by-side harness runs in our process, a transformer forward program and the matmul peak).
+``loop``: the medium transformer
 (bench/medium_transformer_config.json, random weights) at a small size (16x16 ids, 64 text tokens):
 the compiled sampling loop alone (bench.sampler's edit), called again and again on the same inputs.
 
@@ -89,15 +91,39 @@ def tiny_checkpoint() -> str:
     return os.path.join(tmp, "ckpt")
 
 
-def editor_calls(steps: int, checkpoint: str | None = None):
-    """``(call(i), programs())``: one ``Editor.edit`` of the example image per call (seed ``i``)."""
+def editor_calls(steps: int, checkpoint: str | None = None, interleave: bool = False):
+    """``(call(i), programs())``: one ``Editor.edit`` of the example image per call (seed ``i``).
+
+    ``interleave``: after each edit, untimed, what the side-by-side harness (bench.vs_official) runs
+    in our process between two edits: the compiled transformer forward on the CFG batch at the
+    edit's size, then the 2048^3 matmul peak."""
     from editmgt_jax.editor import Editor
 
     editor = Editor.load(tiny_checkpoint() if checkpoint == "tiny" else checkpoint)
     image = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "shapes.png")
+    between = None
+    if interleave:
+        import jax
+        from PIL import Image
+
+        from bench.peak import matmul_peak
+        from bench.vs_official import our_forward_program
+
+        with Image.open(image) as im:
+            size = max(im.size) // 32 * 32
+        fwd, fwd_args = our_forward_program(editor, size, 256)
+
+        def between():
+            jax.block_until_ready(fwd(*fwd_args))
+            matmul_peak(2048, calls=5)
 
     def call(i):
-        return editor.edit(image, "paint the orange circle at the top cyan", seed=i, steps=steps).images
+        out = editor.edit(image, "paint the orange circle at the top cyan", seed=i, steps=steps).images
+        if between is not None:
+            c, t = _cpu_s(), time.perf_counter()
+            between()
+            call.between_s, call.between_cpu_s = time.perf_counter() - t, _cpu_s() - c
+        return out
 
     return call, lambda: len(editor._programs)
 
@@ -112,11 +138,12 @@ def loop_calls(steps: int):
     return (lambda i: run()), lambda: 1
 
 
-def measure(mode: str, edits: int, steps: int, log=print, checkpoint: str | None = None) -> dict:
+def measure(mode: str, edits: int, steps: int, log=print, checkpoint: str | None = None,
+            interleave: bool = False) -> dict:
     import jax
 
     _install_counters()
-    call, programs = editor_calls(steps, checkpoint) if mode == "editor" else loop_calls(steps)
+    call, programs = editor_calls(steps, checkpoint, interleave) if mode == "editor" else loop_calls(steps)
     t = time.perf_counter()
     jax.block_until_ready(call(edits))   # the warm-up: a seed none of the timed edits uses
     first_s = time.perf_counter() - t
@@ -126,6 +153,8 @@ def measure(mode: str, edits: int, steps: int, log=print, checkpoint: str | None
         c0, t0 = _cpu_s(), time.perf_counter()
         jax.block_until_ready(call(i))
         wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+        if interleave:   # the edit alone: the work in between is not timed
+            wall, cpu = wall - call.between_s, cpu - call.between_cpu_s
         rows.append(dict(wall=wall, cpu=cpu, rss=rss_bytes() / MIB, live=len(jax.live_arrays()),
                          programs=programs(), gc=len(gc.get_objects()),
                          compiles=_counts[COMPILE_EVENT] - n0, traces=_counts[TRACE_EVENT] - tr0))
@@ -202,6 +231,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--checkpoint", default=None,
                    help="editor mode: a model folder (default: the shipped model); 'tiny': the tiny fixture model")
+    p.add_argument("--interleave", action="store_true",
+                   help="editor mode: between edits, untimed, the forward program and matmul peak the "
+                        "side-by-side harness runs in the same process")
     p.add_argument("--check", action="store_true",
                    help="exit 1 when the edits drift, resident memory grows or an edit compiles")
     p.add_argument("--no-record", action="store_true")
@@ -220,7 +252,7 @@ def main(argv=None) -> int:
 
     modes = ("editor", "loop") if args.mode == "both" else (args.mode,)
     reports = [measure(m, args.edits, args.steps, log=lambda s: print(s, file=sys.stderr, flush=True),
-                       checkpoint=args.checkpoint)
+                       checkpoint=args.checkpoint, interleave=args.interleave)
                for m in modes]
     command = "python -m bench.steady " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = results_text(reports, command.strip())
