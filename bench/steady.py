@@ -1,19 +1,28 @@
 """Steady speed: many consecutive edits in one process, each timed against the median.
 
-    python -m bench.steady [--mode editor|loop|both] [--edits 50] [--steps 8] [--no-record]
+    python -m bench.steady [--mode editor|loop|both] [--edits 50] [--steps 8] [--checkpoint CKPT|tiny]
+                           [--interleave] [--check] [--no-record]
 
 ``editor``: the public API a demo or a server uses, ``Editor.load()`` (the shipped default model)
 and ``Editor.edit`` of one image per call (text encoding, the compiled edit program, compositing on
-the host), the same instruction with a new seed each call. ``loop``: the medium transformer
+the host), the same instruction with a new seed each call (``--checkpoint``: another model folder; ``tiny``: the
+tiny fixture model of tests/fixtures/editmgt-tiny-v1 in the official release layout, converted
+into a temporary folder; ``--interleave``: between two timed edits, untimed, the other work the
+side-by-side harness runs in our process, a transformer forward program and the matmul peak).
+``loop``: the medium transformer
 (bench/medium_transformer_config.json, random weights) at a small size (16x16 ids, 64 text tokens):
 the compiled sampling loop alone (bench.sampler's edit), called again and again on the same inputs.
 
 After one warm-up call (the compile), each edit's wall time is recorded together with what could
 make later edits slower: the process's resident memory, the number of live device arrays, the
-number of compiled programs the Editor holds, the Python objects gc tracks, and the CPU time the
-process got (on a shared machine a slow edit with normal CPU time was waiting for a core, not
+number of compiled programs the Editor holds, the XLA compilations and jaxpr traces jax made
+during the edit (``jax.monitoring``: a program compiled again on every call shows here), the Python
+objects gc tracks, and the CPU time the process got (on a shared machine a slow edit with normal CPU time was waiting for a core, not
 working more). The report: median, the edits outside +-10% of it, the ratio of the last ten edits
-to the first ten, and the growth of each counter. Appended to bench/RESULTS.md under
+to the first ten (wall and CPU time), the resident memory's growth per edit, and the growth of each
+counter. ``--check`` exits with status 1 when the edits drift (last ten over first ten beyond the
+band, in CPU time, which a shared machine's waiting does not inflate), the resident memory grows
+more than :data:`RSS_MIB_PER_EDIT` per edit, or any edit after the warm-up compiles. Appended to bench/RESULTS.md under
 "## Steady speed" unless ``--no-record``.
 """
 
@@ -38,6 +47,23 @@ from bench.results import RESULTS, append_to_section
 HEADING = "## Steady speed"
 BAND = 0.10
 MIB = 1024 ** 2
+RSS_MIB_PER_EDIT = 1.0
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+_counts = {COMPILE_EVENT: 0, TRACE_EVENT: 0}
+
+
+def _count_event(event: str, duration: float, **_):
+    if event in _counts:
+        _counts[event] += 1
+
+
+def _install_counters():
+    import jax
+
+    if not getattr(_install_counters, "done", False):
+        jax.monitoring.register_event_duration_secs_listener(_count_event)
+        _install_counters.done = True
 
 
 def _cpu_s() -> float:
@@ -45,15 +71,59 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def editor_calls(steps: int):
-    """``(call(i), programs())``: one ``Editor.edit`` of the example image per call (seed ``i``)."""
+def tiny_checkpoint() -> str:
+    """The tiny fixture model in the release layout, converted into a temporary folder (removed at
+    exit)."""
+    import tempfile
+
+    from editmgt_jax.convert.__main__ import main as convert_main
+    from editmgt_jax.tools.tiny_release import make_release
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import atexit
+    import shutil
+
+    tmp = tempfile.mkdtemp(prefix="steady-tiny-")
+    atexit.register(shutil.rmtree, tmp, True)
+    make_release(os.path.join(root, "tests", "fixtures", "editmgt-tiny-v1"), os.path.join(tmp, "release"))
+    if convert_main(["--official", os.path.join(tmp, "release"), "--out", os.path.join(tmp, "ckpt")]) != 0:
+        raise SystemExit("error: converting the tiny fixture release failed")
+    return os.path.join(tmp, "ckpt")
+
+
+def editor_calls(steps: int, checkpoint: str | None = None, interleave: bool = False):
+    """``(call(i), programs())``: one ``Editor.edit`` of the example image per call (seed ``i``).
+
+    ``interleave``: after each edit, untimed, what the side-by-side harness (bench.vs_official) runs
+    in our process between two edits: the compiled transformer forward on the CFG batch at the
+    edit's size, then the 2048^3 matmul peak."""
     from editmgt_jax.editor import Editor
 
-    editor = Editor.load()
+    editor = Editor.load(tiny_checkpoint() if checkpoint == "tiny" else checkpoint)
     image = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "shapes.png")
+    between = None
+    if interleave:
+        import jax
+        from PIL import Image
+
+        from bench.peak import matmul_peak
+        from bench.vs_official import our_forward_program
+
+        with Image.open(image) as im:
+            size = max(im.size) // 32 * 32
+        fwd, fwd_args = our_forward_program(editor, size, 256)
+
+        def between():
+            jax.block_until_ready(fwd(*fwd_args))
+            matmul_peak(2048, calls=5)
 
     def call(i):
-        return editor.edit(image, "paint the orange circle at the top cyan", seed=i, steps=steps).images
+        out = editor.edit(image, "paint the orange circle at the top cyan", seed=i, steps=steps).images
+        if between is not None:
+            c, t = _cpu_s(), time.perf_counter()
+            between()
+            call.between_s, call.between_cpu_s = time.perf_counter() - t, _cpu_s() - c
+        return out
 
     return call, lambda: len(editor._programs)
 
@@ -68,20 +138,26 @@ def loop_calls(steps: int):
     return (lambda i: run()), lambda: 1
 
 
-def measure(mode: str, edits: int, steps: int, log=print) -> dict:
+def measure(mode: str, edits: int, steps: int, log=print, checkpoint: str | None = None,
+            interleave: bool = False) -> dict:
     import jax
 
-    call, programs = (editor_calls if mode == "editor" else loop_calls)(steps)
+    _install_counters()
+    call, programs = editor_calls(steps, checkpoint, interleave) if mode == "editor" else loop_calls(steps)
     t = time.perf_counter()
-    jax.block_until_ready(call(-1))
+    jax.block_until_ready(call(edits))   # the warm-up: a seed none of the timed edits uses
     first_s = time.perf_counter() - t
     rows = []
     for i in range(edits):
+        n0, tr0 = _counts[COMPILE_EVENT], _counts[TRACE_EVENT]
         c0, t0 = _cpu_s(), time.perf_counter()
         jax.block_until_ready(call(i))
         wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+        if interleave:   # the edit alone: the work in between is not timed
+            wall, cpu = wall - call.between_s, cpu - call.between_cpu_s
         rows.append(dict(wall=wall, cpu=cpu, rss=rss_bytes() / MIB, live=len(jax.live_arrays()),
-                         programs=programs(), gc=len(gc.get_objects())))
+                         programs=programs(), gc=len(gc.get_objects()),
+                         compiles=_counts[COMPILE_EVENT] - n0, traces=_counts[TRACE_EVENT] - tr0))
         if i % 10 == 9:
             log(f"[{mode}] {i + 1}/{edits}: {wall:.3f} s")
     walls = np.array([r["wall"] for r in rows])
@@ -97,31 +173,53 @@ def measure(mode: str, edits: int, steps: int, log=print) -> dict:
     }
     for k in ("rss", "live", "programs", "gc"):
         out[f"{k}_first"], out[f"{k}_last"] = rows[0][k], rows[-1][k]
+    out["checkpoint"] = checkpoint or "default"
+    out["compiles"] = int(sum(r["compiles"] for r in rows))
+    out["traces"] = int(sum(r["traces"] for r in rows))
+    # resident memory's growth per edit: the slope of a least-squares line (a leak grows steadily)
+    out["rss_mib_per_edit"] = float(np.polyfit(np.arange(edits), [r["rss"] for r in rows], 1)[0])
     # on a shared machine: the edits that took long without using more CPU waited for a core
     out["outside_with_normal_cpu"] = int(sum(
         1 for r in rows if abs(r["wall"] / med - 1) > BAND and abs(r["cpu"] / out["cpu_median_s"] - 1) <= BAND))
     return out
 
 
+def verdict(r: dict) -> list[str]:
+    """What fails ``--check``: drift in CPU time, resident memory growth, compiles after the warm-up."""
+    bad = []
+    if abs(r["cpu_last10_vs_first10"] - 1) > BAND:
+        bad.append(f"CPU time per edit drifted: last 10 / first 10 = {r['cpu_last10_vs_first10']:.3f}")
+    if r["rss_mib_per_edit"] > RSS_MIB_PER_EDIT:
+        bad.append(f"resident memory grows {r['rss_mib_per_edit']:.2f} MiB per edit")
+    if r["compiles"]:
+        bad.append(f"{r['compiles']} XLA compilation(s) after the warm-up")
+    return bad
+
+
 def results_text(reports: list[dict], command: str) -> str:
     lines = [f"### {datetime.date.today().isoformat()}: `{command}`", "",
              f"Host {platform.node() or '?'}, {os.cpu_count()} CPUs, load average at the end "
              f"{os.getloadavg()[0]:.1f}.", "",
-             "| mode | edits | steps | first call s | median s | min / max vs median | outside +-10% "
+             "| mode | model | edits | steps | first call s | median s | min / max vs median | outside +-10% "
              "| of those with normal CPU time | last 10 / first 10 | CPU s per edit | CPU last 10 / first 10 | RSS MiB first -> last "
-             "| live arrays | programs | gc objects |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| RSS MiB per edit | live arrays | programs | compiles / traces after warm-up | gc objects |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         med = r["median_s"]
         lines.append(
-            f"| {r['mode']} | {r['edits']} | {r['steps']} | {r['first_s']:.2f} | {med:.3f} | "
+            f"| {r['mode']} | {r['checkpoint']} | {r['edits']} | {r['steps']} | {r['first_s']:.2f} | {med:.3f} | "
             f"{r['min_s'] / med:.2f} / {r['max_s'] / med:.2f} | {r['outside']} | {r['outside_with_normal_cpu']} | "
             f"{r['last10_s'] / r['first10_s']:.3f} | {r['cpu_median_s']:.3f} | {r['cpu_last10_vs_first10']:.3f} | {r['rss_first']:.0f} -> {r['rss_last']:.0f} | "
-            f"{r['live_first']} -> {r['live_last']} | {r['programs_first']} -> {r['programs_last']} | "
+            f"{r['rss_mib_per_edit']:+.3f} | {r['live_first']} -> {r['live_last']} | {r['programs_first']} -> {r['programs_last']} | "
+            f"{r['compiles']} / {r['traces']} | "
             f"{r['gc_first']} -> {r['gc_last']} |")
         walls = ", ".join(f"{x['wall']:.2f}" for x in r["rows"])
         cpus = ", ".join(f"{x['cpu']:.2f}" for x in r["rows"])
         lines += ["", f"{r['mode']} per-edit wall seconds: {walls}", "", f"{r['mode']} per-edit CPU seconds: {cpus}"]
+        bad = verdict(r)
+        lines += ["", f"{r['mode']} check: " + ("; ".join(bad) if bad else
+                  f"steady (CPU time last 10 / first 10 within +-{BAND:.0%}, resident memory under "
+                  f"{RSS_MIB_PER_EDIT} MiB per edit, no compilation after the warm-up)")]
     return "\n".join(lines) + "\n"
 
 
@@ -131,6 +229,13 @@ def main(argv=None) -> int:
     p.add_argument("--mode", choices=("editor", "loop", "both"), default="both")
     p.add_argument("--edits", type=int, default=50)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--checkpoint", default=None,
+                   help="editor mode: a model folder (default: the shipped model); 'tiny': the tiny fixture model")
+    p.add_argument("--interleave", action="store_true",
+                   help="editor mode: between edits, untimed, the forward program and matmul peak the "
+                        "side-by-side harness runs in the same process")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 when the edits drift, resident memory grows or an edit compiles")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
     if args.edits < 10:
@@ -139,16 +244,23 @@ def main(argv=None) -> int:
     if args.steps < 1:
         print(f"error: --steps {args.steps}: must be >= 1", file=sys.stderr)
         return 2
+    if args.checkpoint not in (None, "tiny") and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        print(f"error: --checkpoint {args.checkpoint}: no config.json there (a model folder, or 'tiny')",
+              file=sys.stderr)
+        return 2
     import editmgt_jax  # noqa: F401
 
     modes = ("editor", "loop") if args.mode == "both" else (args.mode,)
-    reports = [measure(m, args.edits, args.steps, log=lambda s: print(s, file=sys.stderr, flush=True))
+    reports = [measure(m, args.edits, args.steps, log=lambda s: print(s, file=sys.stderr, flush=True),
+                       checkpoint=args.checkpoint, interleave=args.interleave)
                for m in modes]
     command = "python -m bench.steady " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = results_text(reports, command.strip())
     print(text)
     if not args.no_record:
         append_to_section(HEADING, text, path=RESULTS)
+    if args.check and any(verdict(r) for r in reports):
+        return 1
     return 0
 
 

@@ -302,3 +302,37 @@ def test_non_square_grid_and_traced_strength(tiny_model, tiny_cfg):
     assert max_err(logits, traced(state, jnp.float32(1.0))[0]) > 1e-3   # the strength is not ignored
     with pytest.raises(ValueError, match="even"):
         nnx.merge(graphdef, state)(ids[:, :47], ref[:, :47], txt, pooled, micro, t)
+
+
+def test_scanned_blocks_give_the_unrolled_outputs(tiny_model, tiny_cfg, monkeypatch):
+    """``scan_blocks=True``: runs of blocks as one ``lax.scan`` over their stacked parameters (a
+    captured block alone), the same logits and scores as the block-by-block program. Block 4 (the
+    third single block) captures: the two dual blocks and the first two single blocks are scanned."""
+    from editmgt_jax.models import transformer as tm
+
+    graphdef, state = tiny_model
+    rng = np.random.default_rng(3)
+    ids = jnp.asarray(rng.integers(0, tiny_cfg.vocab_size, (2, 4, 4)), jnp.int32)
+    ref = jnp.asarray(rng.integers(0, tiny_cfg.codebook_size, (2, 4, 4)), jnp.int32)
+    txt = jnp.asarray(rng.standard_normal((2, 8, tiny_cfg.joint_attention_dim)), jnp.float32)
+    pooled = jnp.asarray(rng.standard_normal((2, tiny_cfg.pooled_projection_dim)), jnp.float32)
+    micro = jnp.asarray([[64, 64, 0, 0, 6]] * 2, jnp.float32)
+    t = jnp.asarray([3, 7], jnp.int32)
+    scanned = []
+    scan_blocks = tm._scan_blocks
+    monkeypatch.setattr(tm, "_scan_blocks", lambda blocks, *a: scanned.append(len(blocks)) or scan_blocks(blocks, *a))
+    outs = []
+    for scan in (False, True):
+        model = nnx.merge(graphdef, state)
+        model.scan_blocks = scan
+        g, st = nnx.split(model)
+
+        def f(st, *a):
+            return nnx.merge(g, st)(*a, reference_strength=jnp.float32(1.3), capture_blocks=(4,),
+                                    capture_mode="model")
+
+        outs.append(jax.jit(f)(st, ids, ref, txt, pooled, micro, t))
+        assert scanned == ([2, 2] if scan else [])
+    np.testing.assert_allclose(np.asarray(outs[1][0]), np.asarray(outs[0][0]), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(outs[1][1]), np.asarray(outs[0][1]), rtol=0, atol=1e-6)
+    assert float(np.max(np.abs(np.asarray(outs[0][0])))) > 0.1

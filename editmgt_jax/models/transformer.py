@@ -148,16 +148,22 @@ class EditTransformer(nnx.Module):
     sinusoids, softmax and the logits in float32). ``remat=True`` recomputes each block's
     activations in the backward pass instead of storing them (training memory). ``attention`` picks
     the attention implementation (:mod:`editmgt_jax.models.attention`; ``None``: the backend's).
+    ``scan_blocks=True`` runs each run of consecutive blocks of one kind that capture nothing as one
+    ``jax.lax.scan`` over their parameters stacked at call time (one block body in the program
+    instead of one per block: the compiler sees a program of a few blocks); the parameters keep
+    their per-block layout (checkpoints and the converter are unchanged) and the outputs are the
+    same. Off by default: see bench/RESULTS.md, "Compilation cache", for the compile times measured.
     """
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False, attention: str | None = None):
+                 remat: bool = False, attention: str | None = None, scan_blocks: bool = False):
         if attention is not None and attention not in IMPLEMENTATIONS:
             raise ValueError(f"attention implementation {attention!r}: use one of {IMPLEMENTATIONS}")
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
         self.attention = attention
+        self.scan_blocks = scan_blocks
         d = cfg.inner_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
@@ -323,16 +329,35 @@ class EditTransformer(nnx.Module):
 
         # Named scopes ("dual_block_3", "attention_core", "logits_head", ...) name the compiled ops in
         # profiles (xprof, perfetto, bench.profile).
-        for i, block in enumerate(self.transformer_blocks):
-            with jax.named_scope(f"dual_block_{i}"):
-                txt, img, s = dual_call(mode(i))(block, txt, img, temb, ref_temb, log_strength)
+        scan = self.scan_blocks and gather is None
+
+        def dual_step(block, carry):
+            txt, img, _ = dual_call(None)(block, *carry, temb, ref_temb, log_strength)
+            return txt, img
+
+        def single_step(block, x):
+            return single_call(None)(block, x, temb, ref_temb, log_strength)[0]
+
+        blocks = list(self.transformer_blocks)
+        for a, b in _block_runs(blocks, 0, capture_blocks, scan):
+            if b - a > 1:
+                with jax.named_scope(f"dual_blocks_{a}_{b - 1}"):
+                    txt, img = _scan_blocks(blocks[a:b], dual_step, (txt, img))
+                continue
+            with jax.named_scope(f"dual_block_{a}"):
+                txt, img, s = dual_call(mode(a))(blocks[a], txt, img, temb, ref_temb, log_strength)
             if s is not None:
-                scores[i] = s
+                scores[a] = s
         x = jnp.concatenate([txt, img], axis=1)                                 # [text; image; reference]
-        for j, block in enumerate(self.single_transformer_blocks):
-            i = cfg.num_layers + j
+        blocks = list(self.single_transformer_blocks)
+        for a, b in _block_runs(blocks, cfg.num_layers, capture_blocks, scan):
+            if b - a > 1:
+                with jax.named_scope(f"single_blocks_{cfg.num_layers + a}_{cfg.num_layers + b - 1}"):
+                    x = _scan_blocks(blocks[a:b], single_step, x)
+                continue
+            i = cfg.num_layers + a
             with jax.named_scope(f"single_block_{i}"):
-                x, s = single_call(mode(i))(block, x, temb, ref_temb, log_strength)
+                x, s = single_call(mode(i))(blocks[a], x, temb, ref_temb, log_strength)
             if s is not None:
                 scores[i] = s
 
@@ -341,6 +366,34 @@ class EditTransformer(nnx.Module):
         if not capture_blocks:
             return logits, None
         return logits, jnp.stack([scores[i] for i in capture_blocks], axis=1)
+
+
+def _block_runs(blocks, offset: int, capture_blocks, scan: bool) -> list[tuple[int, int]]:
+    """``[a, b)`` index ranges covering ``blocks`` in order: with ``scan``, the maximal runs of blocks
+    that capture nothing (global index ``offset + i`` not in ``capture_blocks``) and share one
+    structure, each a scanned range; every other block a range of its own."""
+    if not scan:
+        return [(i, i + 1) for i in range(len(blocks))]
+    defs = [nnx.graphdef(b) for b in blocks]
+    runs, a = [], 0
+    for i in range(1, len(blocks) + 1):
+        if (i == len(blocks) or offset + i in capture_blocks or offset + a in capture_blocks
+                or defs[i] != defs[a]):
+            runs.append((a, i))
+            a = i
+    return runs
+
+
+def _scan_blocks(blocks, step, carry):
+    """``carry = step(block, carry)`` for each of ``blocks`` (one structure) as one ``jax.lax.scan``
+    over their stacked variables."""
+    graphdef = nnx.graphdef(blocks[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
+
+    def body(c, st):
+        return step(nnx.merge(graphdef, st), c), None
+
+    return jax.lax.scan(body, carry, stacked)[0]
 
 
 def block_kind(cfg: TransformerConfig, index: int) -> tuple[str, int]:

@@ -112,13 +112,16 @@ def load_png(path: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- cases
-def case_a(models, cases) -> list[Result]:
+def case_a(models, cases, compiler_options: dict | None = None) -> list[Result]:
+    """The transformer's logits; ``compiler_options``: XLA options of the compiled forwards."""
     import jax
 
     tr = models["transformer"]
     rows = cases["logit_rows"]
-    fwd = jax.jit(lambda ids, ref, txt, pooled, mc, t, s: tr(ids, ref, txt, pooled, mc, t, reference_strength=s)[0])
-    fwd_noref = jax.jit(lambda ids, txt, pooled, mc, t: tr(ids, None, txt, pooled, mc, t)[0])
+    fwd = jax.jit(lambda ids, ref, txt, pooled, mc, t, s: tr(ids, ref, txt, pooled, mc, t, reference_strength=s)[0],
+                  compiler_options=compiler_options)
+    fwd_noref = jax.jit(lambda ids, txt, pooled, mc, t: tr(ids, None, txt, pooled, mc, t)[0],
+                        compiler_options=compiler_options)
     args = (cases["a_ids"], cases["a_ref_ids"], cases["a_encoder_hidden_states"],
             cases["a_pooled_projections"], cases["a_micro_conds"], cases["a_timestep"])
     out = logits_checks("a_logits_ref_s10", fwd(*args, 1.0), cases, rows)
