@@ -82,7 +82,7 @@ def run_default(px: int, steps: int | None) -> dict:
     res = editor.edit([image], ["make the sky red"], size=px, **over)
     edit_s = time.perf_counter() - t
     h, w = np.asarray(res.tokens).shape[1:]
-    return dict(px=px, attention="default model", steps=steps or editor.defaults.get("steps"),
+    return dict(px=px, attention="default model", steps=steps or editor.defaults.steps,
                 tokens=f"{h}x{w} ids", compile_s=float("nan"), edit_s=edit_s, temp_mib=float("nan"),
                 peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, load=os.getloadavg())
 

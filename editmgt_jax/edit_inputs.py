@@ -1,11 +1,10 @@
 """What ``Editor.edit`` takes, checked and brought to the model's grid: instructions, images, masks,
-and the sampler settings (the checkpoint's defaults with the caller's overrides)."""
+and the one check of the sampler settings that needs the model (its number of blocks)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -40,18 +39,9 @@ def spans(numbers: Sequence[int]) -> str:
     return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in out)
 
 
-def sampler_settings(defaults: Mapping, overrides: Mapping, *, num_blocks: int, num_layers: int) -> SamplerSettings:
-    """The checkpoint's sampler ``defaults`` with the non-None ``overrides`` applied, validated for a
-    transformer of ``num_blocks`` blocks (``num_layers`` of them dual-stream)."""
-    known = {f.name for f in dataclasses.fields(SamplerSettings)}
-    base = {k: v for k, v in defaults.items() if k in known}
-    for k, v in overrides.items():
-        if v is None:
-            continue
-        if k not in known:
-            raise EditError(f"unknown sampler setting {k!r}; known: {sorted(known)}")
-        base[k] = tuple(v) if isinstance(v, list) else v
-    settings = SamplerSettings(**base)
+def check_blocks(settings: SamplerSettings, *, num_blocks: int, num_layers: int) -> SamplerSettings:
+    """``settings`` when its consolidation blocks exist in a transformer of ``num_blocks`` blocks
+    (``num_layers`` of them dual-stream), else ``EditError`` naming them."""
     bad = [b for b in settings.consolidation_blocks if b >= num_blocks]
     if bad:
         raise EditError(f"consolidation_blocks {spans(bad)} out of range: this model's blocks are "

@@ -33,11 +33,11 @@ from flax import nnx
 
 from editmgt_jax import checkpoints, composite as compositing, imageio, parallel
 from editmgt_jax.convert.registry import COMPONENTS
-from editmgt_jax.edit_inputs import (EditError, check_instructions, load_rgb, mask_to_grid, mask_to_work,
-                                     sampler_settings)
-from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC, micro_conditions
-from editmgt_jax.sampling.config import TIMESTEP_CONVENTIONS, Knobs, SamplerConfig, SamplerSettings
+from editmgt_jax.edit_inputs import (EditError, check_blocks, check_instructions, load_rgb, mask_to_grid,
+                                     mask_to_work)
+from editmgt_jax.models.embeddings import micro_conditions
 from editmgt_jax.sampling import program
+from editmgt_jax.sampling.config import Knobs, SamplerConfig, SamplerSettings
 from editmgt_jax.step_progress import StepProgress
 from editmgt_jax.text_side import (InstructionWarning, ReleaseTextSide, SmallTextSide,  # noqa: F401
                                    make_text_side)
@@ -79,7 +79,7 @@ class Editor:
     """A loaded model: VQ tokenizer, transformer and text side, plus compiled edit programs."""
 
     def __init__(self, doc: Mapping, modules: Mapping[str, nnx.Module], text, *, mesh=None,
-                 defaults: Mapping | None = None, path: str | None = None):
+                 path: str | None = None):
         self.doc = dict(doc)
         self.path = path
         self.mesh = mesh or parallel.make_mesh({"data": 1}, jax.devices()[:1])
@@ -97,14 +97,7 @@ class Editor:
             self.conventions = checkpoints.read_conventions(self.doc)
         except checkpoints.CheckpointError as e:
             raise checkpoints.CheckpointError(f"{path}: {e}") from None
-        conv = self.conventions
-        self.defaults = {**conv.sampler_settings(), "resolution": conv.resolution,
-                         "negative_prompt": conv.negative_prompt, "aesthetic_score": conv.aesthetic_score,
-                         **dict(defaults or {})}
-        if self.defaults["timestep_convention"] not in TIMESTEP_CONVENTIONS:
-            raise checkpoints.CheckpointError(
-                f"{path}: timestep_convention={self.defaults['timestep_convention']!r}; expected one of "
-                f"{TIMESTEP_CONVENTIONS}")
+        self.defaults = self.sampler_config()   # the settings an edit uses unless told otherwise
         self._programs: dict = {}
         self.progress = StepProgress()
 
@@ -149,7 +142,7 @@ class Editor:
 
     @property
     def default_size(self) -> int:
-        return int(self.defaults.get("resolution", 1024))
+        return self.conventions.resolution
 
     def prepare(self, image, *, size: int | None = None, policy: str = "fit", name: str | None = None) -> np.ndarray:
         """Path / bytes / PIL image / array -> ``[H, W, 3] uint8`` at a size the grid takes
@@ -161,26 +154,30 @@ class Editor:
 
     # ------------------------------------------------------------------ editing
     def sampler_config(self, **overrides) -> SamplerSettings:
-        """The checkpoint's sampler settings with ``overrides`` (None = the default) applied."""
-        return sampler_settings(self.defaults, overrides, num_blocks=self.tr_cfg.num_blocks,
-                                num_layers=self.tr_cfg.num_layers)
+        """The checkpoint's sampler settings with ``overrides`` (None = the default) applied;
+        ``EditError`` naming a setting this model cannot take."""
+        try:
+            settings = self.conventions.settings(**overrides)
+        except ValueError as e:
+            raise EditError(str(e)) from None
+        return check_blocks(settings, num_blocks=self.tr_cfg.num_blocks, num_layers=self.tr_cfg.num_layers)
 
     def edit(self, images, instructions: Sequence[str] | str, *, seed: int = 0, masks=None,
              negative_prompt: str | None = None, size: int | None = None, policy: str = "fit",
-             composite: str | None = None, feather: float | None = None, progress: bool = False,
-             **sampler_overrides) -> EditResult:
+             feather: float | None = None, progress: bool = False, **settings) -> EditResult:
         """Edit a batch. ``images``: a list (or one) of paths / PIL images / ``[H, W, 3]`` arrays, of
         any sizes; ``instructions``: one per image. ``masks``: optional ``[H, W]`` bool arrays (True =
-        may change; at the input's or the working size) for inpainting mode. Sampler settings
-        (``steps``, ``guidance_scale``, ``reference_strength``, ``hold_threshold``,
-        ``consolidation_blocks``, ``greedy``, ...) override the checkpoint's.
+        may change; at the input's or the working size) for inpainting mode. ``settings``: fields of
+        ``SamplerSettings`` (``steps``, ``guidance_scale``, ``reference_strength``, ``hold_threshold``,
+        ``consolidation_blocks``, ``greedy``, ``composite``, ...; None = the checkpoint's) override
+        the checkpoint's recommended ones.
 
         The model edits each image at ``size`` (default: the checkpoint's) under ``policy`` ('fit':
         long side at ``size``, aspect kept; 'crop': the centre square). ``composite`` says which
         pixels of the input take the model's output (``editmgt_jax.composite``): 'changed' (the tokens
         that changed, dilated by one token), 'map' (the edit-region map, which needs consolidation),
         or 'none' (``images`` are then the raw model output at the working size); default: the
-        checkpoint's ``composite`` sampler default, else 'changed'. ``feather``: width of the soft
+        checkpoint's recommendation, else 'changed'. ``feather``: width of the soft
         seam in input pixels (default: a quarter of a token, at least 3 px).
         ``progress``: show a bar over the sampling steps (on stderr) when they take more than a few
         seconds (``StepProgress``)."""
@@ -193,22 +190,17 @@ class Editor:
             raise EditError(f"{len(images)} image(s) but {len(instructions)} instruction(s)")
         if masks is not None and len(masks) != len(images):
             raise EditError(f"{len(images)} image(s) but {len(masks)} mask(s)")
-        if composite is None:
-            composite = str(self.defaults.get("composite", "changed"))
-        if composite not in compositing.MODES:
-            raise EditError(f"composite={composite!r}: choose from {compositing.MODES}")
         if feather is not None and not feather >= 0:
             raise EditError(f"feather={feather!r}: expected a width in pixels >= 0")
-        settings = self.sampler_config(**sampler_overrides)
+        settings = self.sampler_config(**settings)
         cfg, knobs = settings.split()
-        if composite == "map" and not cfg.captures:
-            raise EditError("composite='map' needs the edit-region map: give consolidation_blocks")
+        composite = settings.composite
         size = size or self.default_size
         gran = self.pixel_granularity
         originals = [self.load_rgb(im, name=f"image {i}") for i, im in enumerate(images)]
         placements = [compositing.placement(o.shape[0], o.shape[1], size, gran, policy) for o in originals]
         srcs = [imageio.fit_to_grid(o, size, gran, policy) for o in originals]
-        neg = negative_prompt if negative_prompt is not None else self.defaults.get("negative_prompt", "")
+        neg = negative_prompt if negative_prompt is not None else self.conventions.negative_prompt
         txt, pooled = self.text.encode(instructions)
         ntxt, npooled = self.text.encode([neg] * len(instructions), allow_empty=True)
         keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), len(srcs))))
@@ -225,9 +217,8 @@ class Editor:
             if masks is not None:
                 inpaint = np.stack([mask_to_grid(mask_to_work(masks[i], originals[i], size, gran, policy),
                                                  shape[:2], (gh, gw), i) for i in idx])
-            micro = np.tile(micro_conditions(shape[1], shape[0],
-                                             aesthetic=float(self.defaults.get("aesthetic_score", DEFAULT_AESTHETIC))),
-                            (len(idx), 1))
+            micro = np.tile(micro_conditions(shape[1], shape[0], *self.conventions.crop_coords,
+                                             aesthetic=self.conventions.aesthetic_score), (len(idx), 1))
             self.progress.start(cfg.steps)
             try:
                 out = self._run(cfg, knobs, src, txt[idx], pooled[idx], ntxt[idx], npooled[idx], micro, keys[idx],

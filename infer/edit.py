@@ -62,12 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "crop: short side to --size then the centre square (official)")
     s.add_argument("--negative-prompt", default=None, help="unconditional prompt for guidance")
     o = p.add_argument_group("output")
-    o.add_argument("--composite", choices=["changed", "map"], default=None,
-                   help="which pixels of the input take the edit: changed (tokens the edit changed, "
-                        "grown by one token) or map (the edit-region map; needs consolidation); "
-                        "default: the checkpoint's setting, else changed")
     o.add_argument("--no-composite", dest="composite", action="store_const", const="none",
-                   help="write the raw model output at the working size instead of the input's size")
+                   help="write the raw model output at the working size instead of the input's size "
+                        "(--composite none)")
     o.add_argument("--save-heatmap", action="store_true",
                    help="also write <out>_heatmap.png: the consolidated edit-region map over the source")
     o.add_argument("--mesh", default=None, metavar="SPEC",
@@ -93,7 +90,7 @@ def main(argv=None) -> int:
 
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     try:
-        edit_cli.check_flags(args)
+        settings = edit_cli.check_flags(args)
         items, skipped = read_batch(args.batch, args.out_dir) if args.batch else ([], [])
         for line in skipped:
             print(f"skipped {line}", file=sys.stderr)
@@ -104,7 +101,6 @@ def main(argv=None) -> int:
         t0 = time.time()
         editor = edit_cli.load_editor(args)
         print(f"loaded {editor.path} in {time.time() - t0:.1f}s", file=sys.stderr)
-        settings = edit_cli.edit_settings(editor, args)
         if not args.batch:
             t0 = time.time()
             for w in edit_cli.edit_one(editor, args, settings):

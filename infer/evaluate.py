@@ -54,11 +54,12 @@ settings equal an earlier run's reuses its results (noted as same_as in the JSON
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 
-from editmgt_jax.cli_flags import add_sampler_flags, check_sampler_flags
+from editmgt_jax.cli_flags import add_sampler_flags, sampler_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:   # before any data or model is loaded
-        check_sampler_flags(args)
+        sampler = sampler_overrides(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
 
     try:
         t0 = time.time()
-        report = evaluate(EvalOptions(**vars(args)))
+        fields = {f.name for f in dataclasses.fields(EvalOptions)}
+        report = evaluate(EvalOptions(**{k: v for k, v in vars(args).items() if k in fields}, sampler=sampler))
     except (UsageError, EvalDataError, EditError, imageio.ImageError, checkpoints.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -405,8 +405,9 @@ def test_harness_with_a_fake_editor(tmp_path):
     (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     fake = FakeEditor(lookup)
     out = tmp_path / "out"
-    options = runner.EvalOptions(data=str(root), out=str(out), batch_size=4, seed=7, consolidation_blocks=(4, 5),
-                                 hold_threshold=0.5, ablations="hold,inpaint", heatmap_upsample="nearest")
+    options = runner.EvalOptions(data=str(root), out=str(out), batch_size=4, seed=7,
+                                 sampler=dict(consolidation_blocks=(4, 5), hold_threshold=0.5),
+                                 ablations="hold,inpaint", heatmap_upsample="nearest")
     report = runner.evaluate(options, editor=fake)
 
     # batches of 4 (the short last one padded), seeds 7 and 8 in every run; inpainting skips e5
@@ -462,15 +463,17 @@ def test_options_match_the_command_line():
     p = argparse.ArgumentParser()
     add_sampler_flags(p)
     args = p.parse_args(["--steps", "3", "--consolidation-blocks", "2-4,7", "--greedy"])
-    assert sampler_overrides(args) == dict(steps=3, guidance_scale=None, reference_strength=None, hold_threshold=None, keep_source=None,
-                                           consolidation_blocks=(2, 3, 4, 7), greedy=True)
-    opts = runner.EvalOptions(data="d", out="o", steps=3)
-    assert sampler_overrides(opts)["steps"] == 3 and sampler_overrides(opts)["greedy"] is None
+    assert sampler_overrides(args) == dict(steps=3, consolidation_blocks=(2, 3, 4, 7), greedy=True)
+    assert sampler_overrides(p.parse_args(["--no-greedy"])) == dict(greedy=False)
     # old and new spellings set the settings field of the same name
     for flags in (["--guidance", "2", "--strength", "1.3"], ["--guidance-scale", "2", "--reference-strength", "1.3"]):
         over = sampler_overrides(p.parse_args(flags + ["--hold-threshold", "0.2"]))
         assert (over["guidance_scale"], over["reference_strength"], over["hold_threshold"]) == (2.0, 1.3, 0.2)
-    assert set(vars(args)) <= {f.name for f in dataclasses.fields(runner.EvalOptions)}
+    # every other flag of the command is an EvalOptions field (the sampler flags go to its ``sampler``)
+    from infer.evaluate import build_parser
+
+    every = vars(build_parser().parse_args(["--data", "d", "--out", "o"]))
+    assert set(every) - set(vars(args)) <= {f.name for f in dataclasses.fields(runner.EvalOptions)}
 
 
 def test_cli_errors_exit_2(tmp_path):
@@ -495,8 +498,8 @@ def test_evaluate_end_to_end_on_the_tiny_model(tiny_dir, syn_dir, tmp_path):
     convert_release(release, str(tmp_path / "ckpt"))
     out = tmp_path / "eval"
     runner.evaluate(runner.EvalOptions(checkpoint=str(tmp_path / "ckpt"), data=f"synthetic_edits:{syn_dir}",
-                                       out=str(out), size=64, batch_size=4, steps=2, consolidation_blocks=(2, 3, 4),
-                                       hold_threshold=0.3, ablations="hold"))
+                                       out=str(out), size=64, batch_size=4, ablations="hold",
+                                       sampler=dict(steps=2, consolidation_blocks=(2, 3, 4), hold_threshold=0.3)))
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["num_evaluated"] == 4 and report["data"]["split"] == "test"
     assert set(report["runs"]) == {"base", "hold=on", "hold=off"}

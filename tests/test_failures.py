@@ -135,7 +135,7 @@ def test_damaged_model_checkpoints_are_named_in_one_line(tmp_path, cli):
 def test_sampler_settings_must_be_finite_and_in_range(tmp_path, cli):
     import argparse
 
-    from editmgt_jax.cli_flags import check_sampler_flags
+    from editmgt_jax.cli_flags import sampler_overrides
     from editmgt_jax.sampling.config import SamplerSettings
 
     for field, value, message in [("guidance_scale", -5.0, ">= 0"), ("guidance_scale", float("nan"), "finite"),
@@ -156,9 +156,11 @@ def test_sampler_settings_must_be_finite_and_in_range(tmp_path, cli):
         args = argparse.Namespace(**{**dict(steps=None, guidance_scale=None, reference_strength=None,
                                             hold_threshold=None), **flags})
         with pytest.raises(ValueError) as e:
-            check_sampler_flags(args)
+            sampler_overrides(args)
         assert str(e.value).startswith(message), str(e.value)
-    check_sampler_flags(argparse.Namespace(steps=4, guidance_scale=1.0, reference_strength=1.1, hold_threshold=0.0))
+    assert sampler_overrides(argparse.Namespace(steps=4, guidance_scale=1.0, reference_strength=1.1,
+                                                hold_threshold=0.0)) == dict(steps=4, guidance_scale=1.0,
+                                                                             reference_strength=1.1, hold_threshold=0.0)
     # ... and the command stops before loading anything, with one line and exit status 2.
     proc = cli("infer.edit", "--image", os.path.join(REPO, "examples", "shapes.png"), "--instruction", "x",
                "--guidance", "-5", "--out", tmp_path / "o.png")

@@ -140,7 +140,9 @@ def test_both_tasks_reduce_their_loss(data, tmp_path):
     grid = np.asarray(Image.open(tmp_path / "editor" / "samples" / "step_40.png"))
     assert grid.shape == (2 * RES, 3 * RES, 3)          # source | target | edit, two held-out items
     editor = Editor.load(res.model_dir)
-    assert editor.doc["sampler_defaults"]["timestep_convention"] == "mask_fraction"
+    # one conventions record holds the settings; the older top-level fields are no longer written
+    assert editor.doc["conventions"]["timestep_convention"] == "mask_fraction"
+    assert "sampler_defaults" not in editor.doc and "timestep_convention" not in editor.doc
     assert editor.sampler_config().timestep_convention == "mask_fraction"   # what edits feed
     scfg = editor.sampler_config()                 # the config's recommended settings ship with it
     assert (scfg.steps, scfg.consolidation_blocks, scfg.hold_threshold) == (5, (0,), 0.25)

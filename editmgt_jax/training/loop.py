@@ -337,9 +337,14 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
             plot_curves(curves, os.path.join(workdir, "curves.png"), f"{config.task}: learning curves")
     # Export after new steps, and whenever the final state has no matching export (a run killed
     # between its last checkpoint and the export finishes the export when rerun).
-    recommended = dict(config.editor.get("sampler_defaults", {}) or {}) if config.task == "editor" else {}
+    if config.task == "editor":
+        from editmgt_jax.training.checkpoint import editor_conventions
+
+        conventions = editor_conventions(config)
+    else:
+        conventions = None
     if config.train.export and (num_steps > start or not export_matches(os.path.join(workdir, "model"),
-                                                                        final_step, recommended)):
+                                                                        final_step, conventions)):
         params = state.params
         vq_params = aux["frozen"]["vq"][0] if "vq" in aux["frozen"] else None
         if pcount > 1:
