@@ -35,7 +35,6 @@ def run_one(px: int, steps: int, attention: str) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    import editmgt_jax  # noqa: F401
     from bench.sampler import EditSpec, load_transformer_config, make_inputs, random_state, sampler_config
     from editmgt_jax.models.transformer import EditTransformer
     from editmgt_jax.sampling.region_hold import sample
@@ -72,7 +71,6 @@ def run_default(px: int, steps: int | None) -> dict:
     import numpy as np
     from PIL import Image
 
-    import editmgt_jax  # noqa: F401
     from editmgt_jax.editor import Editor
 
     editor = Editor.load()

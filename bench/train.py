@@ -114,7 +114,6 @@ def run_one(name: str, donate: bool, steps: int, batches: tuple[int, ...] | None
     import jax.numpy as jnp
     import numpy as np
 
-    import editmgt_jax  # noqa: F401
     from editmgt_jax.parallel import make_mesh
     from editmgt_jax.training.state import TrainProgram
     from editmgt_jax.training.step import global_batch, loss_from_config, make_steps

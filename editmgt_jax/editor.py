@@ -32,18 +32,14 @@ import numpy as np
 from flax import nnx
 
 from editmgt_jax import checkpoints, composite as compositing, imageio, parallel
-from editmgt_jax.convert.registry import COMPONENTS
+from editmgt_jax.models.registry import MODELS
 from editmgt_jax.edit_inputs import (EditError, check_blocks, check_instructions, load_rgb, mask_to_grid,
                                      mask_to_work)
 from editmgt_jax.models.embeddings import micro_conditions
 from editmgt_jax.sampling import program
 from editmgt_jax.sampling.config import Knobs, SamplerConfig, SamplerSettings
 from editmgt_jax.step_progress import StepProgress
-from editmgt_jax.text_side import (InstructionWarning, ReleaseTextSide, SmallTextSide,  # noqa: F401
-                                   make_text_side)
-
-# The official demo's negative prompt (owned by the checkpoint conventions; kept here for imports).
-RELEASE_NEGATIVE_PROMPT = checkpoints.RELEASE_NEGATIVE_PROMPT
+from editmgt_jax.text_side import make_text_side
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   "checkpoints", "editmgt-synthetic-64")
@@ -127,9 +123,9 @@ class Editor:
                 raise checkpoints.CheckpointError(f"{path}: checkpoint has no {need!r} component")
         modules = {}
         for name, cfg_dict in comps.items():
-            if name not in COMPONENTS and name != "small_text":
+            if name not in MODELS:
                 continue
-            modules[name] = load_module(path, name, cfg_dict, dtype=dtype)
+            modules[name] = checkpoints.load_module(path, name, cfg_dict, dtype=dtype)
         text = make_text_side(path, doc, modules)
         mesh = parallel.make_mesh(mesh_shape) if mesh_shape else None
         return cls(doc, {k: modules[k] for k in ("vq", "transformer")}, text, mesh=mesh, path=path)
@@ -326,18 +322,3 @@ class Editor:
         rep = parallel.replicated(self.mesh)
         in_sh = (rep, rep, rep) + tuple(parallel.batch_sharding(self.mesh, a.ndim) for a in arrays)
         return jax.jit(run, in_shardings=in_sh)
-
-
-# ---------------------------------------------------------------------- components
-def load_module(path: str, name: str, cfg_dict: Mapping, *, dtype=jnp.float32) -> nnx.Module:
-    """Build component ``name`` from its config and restore its parameters from ``path``.
-
-    ``dtype`` is both the parameter and the compute dtype (stored float32 parameters are cast on
-    restore); float32 statistics and softmax are the modules' own business. See
-    :func:`editmgt_jax.checkpoints.load_module`.
-    """
-    return checkpoints.load_module(path, name, cfg_dict, dtype=dtype)
-
-
-RELEASE_TOKENIZER_DIRS = checkpoints.TOKENIZER_DIRS
-release_tokenizer = checkpoints.release_tokenizer

@@ -34,7 +34,7 @@ import argparse
 import sys
 import time
 
-from editmgt_jax.cli_flags import add_sampler_flags
+from infer.flags import add_sampler_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,9 +83,9 @@ def main(argv=None) -> int:
 
     import warnings
 
-    import editmgt_jax  # noqa: F401
-    from editmgt_jax import checkpoints, edit_cli, imageio
-    from editmgt_jax.edit_batch import read_batch
+    from editmgt_jax import checkpoints, imageio
+    from infer import edit_cli
+    from infer.edit_batch import read_batch
     from editmgt_jax.editor import EditError
 
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"

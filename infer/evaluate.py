@@ -59,7 +59,7 @@ import os
 import sys
 import time
 
-from editmgt_jax.cli_flags import add_sampler_flags, sampler_overrides
+from infer.flags import add_sampler_flags, sampler_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +100,6 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import editmgt_jax  # noqa: F401
     from editmgt_jax import checkpoints, imageio
     from editmgt_jax.editor import EditError
     from editmgt_jax.evaluation.ablations import UsageError

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import editmgt_jax  # noqa: F401
 from editmgt_jax import checkpoints
 from editmgt_jax.convert.__main__ import main as convert_main
 from editmgt_jax.editor import EditError, Editor

@@ -458,7 +458,7 @@ def test_bad_options_are_named(tmp_path):
 def test_options_match_the_command_line():
     import argparse
 
-    from editmgt_jax.cli_flags import add_sampler_flags, sampler_overrides
+    from infer.flags import add_sampler_flags, sampler_overrides
 
     p = argparse.ArgumentParser()
     add_sampler_flags(p)

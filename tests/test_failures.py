@@ -12,7 +12,6 @@ import shutil
 import numpy as np
 import pytest
 
-import editmgt_jax  # noqa: F401
 from editmgt_jax import checkpoints
 from editmgt_jax.convert.__main__ import main as convert_main
 from editmgt_jax.tools.tiny_release import make_release
@@ -135,7 +134,7 @@ def test_damaged_model_checkpoints_are_named_in_one_line(tmp_path, cli):
 def test_sampler_settings_must_be_finite_and_in_range(tmp_path, cli):
     import argparse
 
-    from editmgt_jax.cli_flags import sampler_overrides
+    from infer.flags import sampler_overrides
     from editmgt_jax.sampling.config import SamplerSettings
 
     for field, value, message in [("guidance_scale", -5.0, ">= 0"), ("guidance_scale", float("nan"), "finite"),
@@ -177,7 +176,7 @@ def shipped():
 
 
 def test_consolidation_blocks_out_of_range_states_the_valid_range(shipped):
-    from editmgt_jax.cli_flags import parse_blocks
+    from editmgt_jax.sampling.config import parse_blocks
     from editmgt_jax.editor import EditError
 
     assert parse_blocks("2-4,7") == (2, 3, 4, 7)
@@ -251,7 +250,7 @@ def test_images_over_the_pixel_limit_are_refused_by_name(tmp_path):
 def test_batch_skips_bad_lines_with_a_report_and_edits_the_rest(tmp_path, cli):
     from PIL import Image
 
-    from editmgt_jax.edit_batch import read_batch
+    from infer.edit_batch import read_batch
 
     shapes = os.path.join(REPO, "examples", "shapes.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
@@ -306,7 +305,7 @@ def test_progress_bar_only_for_long_sampling_and_same_result(shipped):
 
 
 def test_words_the_model_cannot_read_are_named_once(shipped):
-    from editmgt_jax.editor import InstructionWarning
+    from editmgt_jax.text_side import InstructionWarning
 
     shapes = os.path.join(REPO, "examples", "shapes.png")
     with pytest.warns(InstructionWarning) as record:

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import editmgt_jax  # noqa: F401
 from editmgt_jax import checkpoints
 from editmgt_jax.convert import convert_release
 from editmgt_jax.editor import Editor

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from editmgt_jax import checkpoints
-from editmgt_jax.cli_flags import add_sampler_flags, sampler_overrides
+from infer.flags import add_sampler_flags, sampler_overrides
 from editmgt_jax.sampling import schedule
 from editmgt_jax.sampling.config import MODEL, Knobs, ModelFacts, SamplerConfig, SamplerSettings
 

@@ -12,7 +12,6 @@ import jax
 import numpy as np
 import pytest
 
-import editmgt_jax  # noqa: F401
 import train_fixtures
 from configs import editor_tiny, vq_tiny
 from editmgt_jax.parallel import DEFAULT_RULES, make_mesh

@@ -34,7 +34,6 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = p.parse_args(argv)
 
-    import editmgt_jax  # noqa: F401  (NNX settings)
     from editmgt_jax.convert import ConversionError, convert_release
 
     dtype = np.float32

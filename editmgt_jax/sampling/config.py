@@ -22,7 +22,6 @@ only ever built from a validated record.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 from collections.abc import Callable
@@ -110,7 +109,7 @@ def parse_blocks(text: str) -> tuple[int, ...]:
     for part in filter(None, (p.strip() for p in re.split(r"[,+]", text))):
         m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
         if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
-            raise argparse.ArgumentTypeError(f"{part!r}: expected block indices like '28-36' or '2,3,4'")
+            raise ValueError(f"{part!r}: expected block indices like '28-36' or '2,3,4'")
         out += list(range(int(m[1]), int(m[2] or m[1]) + 1))
     return tuple(out)
 

@@ -262,7 +262,7 @@ def load_checkpoint_models(ckpt: str, log: Callable[[str], None]) -> dict:
     """The components of a converted model checkpoint, as the Editor loads them."""
     from editmgt_jax import checkpoints
     from editmgt_jax.convert import COMPONENTS
-    from editmgt_jax.editor import load_module
+    from editmgt_jax.checkpoints import load_module
 
     models = {}
     for name, cfg in checkpoints.read_config(ckpt)["components"].items():
@@ -332,7 +332,6 @@ def main(argv=None) -> int:
                    help="check a converted model checkpoint (its components and conventions) against "
                         "the folder's cases instead of the folder's own weights")
     args = p.parse_args(argv)
-    import editmgt_jax  # noqa: F401
 
     try:
         results = check_reference(args.fixture_dir, cases_filter=args.cases, checkpoint=args.checkpoint)

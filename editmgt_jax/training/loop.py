@@ -118,7 +118,6 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
     import jax
     from tqdm import tqdm
 
-    import editmgt_jax  # noqa: F401  (NNX sharding mode)
     from editmgt_jax.data.pipeline import make_dataset
     from editmgt_jax.parallel import make_mesh
     from editmgt_jax.training.checkpoint import TrainCheckpointer, export_model

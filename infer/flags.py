@@ -8,7 +8,18 @@ from __future__ import annotations
 
 import argparse
 
-from editmgt_jax.sampling.config import SamplerSettings, parse_blocks  # noqa: F401  (parse_blocks: flag type)
+from editmgt_jax.sampling.config import SamplerSettings, parse_blocks
+
+
+def _flag_type(parse):
+    """``parse`` with its ``ValueError`` shown by argparse as it is."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def add_sampler_flags(group: argparse._ActionsContainer) -> None:
@@ -19,11 +30,12 @@ def add_sampler_flags(group: argparse._ActionsContainer) -> None:
         if not meta["flags"]:
             continue
         kw = dict(dest=f.name, default=None, help=meta["help"])
+        parse = meta["parse"]
         if f.type in (bool, "bool"):
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw.update(type=meta["parse"] or str, choices=meta["choices"],
-                      metavar=meta["metavar"] or {int: "N", float: "X"}.get(meta["parse"]))
+            kw.update(type=_flag_type(parse) if parse is parse_blocks else parse or str, choices=meta["choices"],
+                      metavar=meta["metavar"] or {int: "N", float: "X"}.get(parse))
         group.add_argument(*meta["flags"], **kw)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from editmgt_jax.cli_flags import sampler_overrides
+from infer.flags import sampler_overrides
 
 
 def check_flags(args) -> dict:
