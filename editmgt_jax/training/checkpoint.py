@@ -245,16 +245,15 @@ def editor_conventions(config):
     The config's ``editor.sampler_defaults`` are its recommended sampler settings (``negative_prompt``
     there is the record's negative prompt)."""
     from editmgt_jax import checkpoints
-    from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC
     from editmgt_jax.training.step import mask_token_id
 
-    recommended = dict(config.editor.get("sampler_defaults", {}) or {})
+    recommended = dict(config.editor.sampler_defaults)
     negative_prompt = str(recommended.pop("negative_prompt", ""))
     try:
         return checkpoints.Conventions(
             mask_token_id=mask_token_id(config),
             timestep_convention=losses.sampler_timestep_convention(config.editor.timestep_convention),
-            aesthetic_score=float(config.editor.get("aesthetic", DEFAULT_AESTHETIC)),
+            aesthetic_score=float(config.editor.aesthetic),
             negative_prompt=negative_prompt, resolution=int(config.data.resolution), sampler=recommended,
             source="the training config (editor.transformer / init_from)")
     except checkpoints.CheckpointError as e:

@@ -17,6 +17,7 @@ Outputs in WORKDIR:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -66,11 +67,16 @@ def check_resume_config(saved: Mapping | None, config) -> None:
         return
     from editmgt_jax.training.checkpoint import config_to_json
 
+    from configs.common import EDITOR_DEFAULTS
+
     def training_part(doc: Mapping, key: str):
         # The recommended sampler settings shape only the export, not the training: changing them
-        # and rerunning a finished run re-exports the model.
+        # and rerunning a finished run re-exports the model. A field a saved config does not name
+        # was read with its declared default (checkpoints written before it was declared).
         value = doc.get(key)
         if key == "editor" and isinstance(value, Mapping):
+            defaults = json.loads(json.dumps(EDITOR_DEFAULTS))
+            value = {**defaults, **value}
             value = {k: v for k, v in value.items() if k != "sampler_defaults"}
         return value
 
@@ -144,7 +150,7 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
             config, mesh, rules, compiler_options)
         aux["frozen"]["uncond"] = uncond
     needs_vq = config.task == "editor" and not config.data.tokens_dir
-    if config.task == "editor" and (needs_vq or config.editor.get("vq_checkpoint", "")):
+    if config.task == "editor" and (needs_vq or config.editor.vq_checkpoint):
         frozen_programs["vq"], aux["frozen"]["vq"], vq_cfg_dict = load_frozen_vq(
             config, mesh, rules, compiler_options)
         codebook = program.model.abstract_params["transformer"]["mlm_layer"]["conv2"]["kernel"].shape[-1]
@@ -208,6 +214,13 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
         for _ in range(int(config.train.eval_batches)):
             yield next(e_it)
 
+    def flush() -> None:
+        """Record the step still in flight (its metrics are fetched one step late)."""
+        nonlocal pending
+        if pending is not None:
+            finish(pending)
+            pending = None
+
     def finish(item) -> None:
         nonlocal window, t_window
         step_no, metrics, position, raw = item
@@ -253,19 +266,15 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
                                    compiler_options=compiler_options)
                 tokens_per_example = batches.tokens_per_example(config, batch, frozen_programs)
             state, metrics = steps.train(state, batch, aux)
-            if pending is not None:
-                finish(pending)
+            flush()
             pending = (step + 1, metrics, position, raw)
             step_no = step + 1
             if step_no % int(config.train.checkpoint_every) == 0 or step_no == num_steps:
-                finish(pending)
-                pending = None
+                flush()
                 ckpt.save(step_no, state, config, it, force=step_no == num_steps)
             eval_every = int(config.train.eval_every)
             if eval_every and step_no % eval_every == 0:
-                if pending is not None:
-                    finish(pending)
-                    pending = None
+                flush()
                 key = jax.random.key_data(jax.random.key(int(config.seed) + 12345))
                 rows = []
                 for e_raw in eval_batches():
@@ -276,17 +285,15 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
                 writer.scalars(step_no, "eval", ev)
                 if lead:
                     writer.step(step_no, {f"eval_{k}": v for k, v in ev.items()})
-            edit_every = int(config.train.get("edit_eval_every", 0) or 0)
+            edit_every = int(config.train.edit_eval_every)
             if (edit_every and config.task == "editor" and pcount == 1
                     and (step_no % edit_every == 0 or step_no == num_steps)):
-                if pending is not None:
-                    finish(pending)
-                    pending = None
+                flush()
                 if edit_evaluator is None:
                     from editmgt_jax.training.edit_eval import EditEval
 
                     edit_evaluator = EditEval(config, program, aux, frozen_programs, tokenizer,
-                                              per_category=int(config.train.get("edit_eval_per_category", 10)))
+                                              per_category=int(config.train.edit_eval_per_category))
                 t_eval = time.perf_counter()
                 ev = edit_evaluator(state.params)
                 writer.scalars(step_no, "edit_eval", ev)
@@ -299,9 +306,7 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
                 t_window += time.perf_counter() - t_eval   # evaluation time is not training throughput
             sample_every = int(config.train.sample_every)
             if sample_every and (step_no % sample_every == 0 or step_no == num_steps) and pcount == 1:
-                if pending is not None:
-                    finish(pending)
-                    pending = None
+                flush()
                 if sampler is None:
                     eval_raw = eval_raw or next(iter(eval_dataset()))
                     sampler = Sampler(config, program, aux, frozen_programs, eval_raw, mesh, tokenizer)
@@ -312,9 +317,7 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
 
                     Image.fromarray(grid).save(os.path.join(workdir, "samples", f"step_{step_no}.png"))
                     writer.image(step_no, "samples", grid)
-        if pending is not None:
-            finish(pending)
-            pending = None
+        flush()
     finally:
         pbar.close()
         ckpt.close()
@@ -354,8 +357,8 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
                          if vq_params is not None else None)
         if lead:
             training_meta = {"task": config.task, "step": final_step,
-                             "timestep_convention": config.editor.get(
-                                 "timestep_convention") if config.task == "editor" else None}
+                             "timestep_convention": config.editor.timestep_convention if config.task == "editor"
+                                                    else None}
             if text_checkpoint is not None:
                 training_meta.update(text_kind="release", text_checkpoint=text_checkpoint)
             model_dir = export_model(os.path.join(workdir, "model"), config, params,
