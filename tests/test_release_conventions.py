@@ -153,8 +153,9 @@ def test_editor_reproduces_the_official_pipeline_with_a_larger_vocabulary(v2_ckp
 
 def test_editor_decodes_leftover_mask_ids_to_code_zero(v2_ckpt, monkeypatch):
     """Whatever the sampler leaves as the mask id (111) decodes as code 0, as the official decode."""
-    import editmgt_jax.editor as editor_mod
     from flax import nnx
+
+    from editmgt_jax.sampling import program
 
     editor = Editor.load(v2_ckpt)
     planted = np.arange(16).reshape(1, 4, 4) % CODEBOOK
@@ -163,7 +164,7 @@ def test_editor_decodes_leftover_mask_ids_to_code_zero(v2_ckpt, monkeypatch):
     def fake_sample(*args, **kwargs):
         return {"tokens": jnp.asarray(planted, jnp.int32)}
 
-    monkeypatch.setattr(editor_mod, "sample", fake_sample)
+    monkeypatch.setattr(program, "sample", fake_sample)   # the loop inside the one edit program
     editor.text = FixtureText({"d_encoder_hidden_states": np.zeros((1, 5, 48), np.float32),
                                "d_prompt_embeds": np.zeros((1, 20), np.float32),
                                "d_negative_encoder_hidden_states": np.zeros((1, 5, 48), np.float32),
