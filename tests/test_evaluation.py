@@ -419,7 +419,7 @@ def test_harness_with_a_fake_editor(tmp_path):
     assert runs["inpaint=gt"]["n_items"] == 5 and runs["inpaint=gt"]["inpaint"]
 
     m = runs["base"]["metrics"]
-    assert m["psnr"] == {"mean": 100.0, "n": 6} and m["l1"]["mean"] == 0.0
+    assert m["psnr"] == {"mean": 100.0, "median": 100.0, "n": 6} and m["l1"]["mean"] == 0.0
     # every edit returns its target: all succeed; the identity baseline fails every one
     assert m["edit_success"] == {"mean": 1.0, "n": 5}
     assert report["baselines"]["identity"]["metrics"]["edit_success"] == {"mean": 0.0, "n": 5}
