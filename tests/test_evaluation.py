@@ -421,18 +421,18 @@ def test_harness_with_a_fake_editor(tmp_path):
     m = runs["base"]["metrics"]
     assert m["psnr"] == {"mean": 100.0, "median": 100.0, "n": 6} and m["l1"]["mean"] == 0.0
     # every edit returns its target: all succeed; the identity baseline fails every one
-    assert m["edit_success"] == {"mean": 1.0, "n": 5}
-    assert report["baselines"]["identity"]["metrics"]["edit_success"] == {"mean": 0.0, "n": 5}
-    assert m["leak_psnr_src"] == {"mean": 100.0, "n": 5}
+    assert m["edit_success"] == {"mean": 1.0, "median": 1.0, "n": 5}
+    assert report["baselines"]["identity"]["metrics"]["edit_success"] == {"mean": 0.0, "median": 0.0, "n": 5}
+    assert m["leak_psnr_src"] == {"mean": 100.0, "median": 100.0, "n": 5}
     assert m["leak_psnr_rec"]["mean"] == pytest.approx(10 * math.log10(255**2 / 16))
-    assert m["iou_topk"] == {"mean": 1.0, "n": 5} and m["auroc"]["mean"] == 1.0
+    assert m["iou_topk"] == {"mean": 1.0, "median": 1.0, "n": 5} and m["auroc"]["mean"] == 1.0
     assert m["iou_fixed"]["mean"] == 1.0 and runs["base"]["iou_threshold"] == 0.5
     off = runs["hold=off"]["metrics"]
     assert off["leak_psnr_src"]["mean"] == pytest.approx(10 * math.log10(255**2 / 64))
     assert off["leak_l1_src"]["mean"] == pytest.approx(8 / 255)
     assert runs["base"]["per_category"]["odd"]["n_items"] == 3
     ident = report["baselines"]["identity"]["metrics"]
-    assert ident["leak_psnr_src"] == {"mean": 100.0, "n": 5}
+    assert ident["leak_psnr_src"] == {"mean": 100.0, "median": 100.0, "n": 5}
     vq = report["baselines"]["vq_reconstruction"]["metrics"]
     assert vq["leak_psnr_src"]["mean"] == pytest.approx(10 * math.log10(255**2 / 16))
     assert runs["base"]["timing"]["edits_per_s"] > 0
