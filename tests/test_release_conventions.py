@@ -199,7 +199,7 @@ def test_training_masks_with_the_conventions_mask_id(other_id_ckpt, v2_ckpt):
     seen = {}
 
     class Spy:
-        def transformer(self, ids, ref, states, pooled, micro, t):
+        def transformer(self, ids, ref, states, pooled, micro, t, **capture):
             seen["ids"] = ids
             return jnp.zeros(ids.shape + (CODEBOOK,)), None
 
