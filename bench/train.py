@@ -3,6 +3,7 @@
     python -m bench.train [--configs default,tiny,medium] [--batches 8,32] [--steps 4] [--no-record]
     python -m bench.train --released [--max-batch 64]      # on a GPU: the 1024 px released model
     python -m bench.train --configs medium --attention naive,xla --donate-only   # attention before/after
+    python -m bench.train --configs medium --donate-only --lora       # full fine-tuning vs LoRA r32/a128
 
 Per config, with and without donating the train state, each in a fresh process (so the peak host
 memory, ``ru_maxrss``, belongs to that run alone):
@@ -16,6 +17,8 @@ memory, ``ru_maxrss``, belongs to that run alone):
   small text encoder, batch 4;
 * ``--attention``: the attention implementations to compare (``EDITMGT_ATTENTION`` of each child;
   ``naive`` builds the full ``[B, H, S, S]`` logits, ``xla`` is the blocked default on CPU);
+* ``--lora``: each config also with LoRA (``editor.lora``: rank 32, alpha 128, the official targets
+  to_q/to_k/to_v; random base weights): only the adapters get gradients and optimizer state;
 * ``--released``: the released 1024 px transformer (1.0B parameters, 64x64 ids), frozen-encoder
   text states (256 x 2304) given as inputs, bf16 compute, remat, at the largest batch that fits
   (doubling from 1). Meant for an accelerator.
@@ -104,7 +107,7 @@ def _batch(config, shape, batch: int):
 
 
 def run_one(name: str, donate: bool, steps: int, batches: tuple[int, ...] | None = None,
-            stop_on_oom: bool = False) -> list[dict]:
+            stop_on_oom: bool = False, lora: bool = False) -> list[dict]:
     """Compile and time the train step of one config in this process, for each batch size.
 
     The parameters and optimizer state are created once; each batch size compiles its own step.
@@ -119,13 +122,20 @@ def run_one(name: str, donate: bool, steps: int, batches: tuple[int, ...] | None
     from editmgt_jax.training.step import global_batch, loss_from_config, make_steps
 
     config, shape = _config(name)
+    if lora:
+        config.editor.lora.enabled = True
     mesh = make_mesh({"data": len(jax.devices())})
-    program = TrainProgram.create(config, mesh)
+    program = TrainProgram.create(config, mesh, lora_needs_init_from=False)
     state, rest = program.init_state(0)
     aux = {"rest": rest, "frozen": {}}
     on_gpu = jax.devices()[0].platform == "gpu"
     peak_args = (8192, jnp.bfloat16) if on_gpu else (2048, jnp.float32)
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(program.model.abstract_params)))
+    if lora:   # the model's size (FLOPs), not the adapters'
+        n_trained = n_params
+        n_params += int(sum(np.prod(x.shape) for x in jax.tree.leaves(program.model.abstract_rest)))
+    else:
+        n_trained = n_params
     rows = []
     for batch in batches or (shape["batch"],):
         host = _batch(config, shape, batch)
@@ -135,6 +145,7 @@ def run_one(name: str, donate: bool, steps: int, batches: tuple[int, ...] | None
             t = time.perf_counter()
             compiled = steps_fn.train.lower(state, data, aux).compile()
             compile_s = time.perf_counter() - t
+            mem = compiled.memory_analysis()
             cost = compiled.cost_analysis()
             cost = cost[0] if isinstance(cost, (list, tuple)) else cost
             flops = float(cost.get("flops", 0.0)) if cost else 0.0
@@ -159,6 +170,10 @@ def run_one(name: str, donate: bool, steps: int, batches: tuple[int, ...] | None
         tokens = batch * shape["grid"] ** 2
         rows.append(dict(
             config=name, donate=donate, batch=batch, params=n_params, tokens_per_step=tokens,
+            training=f"lora r{program.lora.rank}" if lora else "full", trained_params=n_trained,
+            state_mib=sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20,
+            frozen_mib=sum(x.nbytes for x in jax.tree.leaves(rest)) / 2**20,
+            step_temp_mib=getattr(mem, "temp_size_in_bytes", 0) / 2**20,
             compile_s=compile_s, step_s=step_s, tokens_per_s=tokens / step_s,
             examples_per_s=batch / step_s,
             step_tflop=flops / 1e12, achieved_gflops=flops / step_s / 1e9, peak_gflops=peak / 1e9,
@@ -179,8 +194,11 @@ def run_released(max_batch: int, steps: int) -> list[dict]:
     return rows
 
 
-def _child(name: str, donate: bool, steps: int, attention: str | None = None, batch: int | None = None) -> dict:
+def _child(name: str, donate: bool, steps: int, attention: str | None = None, batch: int | None = None,
+           lora: bool = False) -> dict:
     cmd = [sys.executable, "-m", "bench.train", "--_one", name, "--steps", str(steps)]
+    if lora:
+        cmd.append("--lora")
     if not donate:
         cmd.append("--no-donate")
     if batch:
@@ -197,6 +215,8 @@ def _child(name: str, donate: bool, steps: int, attention: str | None = None, ba
 
 
 def _table(rows: list[dict]) -> str:
+    if any(r.get("training", "full") != "full" for r in rows):
+        return _lora_table(rows)
     head = ("| config | attention | params | batch | donate | examples/s | tokens/s | step (ms) | TFLOP/step | GFLOP/s | "
             "matmul peak GFLOP/s | MFU | compile (s) | peak RSS (MiB) |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
@@ -204,6 +224,21 @@ def _table(rows: list[dict]) -> str:
              f"| {r.get('examples_per_s', r['batch'] / r['step_s']):.1f} | {r['tokens_per_s']:.0f} | {1e3 * r['step_s']:.1f} | {r['step_tflop']:.3f} "
              f"| {r['achieved_gflops']:.1f} | {r['peak_gflops']:.0f} | {100 * r['mfu']:.1f}% "
              f"| {r['compile_s']:.1f} | {r['peak_rss_mib']:.0f} |" for r in rows]
+    return head + "\n".join(lines) + "\n"
+
+
+def _lora_table(rows: list[dict]) -> str:
+    """Full fine-tuning against LoRA: what is trained, the train state's size (params + optimizer
+    state + step + RNG), the step's temporary buffers (XLA ``memory_analysis``), speed, peak RSS."""
+    head = ("| config | training | params | trained | batch | donate | train state (MiB) | frozen weights (MiB) "
+            "| step temporaries (MiB) | step (ms) | tokens/s | TFLOP/step | compile (s) | peak RSS (MiB) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| {r['config']} | {r.get('training', 'full')} | {r['params'] / 1e6:.2f}M "
+             f"| {r.get('trained_params', r['params']) / 1e6:.3f}M | {r['batch']} | {'yes' if r['donate'] else 'no'} "
+             f"| {r.get('state_mib', float('nan')):.1f} | {r.get('frozen_mib', 0.0):.1f} "
+             f"| {r.get('step_temp_mib', float('nan')):.1f} "
+             f"| {1e3 * r['step_s']:.1f} | {r['tokens_per_s']:.0f} | {r['step_tflop']:.3f} | {r['compile_s']:.1f} "
+             f"| {r['peak_rss_mib']:.0f} |" for r in rows]
     return head + "\n".join(lines) + "\n"
 
 
@@ -234,6 +269,8 @@ def main(argv=None) -> int:
                    help="comma-separated attention implementations to compare (default: the backend's)")
     p.add_argument("--batches", help="comma-separated batch sizes to time (default: each config's own)")
     p.add_argument("--donate-only", action="store_true", help="only the rows with a donated state")
+    p.add_argument("--lora", action="store_true",
+                   help="each config with full fine-tuning and with LoRA (editor.lora: rank 32, alpha 128)")
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--_batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--no-donate", action="store_true", help=argparse.SUPPRESS)
@@ -241,7 +278,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args._one:
         run_one(args._one, not args.no_donate, args.steps,
-                (args._batch,) if args._batch else None)   # prints one JSON line
+                (args._batch,) if args._batch else None, lora=args.lora)   # prints one JSON line
         return 0
     command = "python -m bench.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.released:
@@ -253,9 +290,10 @@ def main(argv=None) -> int:
             for attention in (args.attention.split(",") if args.attention else [None]):
                 for batch in sizes:
                     for donate in ((True,) if args.donate_only else (True, False)):
-                        r = _child(name, donate, args.steps, attention, batch)
-                        print(json.dumps(r), flush=True)
-                        rows.append(r)
+                        for lora in ((False, True) if args.lora else (False,)):
+                            r = _child(name, donate, args.steps, attention, batch, lora)
+                            print(json.dumps(r), flush=True)
+                            rows.append(r)
     print(_table(rows))
     if not args.no_record:
         _record(rows, command.strip())

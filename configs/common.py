@@ -9,26 +9,7 @@ model and data. Any field can be overridden on the command line:
 
 import ml_collections
 
-from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC
-
-# Every scalar field of ``config.editor`` the trainer reads, with its default (editor task configs
-# add the model: ``transformer``, ``text``). The trainer reads them as attributes, never with a
-# fallback of its own.
-EDITOR_DEFAULTS = dict(
-    cond_dropout=0.1,                 # classifier-free guidance: drop the instruction this often
-    timestep_convention="mask_fraction",   # "mask_fraction" | "release" (editmgt_jax.training.losses)
-    aesthetic=DEFAULT_AESTHETIC,      # last micro-condition fed in training and exported
-    image_size=0,                     # micro-conditions when the batch carries none (0: the batch's size)
-    vq_checkpoint="",                 # model checkpoint with a "vq" component (the frozen tokenizer)
-    uncond_text="",                   # text.kind="precomputed" + cond_dropout: .npz of the empty prompt
-    changed_weight=1.0,               # loss weight of the positions the edit changes
-    full_mask_prob=0.0,               # fraction of examples with the whole target masked
-    changed_share=0.0,                # > 0: per-example loss, this share on the changed positions
-    region_loss_weight=0.0,           # > 0: + this times losses.region_attention_loss
-    region_loss_blocks=(),            # its blocks; () = the recommended consolidation_blocks
-    code_embedding_init="",           # "" | "vq_patches" (editmgt_jax.training.code_init)
-    sampler_defaults={},              # recommended SamplerSettings fields, exported with the model
-)
+from editmgt_jax.training.fields import EDITOR_DEFAULTS
 
 
 def base() -> ml_collections.ConfigDict:
@@ -88,6 +69,13 @@ def base() -> ml_collections.ConfigDict:
     # Fine-tuning: a model checkpoint folder (converted release or exported run) to start from.
     c.init_from = ""
 
+    # Every scalar field of config.editor with its default (editmgt_jax.training.fields); editor task
+    # configs add the model: transformer, text.
     c.editor = ml_collections.ConfigDict(EDITOR_DEFAULTS)
+    # LoRA fine-tuning of the transformer (editmgt_jax.models.lora): only the adapters train and are
+    # checkpointed; needs init_from. rank/alpha as the official README's --lora_r 32 --lora_alpha 128,
+    # targets as its trainer's --lora_target_modules (the image-stream q/k/v projections).
+    c.editor.lora = ml_collections.ConfigDict(dict(enabled=False, rank=32, alpha=128.0,
+                                                   targets=("to_q", "to_k", "to_v")))
     c.vq = ml_collections.ConfigDict()
     return c

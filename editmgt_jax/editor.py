@@ -31,18 +31,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from editmgt_jax import checkpoints, composite as compositing, imageio, parallel
-from editmgt_jax.models.registry import MODELS
-from editmgt_jax.edit_inputs import (EditError, check_blocks, check_instructions, load_rgb, mask_to_grid,
-                                     mask_to_work)
+from editmgt_jax import checkpoints, compile_cache, composite as compositing, hub, imageio, parallel
+from editmgt_jax.assets import DEFAULT_MODEL
+from editmgt_jax.edit_inputs import (EditError, check_blocks, check_edit_call, check_resolution, check_working_sizes,
+                                     load_rgb, mask_to_grid, mask_to_work)
 from editmgt_jax.models.embeddings import micro_conditions
+from editmgt_jax.models.registry import MODELS
 from editmgt_jax.sampling import program
 from editmgt_jax.sampling.config import Knobs, SamplerConfig, SamplerSettings
 from editmgt_jax.step_progress import StepProgress
-from editmgt_jax.text_side import make_text_side
+from editmgt_jax.text_side import make_text_side, query_row_weights
 
-DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "checkpoints", "editmgt-synthetic-64")
+# The shipped default model: package data (editmgt_jax/assets), so any install of the package edits.
+DEFAULT_CHECKPOINT = DEFAULT_MODEL
 
 
 @dataclasses.dataclass
@@ -64,6 +65,18 @@ class EditResult:
     composite: str = "changed"      # the region rule used: 'changed', 'map' or 'none'
 
 
+def _image_keys(seed, n: int) -> np.ndarray:
+    """``[n, 2] uint32`` raw PRNG keys, one per image: split from ``seed``, or with one seed per image
+    (a sequence) each image's key is the one a call of that image alone with that seed draws, so an
+    edit does not depend on the batch it ran in."""
+    if isinstance(seed, (Sequence, np.ndarray)):
+        if len(seed) != n:
+            raise EditError(f"{n} image(s) but {len(seed)} seed(s)")
+        return np.stack([np.asarray(jax.random.key_data(jax.random.split(jax.random.key(int(s)), 1)[0]))
+                         for s in seed])
+    return np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), n)))
+
+
 def _stack(arrays: list):
     """One array when the shapes agree, else the list (images of different sizes)."""
     if any(a is None for a in arrays):
@@ -73,6 +86,8 @@ def _stack(arrays: list):
 
 class Editor:
     """A loaded model: VQ tokenizer, transformer and text side, plus compiled edit programs."""
+
+    DEFAULT_CHECKPOINT = DEFAULT_CHECKPOINT   # what ``Editor.load()`` loads
 
     def __init__(self, doc: Mapping, modules: Mapping[str, nnx.Module], text, *, mesh=None,
                  path: str | None = None):
@@ -93,6 +108,7 @@ class Editor:
             self.conventions = checkpoints.read_conventions(self.doc)
         except checkpoints.CheckpointError as e:
             raise checkpoints.CheckpointError(f"{path}: {e}") from None
+        check_resolution(self.conventions.resolution, self.pixel_granularity, path)
         self.defaults = self.sampler_config()   # the settings an edit uses unless told otherwise
         self._programs: dict = {}
         self.progress = StepProgress()
@@ -100,16 +116,26 @@ class Editor:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, *, mesh_shape: Mapping[str, int] | None = None,
-             dtype=jnp.float32) -> "Editor":
+             dtype=jnp.float32, lora_scale: float = 1.0) -> "Editor":
         """Load a model checkpoint folder (as written by the converter or exported by training).
 
         ``dtype``: ``jnp.float32`` (default; parity with the official float32 pipeline) or
         ``jnp.bfloat16`` for accelerators: parameters are stored in bf16 and the matmuls run in bf16,
         while normalisation statistics, attention softmax, RoPE, timestep sinusoids and the logits
         stay float32 as in the official bf16 pipeline, and the sampler's probabilities are float32.
+        ``lora_scale``: a LoRA fine-tune's adapters are merged into the transformer at this scale
+        (``W + lora_scale * alpha / rank * A @ B``; 0 = the base model); other checkpoints ignore it.
+
+        Compiled edit programs go to the persistent compilation cache (``editmgt_jax.compile_cache``;
+        ``EDITMGT_COMPILATION_CACHE=off`` turns it off).
         """
+        if not (isinstance(lora_scale, (int, float)) and np.isfinite(lora_scale)):
+            raise EditError(f"lora_scale={lora_scale!r}: expected a finite number")
+        compile_cache.enable()
+        if hub.is_hub_spec(path):   # hf:ORG/NAME[@REVISION]: downloaded and converted once (editmgt_jax.hub)
+            path = hub.resolve(path)
         if path is None:
-            path = DEFAULT_CHECKPOINT
+            path = cls.DEFAULT_CHECKPOINT
             if not os.path.isfile(os.path.join(path, "config.json")):
                 raise checkpoints.CheckpointError(
                     f"no checkpoint given and no default model at {path}; pass a model checkpoint "
@@ -125,10 +151,23 @@ class Editor:
         for name, cfg_dict in comps.items():
             if name not in MODELS:
                 continue
-            modules[name] = checkpoints.load_module(path, name, cfg_dict, dtype=dtype)
+            modules[name] = checkpoints.load_module(path, name, cfg_dict, dtype=dtype, lora_scale=lora_scale)
         text = make_text_side(path, doc, modules)
         mesh = parallel.make_mesh(mesh_shape) if mesh_shape else None
         return cls(doc, {k: modules[k] for k in ("vq", "transformer")}, text, mesh=mesh, path=path)
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str = hub.DEFAULT_REPO, *, revision: str | None = None,
+                        cache_dir: str | None = None, **load_kwargs) -> "Editor":
+        """Load a model by hub id (``"WeiChow/EditMGT"``, the official release, by default), as
+        ``Editor.load("hf:ORG/NAME")`` does: the release is downloaded into the hub cache
+        (``cache_dir``, default ``HF_HUB_CACHE``; with ``HF_HUB_OFFLINE=1`` only the cache is read),
+        converted once into ``editmgt_jax.hub.cache_root()`` and loaded from there. A local folder
+        holding a model checkpoint is loaded as it is. ``load_kwargs``: ``mesh_shape``, ``dtype``."""
+        if os.path.isdir(repo_id) and checkpoints.is_model_checkpoint(repo_id):
+            return cls.load(repo_id, **load_kwargs)
+        repo, rev = hub.parse_spec(repo_id)
+        return cls.load(hub.checkpoint_folder(repo, revision or rev, cache_dir=cache_dir), **load_kwargs)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -158,9 +197,10 @@ class Editor:
             raise EditError(str(e)) from None
         return check_blocks(settings, num_blocks=self.tr_cfg.num_blocks, num_layers=self.tr_cfg.num_layers)
 
-    def edit(self, images, instructions: Sequence[str] | str, *, seed: int = 0, masks=None,
+    def edit(self, images, instructions: Sequence[str] | str, *, seed: int | Sequence[int] = 0, masks=None,
              negative_prompt: str | None = None, size: int | None = None, policy: str = "fit",
-             feather: float | None = None, progress: bool = False, **settings) -> EditResult:
+             feather: float | None = None, progress: bool = False,
+             query_words: str | Sequence[str] | None = None, **settings) -> EditResult:
         """Edit a batch. ``images``: a list (or one) of paths / PIL images / ``[H, W, 3]`` arrays, of
         any sizes; ``instructions``: one per image. ``masks``: optional ``[H, W]`` bool arrays (True =
         may change; at the input's or the working size) for inpainting mode. ``settings``: fields of
@@ -176,12 +216,10 @@ class Editor:
         checkpoint's recommendation, else 'changed'. ``feather``: width of the soft
         seam in input pixels (default: a quarter of a token, at least 3 px).
         ``progress``: show a bar over the sampling steps (on stderr) when they take more than a few
-        seconds (``StepProgress``)."""
-        if isinstance(instructions, str):
-            instructions = [instructions]
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        instructions = check_instructions(instructions)
+        seconds (``StepProgress``). ``query_words``: words of the instruction (one string for all,
+        or one per image) whose text rows alone are the query of the edit-region map (the official
+        ``local_query_text``); needs ``consolidation_blocks``."""
+        images, instructions = check_edit_call(images, instructions, seed, size, self.pixel_granularity)
         if len(images) != len(instructions):
             raise EditError(f"{len(images)} image(s) but {len(instructions)} instruction(s)")
         if masks is not None and len(masks) != len(images):
@@ -195,11 +233,22 @@ class Editor:
         gran = self.pixel_granularity
         originals = [self.load_rgb(im, name=f"image {i}") for i, im in enumerate(images)]
         placements = [compositing.placement(o.shape[0], o.shape[1], size, gran, policy) for o in originals]
+        check_working_sizes(self.tr_cfg, self.vq_cfg, [o.shape[:2] for o in originals], size, gran, policy,
+                            devices=self.mesh.shape["data"] * self.mesh.shape["fsdp"], device=self.mesh.devices.flat[0])
         srcs = [imageio.fit_to_grid(o, size, gran, policy) for o in originals]
         neg = negative_prompt if negative_prompt is not None else self.conventions.negative_prompt
         txt, pooled = self.text.encode(instructions)
+        rows = None
+        if query_words is not None:
+            if not cfg.captures:
+                raise EditError("query_words weights the edit-region map: give consolidation_blocks")
+            rows = query_row_weights(self.text, instructions, query_words, txt.shape[1])
+        elif settings.capture_words and cfg.captures:
+            if not hasattr(self.text, "word_rows"):
+                raise EditError("capture_words: this model's text side does not mark its word rows")
+            rows = self.text.word_rows(instructions)
         ntxt, npooled = self.text.encode([neg] * len(instructions), allow_empty=True)
-        keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), len(srcs))))
+        keys = _image_keys(seed, len(srcs))
         f = self.vq_cfg.downsample_factor
         # one compiled program per working shape; results go back to the callers' order
         outs: list = [None] * len(srcs)
@@ -218,7 +267,7 @@ class Editor:
             self.progress.start(cfg.steps)
             try:
                 out = self._run(cfg, knobs, src, txt[idx], pooled[idx], ntxt[idx], npooled[idx], micro, keys[idx],
-                                inpaint, progress)
+                                inpaint, None if rows is None else rows[idx], progress)
             finally:
                 self.progress.finish()
             for k, i in enumerate(idx):
@@ -288,36 +337,39 @@ class Editor:
         self.progress(*operands)   # looked up per call: ``self.progress`` may be replaced
 
     def _run(self, cfg: SamplerConfig, knobs: Knobs, src, txt, pooled, ntxt, npooled, micro, keys, inpaint,
-             progress=False):
+             rows=None, progress=False):
         """One compiled program per static ``cfg`` and input shapes; the ``knobs`` are its arguments.
         ``keys``: ``[b, 2] uint32`` raw PRNG keys, one per image (so an image's draw does not depend on
         the other images of the call or on padding)."""
         n_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         b = len(src)
         pad = (-b) % n_dev
-        arrays = [src, txt, pooled, ntxt, npooled, micro] + ([inpaint] if inpaint is not None else [])
+        arrays = ([src, txt, pooled, ntxt, npooled, micro] + ([inpaint] if inpaint is not None else [])
+                  + ([rows] if rows is not None else []))
         if pad:
             arrays = [np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) for a in arrays]
             keys = np.concatenate([keys, np.repeat(keys[-1:], pad, axis=0)])
         key = jax.device_put(keys, parallel.replicated(self.mesh))
-        sig = (cfg, tuple(a.shape for a in arrays), inpaint is not None, progress)
+        sig = (cfg, tuple(a.shape for a in arrays), inpaint is not None, rows is not None, progress)
         prog = self._programs.get(sig)
         if prog is None:
-            prog = self._programs[sig] = self._compile(cfg, arrays, inpaint is not None, progress)
+            prog = self._programs[sig] = self._compile(cfg, arrays, inpaint is not None, progress, rows is not None)
         batch_sh = [parallel.batch_sharding(self.mesh, a.ndim) for a in arrays]
         placed = [jax.device_put(np.asarray(a), s) for a, s in zip(arrays, batch_sh)]
         out = prog(self.states, knobs, key, *placed)
         return {k: np.asarray(v)[:b] for k, v in out.items()}
 
-    def _compile(self, cfg: SamplerConfig, arrays, has_mask: bool, progress: bool = False):
+    def _compile(self, cfg: SamplerConfig, arrays, has_mask: bool, progress: bool = False, has_rows: bool = False):
         graphdefs = self.graphdefs
         on_step = self._on_step if progress else None
 
-        def run(states, knobs, key, src, txt, pooled, ntxt, npooled, micro, *maybe_mask):
+        def run(states, knobs, key, src, txt, pooled, ntxt, npooled, micro, *optional):
             vq = nnx.merge(graphdefs["vq"], states["vq"])
             tr = nnx.merge(graphdefs["transformer"], states["transformer"])
-            return program.edit(vq, tr, cfg, knobs, key, src, txt, pooled, ntxt, npooled, micro,
-                                maybe_mask[0] if maybe_mask else None, on_step=on_step)
+            mask = optional[0] if has_mask else None
+            rows = optional[-1] if has_rows else None
+            return program.edit(vq, tr, cfg, knobs, key, src, txt, pooled, ntxt, npooled, micro, mask, rows,
+                                on_step=on_step)
 
         rep = parallel.replicated(self.mesh)
         in_sh = (rep, rep, rep) + tuple(parallel.batch_sharding(self.mesh, a.ndim) for a in arrays)

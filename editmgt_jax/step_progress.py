@@ -12,7 +12,9 @@ class StepProgress:
 
     The compiled loop calls it once per step (``jax.debug.callback``: a host call per step, no
     change to the loop's arithmetic). The bar appears only once the remaining steps are expected to
-    take more than ``after_s`` seconds, so short edits print nothing.
+    take more than ``after_s`` seconds, so short edits print nothing. ``positions`` lists what the
+    bar was given (its step count after each update, the last one at ``finish``), empty when no
+    bar was shown: what it draws depends on when the terminal is redrawn, what it is given does not.
     """
 
     def __init__(self, after_s: float = 3.0, stream=None):
@@ -24,6 +26,7 @@ class StepProgress:
     def start(self, steps: int, desc: str = "sampling") -> None:
         with self._lock:
             self.steps, self.desc, self.calls, self.t0, self.bar = steps, desc, 0, None, None
+            self.positions: list[int] = []
 
     def __call__(self, *_operands) -> None:
         with self._lock:
@@ -41,10 +44,12 @@ class StepProgress:
                                     file=self.stream or sys.stderr)
             if self.bar is not None:
                 self.bar.update(min(done, self.steps) - self.bar.n)
+                self.positions.append(self.bar.n)
 
     def finish(self) -> None:
         with self._lock:
             if self.bar is not None:
                 self.bar.update(self.steps - self.bar.n)
+                self.positions.append(self.bar.n)
                 self.bar.close()
                 self.bar = None

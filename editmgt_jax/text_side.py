@@ -47,6 +47,54 @@ class ReleaseTextSide:
                            f"the end is cut off: {prompts[i]!r}", self._warned)
         return self.encode_ids(ids["clip_ids"], ids["gemma_ids"])
 
+    def query_positions(self, prompt: str, query: str) -> list[int]:
+        """The official ``find_query_token_positions`` (``src/local_utils.py``) with the release's two
+        tokenizers: positions in the CLIP tokenisation of ``prompt`` (77 tokens, start-of-text at 0)
+        of the first run of tokens equal to ``query``'s, special tokens and ``</w>`` left out of the
+        comparison, lower-cased. The official pipeline uses these CLIP positions as the rows of the
+        transformer's text sequence (the Gemma-2 states), and so does this."""
+        clip = self.tokenizer.clip
+
+        def clean(text):
+            toks = clip.encode(text).tokens
+            return [(i, t.lower().replace("</w>", "")) for i, t in enumerate(toks)
+                    if t not in ("<|startoftext|>", "<|endoftext|>", "<pad>", "</w>", "!")
+                    and not t.startswith("<|") and t.strip()]
+
+        return _first_run(clean(prompt), [t for _, t in clean(query)])
+
+
+def _first_run(full: list[tuple[int, str]], query: list[str]) -> list[int]:
+    """Positions of the first run of ``query`` in ``full`` (``(position, token)`` pairs), or []."""
+    n = len(query)
+    for i in range(len(full) - n + 1) if n else ():
+        if [t for _, t in full[i:i + n]] == query:
+            return [p for p, _ in full[i:i + n]]
+    return []
+
+
+def query_row_weights(text_side, prompts: Sequence[str], query_words, length: int) -> np.ndarray:
+    """``[B, length] float32``: 1 on the text rows of each prompt's query words, 0 elsewhere (the
+    word query of the edit-region map). ``query_words``: one string for every prompt or one per
+    prompt. Raises ``EditError`` naming the prompt whose words are not found."""
+    from editmgt_jax.edit_inputs import EditError
+
+    if isinstance(query_words, str):
+        query_words = [query_words] * len(prompts)
+    query_words = list(query_words)
+    if len(query_words) != len(prompts):
+        raise EditError(f"{len(prompts)} instruction(s) but {len(query_words)} query_words")
+    out = np.zeros((len(prompts), length), np.float32)
+    for i, (p, q) in enumerate(zip(prompts, query_words)):
+        if not isinstance(q, str) or not q.strip():
+            raise EditError(f"query_words {i}: empty; give words of instruction {i} ({p!r})")
+        pos = [j for j in text_side.query_positions(p, q) if j < length]
+        if not pos:
+            raise EditError(f"query_words {i}: {q!r} does not occur in instruction {i} ({p!r}) as the model's "
+                            f"tokenizer reads it")
+        out[i, pos] = 1.0
+    return out
+
 
 class InstructionWarning(UserWarning):
     """An instruction the model reads only in part (unknown words, cut to the maximum length)."""
@@ -67,6 +115,13 @@ class SmallTextSide:
         self._warned: set[str] = set()
         self._graphdef, self._state = gd, _ = nnx.split(encoder)
         self._fn = jax.jit(lambda st, ids: nnx.merge(gd, st)(ids))
+
+    def word_rows(self, prompts: Sequence[str]) -> np.ndarray:
+        """``[B, L] float32``: 1 on the text rows of each prompt's words, 0 on padding."""
+        ids = self.tokenizer(list(prompts))
+        ids = ids["ids"] if isinstance(ids, Mapping) else ids
+        return (np.asarray(ids) != self.tokenizer.pad_id if hasattr(self.tokenizer, "pad_id")
+                else np.asarray(ids) != 0).astype(np.float32)
 
     def set_module(self, encoder) -> None:
         """Swap in new parameters of the same encoder structure (the compiled encoder stays valid)."""
@@ -94,6 +149,13 @@ class SmallTextSide:
         ids = ids["ids"] if isinstance(ids, Mapping) else ids
         states, pooled = self._fn(self._state, jnp.asarray(ids))
         return np.asarray(states), np.asarray(pooled)
+
+    def query_positions(self, prompt: str, query: str) -> list[int]:
+        """Word positions of the first run of ``query``'s words in ``prompt`` (the text rows of the
+        small encoder are its words)."""
+        from editmgt_jax.models.text.word_tokenizer import split_words
+
+        return _first_run(list(enumerate(split_words(prompt))), split_words(query))
 
 
 def make_text_side(path: str, doc: Mapping, modules: Mapping):

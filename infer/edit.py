@@ -41,17 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m infer.edit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, metavar="CKPT",
-                   help="model checkpoint folder (default: the shipped model in checkpoints/)")
+                   help="model checkpoint folder, or hf:ORG/NAME[@REVISION] (a release on the hub, converted "
+                        "once; default: the shipped model, editmgt_jax/assets/)")
     src = p.add_argument_group("one edit")
     src.add_argument("--image", metavar="PATH", help="source image (any PIL-readable format)")
     src.add_argument("--instruction", metavar="TEXT", help="what to change, in words")
-    src.add_argument("--out", metavar="PATH", default="edited.png",
-                     help="where to write the edited image (an image extension; replaced if it exists)")
+    src.add_argument("--out", metavar="PATH", default=None,
+                     help="where to write the edited image (default ./edited.png; an image extension; "
+                          "replaced if it exists, never when it is --image or --mask)")
     src.add_argument("--mask", metavar="PATH", default=None,
                      help="inpainting mode: image whose non-zero pixels may change; the rest is kept")
     bat = p.add_argument_group("batch mode")
     bat.add_argument("--batch", metavar="FILE.jsonl", help="one JSON object per line: image, instruction, out, mask?")
-    bat.add_argument("--out-dir", metavar="DIR", default="edits", help="folder for batch outputs")
+    bat.add_argument("--out-dir", metavar="DIR", default=None,
+                     help="folder for batch outputs (default ./edits/; a line without \"out\" writes "
+                          "<line number>.png, e.g. 00003.png)")
     bat.add_argument("--batch-size", type=int, default=4, help="edits per compiled call (default 4)")
     s = p.add_argument_group("sampler (defaults come from the checkpoint)")
     add_sampler_flags(s)
@@ -61,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit (default): long side to --size, aspect ratio kept, nothing cut off; "
                         "crop: short side to --size then the centre square (official)")
     s.add_argument("--negative-prompt", default=None, help="unconditional prompt for guidance")
+    s.add_argument("--query-words", default=None, metavar="WORDS",
+                   help="words of the instruction whose text rows alone query the edit-region map "
+                        "(official local_query_text), e.g. 'orange circle'; needs consolidation blocks")
     o = p.add_argument_group("output")
     o.add_argument("--no-composite", dest="composite", action="store_const", const="none",
                    help="write the raw model output at the working size instead of the input's size "
@@ -72,14 +79,30 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="parameter and matmul dtype: fp32 (default, matches the official float32 "
                         "pipeline) or bf16 (accelerators; softmax, norms and logits stay float32)")
+    o.add_argument("--lora-scale", type=float, default=1.0, metavar="S",
+                   help="a LoRA fine-tune's adapters are merged at this scale (default 1; 0 = the base "
+                        "model); other checkpoints ignore it")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.batch and not (args.image and args.instruction is not None):
-        print("error: give --image and --instruction, or --batch FILE.jsonl (see --help)", file=sys.stderr)
-        return 2
+    if args.batch:
+        mixed = [f for f, v in (("--image", args.image), ("--instruction", args.instruction), ("--out", args.out),
+                                ("--mask", args.mask)) if v is not None]
+        if mixed:
+            print(f"error: --batch edits the images its lines name; {', '.join(mixed)} would be ignored: "
+                  f"give either --batch or one edit's flags", file=sys.stderr)
+            return 2
+        args.out_dir = args.out_dir or "edits"
+    else:
+        if not (args.image and args.instruction is not None):
+            print("error: give --image and --instruction, or --batch FILE.jsonl (see --help)", file=sys.stderr)
+            return 2
+        if args.out_dir is not None:
+            print("error: --out-dir is for --batch; one edit is written to --out", file=sys.stderr)
+            return 2
+        args.out = args.out or "edited.png"
 
     import warnings
 
@@ -91,7 +114,7 @@ def main(argv=None) -> int:
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     try:
         settings = edit_cli.check_flags(args)
-        items, skipped = read_batch(args.batch, args.out_dir) if args.batch else ([], [])
+        items, skipped = read_batch(args.batch, args.out_dir, args.save_heatmap) if args.batch else ([], [])
         for line in skipped:
             print(f"skipped {line}", file=sys.stderr)
         if args.batch and not items:

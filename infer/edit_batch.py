@@ -1,9 +1,11 @@
 """Edits files for batch editing (``python -m infer.edit --batch FILE.jsonl``).
 
 One JSON object per line: ``{"image": PATH, "instruction": TEXT, "out": NAME.png, "mask": PATH?}``
-(relative image and mask paths are relative to the file; ``out`` defaults to ``<line>.png`` in the
-output folder). Every line is checked before anything is compiled, so one bad line costs that
-line only: ``read_batch`` returns the runnable edits and one message per skipped line.
+(relative image and mask paths are relative to the file; ``out`` is a name inside the output
+folder, sub-folders allowed, and defaults to the line number, ``00003.png`` for line 3). Every line
+is checked before anything is compiled, so one bad line costs that line only: ``read_batch``
+returns the runnable edits and one message per skipped line. No output may leave the output folder
+or be any line's image or mask: source images are never replaced.
 """
 
 from __future__ import annotations
@@ -14,18 +16,31 @@ import os
 from editmgt_jax import imageio
 
 
-def read_batch(path: str, out_dir: str) -> tuple[list[dict], list[str]]:
+def read_batch(path: str, out_dir: str, heatmap: bool = False) -> tuple[list[dict], list[str]]:
     """Read and check an edits file: ``(runnable edits, one line per skipped edit)``.
 
     Every line is checked before anything is compiled: valid JSON object, ``image`` and a non-empty
-    ``instruction``, the image (and mask) readable, ``out`` a writable image name used once."""
+    ``instruction``, the image (and mask) readable, ``out`` a writable image name inside ``out_dir``
+    used once, and no file the edit writes (``<out>_heatmap.png`` too with ``heatmap``) the image or
+    mask of any line."""
+    from infer.edit_cli import output_files
     try:
         with open(path) as fh:
             lines = fh.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--batch {path}: cannot read ({e})") from None
     base = os.path.dirname(os.path.abspath(path))
+    root = os.path.realpath(out_dir)
     items, skipped, outs = [], [], {}
+    sources: dict[str, int] = {}        # every line's image and mask (real path -> line)
+    for n, line in enumerate(lines, 1):
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        for k in ("image", "mask"):
+            if isinstance(d, dict) and isinstance(d.get(k), str) and d[k]:
+                sources.setdefault(os.path.realpath(os.path.join(base, d[k])), n)
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -50,7 +65,15 @@ def read_batch(path: str, out_dir: str) -> tuple[list[dict], list[str]]:
                 if d.get(k) and not os.path.isabs(d[k]):
                     d[k] = os.path.join(base, d[k])
             out = os.path.join(out_dir, d["out"])
+            real = os.path.realpath(out)
+            if os.path.isabs(d["out"]) or os.path.commonpath([root, real]) != root:
+                raise ValueError(f"out {d['out']!r}: must be a name inside the output folder {out_dir}")
             imageio.check_output_path(out, "out")
+            for written in output_files(out, heatmap):
+                hit = sources.get(os.path.realpath(written))
+                if hit is not None:
+                    raise ValueError(f"out {d['out']!r} would write {written}, the source image of line "
+                                     f"{hit}; source images are never replaced")
             if os.path.abspath(out) in outs:
                 raise ValueError(f"out {d['out']!r} is also line {outs[os.path.abspath(out)]}'s output")
             imageio.load_image(d["image"], name=f"image {d['image']}")

@@ -8,10 +8,21 @@ message naming the flag or file; the command prints it and exits with status 2.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
 from infer.flags import sampler_overrides
+
+
+def output_files(out: str, heatmap: bool) -> list[str]:
+    """The files an edit writes for ``out``: the image, and with ``heatmap`` ``<out>_heatmap.png``."""
+    return [out] + ([f"{os.path.splitext(out)[0]}_heatmap.png"] if heatmap else [])
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (symbolic links and ``..`` resolved; the files need not exist)."""
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
 
 def check_flags(args) -> dict:
@@ -22,10 +33,19 @@ def check_flags(args) -> dict:
 
     settings = dict(seed=args.seed, size=args.size, policy=args.resize, negative_prompt=args.negative_prompt,
                     progress=True, **sampler_overrides(args))
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed {args.seed}: must be in [0, {2**32 - 1}]")
     if args.size is not None and args.size < 1:
         raise ValueError(f"--size {args.size}: must be a positive number of pixels")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+    if not math.isfinite(getattr(args, "lora_scale", 1.0)):
+        raise ValueError(f"--lora-scale {args.lora_scale}: must be a finite number")
+    if getattr(args, "query_words", None) is not None:
+        if args.batch:
+            raise ValueError("--query-words: applies to one edit (--image / --instruction), not to --batch")
+        if not args.query_words.strip():
+            raise ValueError("--query-words: empty; give words of the instruction")
     if args.batch:
         if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
             raise ValueError(f"--out-dir {args.out_dir}: is a file, not a folder")
@@ -33,6 +53,11 @@ def check_flags(args) -> dict:
         if not args.instruction.strip():
             raise ValueError("--instruction: empty instruction")
         imageio.check_output_path(args.out, "--out")
+        for written in output_files(args.out, args.save_heatmap):
+            for flag, source in (("--image", args.image), ("--mask", args.mask)):
+                if source and same_file(written, source):
+                    raise ValueError(f"--out {args.out}: would write {written}, which is the {flag} file; "
+                                     "choose another --out (source images are never replaced)")
         imageio.load_image(args.image, name=f"--image {args.image}")
         if args.mask:
             imageio.load_image(args.mask, name=f"--mask {args.mask}")
@@ -48,7 +73,8 @@ def load_editor(args):
     from editmgt_jax.editor import Editor
 
     mesh = parallel.parse_mesh_flag(args.mesh) if args.mesh else None
-    return Editor.load(args.checkpoint, mesh_shape=mesh, dtype=jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
+    return Editor.load(args.checkpoint, mesh_shape=mesh, dtype=jnp.bfloat16 if args.dtype == "bf16" else jnp.float32,
+                       lora_scale=getattr(args, "lora_scale", 1.0))
 
 
 def save_outputs(result, i: int, out_path: str, heatmap: bool) -> list[str]:
@@ -76,7 +102,9 @@ def edit_one(editor, args, settings: dict) -> list[str]:
     from editmgt_jax import imageio
 
     masks = [imageio.load_image(args.mask)] if args.mask else None
-    res = editor.edit([args.image], [args.instruction], masks=masks, **settings)
+    query = getattr(args, "query_words", None)
+    res = editor.edit([args.image], [args.instruction], masks=masks,
+                      **({"query_words": query} if query else {}), **settings)
     return save_outputs(res, 0, args.out, args.save_heatmap)
 
 

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m infer.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, metavar="CKPT",
-                   help="model checkpoint folder (default: the shipped model in checkpoints/)")
+                   help="model checkpoint folder, or hf:ORG/NAME[@REVISION] (a release on the hub, converted "
+                        "once; default: the shipped model, editmgt_jax/assets/)")
     p.add_argument("--data", required=True, metavar="SPEC", help="evaluation set (see above)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.json, report.md and grids/")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N items only")
@@ -93,20 +94,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_out_dir(out: str) -> None:
+    """``ValueError`` unless ``--out`` is a folder or can be made one (it is written at the end)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: is a file, not a folder")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent if not os.path.exists(out) else out, os.W_OK):
+        raise ValueError(f"--out {out}: not writable")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:   # before any data or model is loaded
         sampler = sampler_overrides(args)
+        check_out_dir(args.out)
+        for flag, value, low in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--size", args.size, 1), ("--seed", args.seed, 0)):
+            if value is not None and value < low:
+                raise ValueError(f"{flag} {value}: must be >= {low}")
+        if args.seed >= 2**32:
+            raise ValueError(f"--seed {args.seed}: must be below 2**32")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from editmgt_jax import checkpoints, imageio
+    from editmgt_jax import checkpoints, compile_cache, imageio
     from editmgt_jax.editor import EditError
     from editmgt_jax.evaluation.ablations import UsageError
     from editmgt_jax.evaluation.datasets import EvalDataError
     from editmgt_jax.evaluation.report import fmt
     from editmgt_jax.evaluation.runner import EvalOptions, evaluate
 
+    compile_cache.enable()
     try:
         t0 = time.time()
         fields = {f.name for f in dataclasses.fields(EvalOptions)}

@@ -4,6 +4,8 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile into no persistent cache (tests/test_compile_cache.py runs it in its own folders).
+os.environ.setdefault("EDITMGT_COMPILATION_CACHE", "off")
 
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402

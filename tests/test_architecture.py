@@ -190,12 +190,31 @@ def test_the_checkpoint_layer_builds_models_from_the_model_registry():
 
 def test_command_line_code_lives_in_the_entry_points():
     """Argument parsing is the entry points' (``infer/``, ``train/``) and the library's own
-    ``python -m`` programs' (``__main__`` modules, ``editmgt_jax/tools``)."""
+    ``python -m`` programs' (``__main__`` modules, ``editmgt_jax/tools``, and a module run as a
+    program, such as ``editmgt_jax.checkpoints.card``, inside the ``main`` its
+    ``if __name__ == "__main__"`` calls): no other library function parses or takes flags."""
+    def imports_argparse(node):
+        return any(isinstance(n, (ast.Import, ast.ImportFrom)) and (
+            "argparse" in {a.name for a in n.names} or getattr(n, "module", None) == "argparse")
+            for n in ast.walk(node))
+
     for path in sorted((REPO / "editmgt_jax").rglob("*.py")):
         rel = path.relative_to(REPO)
         if path.name == "__main__.py" or rel.parts[1] == "tools":
             continue
         tree = ast.parse(path.read_text())
-        names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-                 for a in n.names} | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        assert "argparse" not in names, rel
+        is_program = any(isinstance(n, ast.If) and "__name__" in ast.unparse(n.test) for n in tree.body)
+        mains = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+        rest = [n for n in tree.body if not (is_program and n in mains)]
+        assert not any(imports_argparse(n) for n in rest), rel
+
+
+def test_the_library_never_imports_the_config_files():
+    """``configs/`` builds on the library (``configs/common.py`` takes the editor's declared fields
+    from ``editmgt_jax.training.fields``), never the reverse: no library module imports ``configs``,
+    at module level or inside a function."""
+    for path in sorted((REPO / "editmgt_jax").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | {
+            n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+        assert not {m for m in names if m == "configs" or m.startswith("configs.")}, path.relative_to(REPO)

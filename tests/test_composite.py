@@ -81,7 +81,9 @@ def test_blend_keeps_the_source_exactly_outside_and_is_strip_invariant(monkeypat
     # Large photos go strip by strip: small strips give the same map and the same exactness.
     monkeypatch.setattr(composite, "STRIP_PIXELS", 600 * 7)
     m_small = composite.region_map(mask, pl)
-    np.testing.assert_array_equal(m_small, m)
+    np.testing.assert_allclose(m_small, m, rtol=0, atol=1e-6)      # float32 rounding of the ramps only
+    np.testing.assert_array_equal(m_small == 0, m == 0)
+    np.testing.assert_array_equal(m_small == 1, m == 1)
     out_small = composite.blend(original, raw, m_small, pl)
     np.testing.assert_array_equal(out_small[m == 0], original[m == 0])
     np.testing.assert_array_equal(out_small[m == 1], composite.upsample(raw, pl)[m == 1])

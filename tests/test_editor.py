@@ -105,6 +105,30 @@ def test_non_square_input_on_the_release_grid(editor, photo):
                                       composite.upsample(res.raw_images[0], res.placements[0])[m == 1])
 
 
+def test_micro_conditions_of_a_non_square_input(editor, photo, monkeypatch):
+    """The micro-conditions the program gets are [width, height, 0, 0, aesthetic] of the working
+    image (the official pipeline's order), for wide and tall inputs and each image of a batch."""
+    class Seen(Exception):
+        pass
+
+    seen = []
+
+    def spy(self, cfg, knobs, src, txt, pooled, ntxt, npooled, micro, *rest, **kw):
+        seen.append((src.shape, np.asarray(micro)))
+        raise Seen   # nothing to compile: the arguments are what is checked
+
+    monkeypatch.setattr(Editor, "_run", spy)
+    src = np.asarray(Image.open(photo).convert("RGB"))
+    aesthetic = editor.conventions.aesthetic_score
+    for image, (h, w) in ((src[100:400], (64, 128)), (src[:, 100:400], (128, 64))):
+        seen.clear()
+        with pytest.raises(Seen):
+            editor.edit([image, image], ["make the suit red"] * 2, size=128, steps=2)
+        (shape, micro), = seen
+        assert shape == (2, h, w, 3)
+        np.testing.assert_array_equal(micro, np.tile(np.float32([w, h, 0, 0, aesthetic]), (2, 1)))
+
+
 def test_inpainting_keeps_tokens_outside_the_mask(editor, photo):
     mask = np.zeros((SIZE, SIZE), bool)
     mask[:32, :32] = True   # top-left token only (16 px per token)

@@ -420,9 +420,11 @@ def test_harness_with_a_fake_editor(tmp_path):
 
     m = runs["base"]["metrics"]
     assert m["psnr"] == {"mean": 100.0, "median": 100.0, "n": 6} and m["l1"]["mean"] == 0.0
-    # every edit returns its target: all succeed; the identity baseline fails every one
+    # every edit returns its target: all succeed, cleanly; the identity baseline fails every one
     assert m["edit_success"] == {"mean": 1.0, "median": 1.0, "n": 5}
+    assert m["clean_success"]["mean"] == 1.0 and m["kept_outside"]["mean"] == 1.0
     assert report["baselines"]["identity"]["metrics"]["edit_success"] == {"mean": 0.0, "median": 0.0, "n": 5}
+    assert report["baselines"]["identity"]["metrics"]["clean_success"]["mean"] == 0.0
     assert m["leak_psnr_src"] == {"mean": 100.0, "median": 100.0, "n": 5}
     assert m["leak_psnr_rec"]["mean"] == pytest.approx(10 * math.log10(255**2 / 16))
     assert m["iou_topk"] == {"mean": 1.0, "median": 1.0, "n": 5} and m["auroc"]["mean"] == 1.0

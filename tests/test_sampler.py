@@ -1,5 +1,6 @@
 """Region-hold sampler: case-d step logic against the fixtures, and loop invariants with a fake model."""
 
+import dataclasses
 import functools
 import math
 
@@ -217,8 +218,14 @@ def forward(model, blocks, strength):
                                      capture_mode="official"))
 
 
-def official_greedy(model, inp, steps, guidance, lam, blocks, strength, mask=None):
-    """The reference pipeline + scheduler step for one edit, greedy, written plainly in numpy."""
+def official_greedy(model, inp, steps, guidance, lam, blocks, strength, mask=None, key=None, temperatures=None):
+    """The reference pipeline + scheduler step for one edit, greedy, written plainly in numpy.
+
+    With ``key`` (one sample's typed PRNG key) and ``temperatures`` (``[steps]``): random sampling.
+    The random numbers are jax's uniforms from the loop's keys (``fold_in(key, step)``, split into a
+    draw key and a noise key); everything made from them is numpy here: the categorical draw by
+    inverse CDF (the first token whose cumulative probability reaches ``u * total``) and the
+    re-masking confidence ``log p + temperature * gumbel``, ``gumbel = -log(-log u)``."""
     ref = inp["ref_ids"]
     mask_id, n = K, H * W
     if mask is None:
@@ -241,7 +248,15 @@ def official_greedy(model, inp, steps, guidance, lam, blocks, strength, mask=Non
         unknown = (latents == mask_id).reshape(1, -1)
         e = np.exp(logits - logits.max(-1, keepdims=True))
         probs = (e / e.sum(-1, keepdims=True)).reshape(1, n, K)
-        x0 = np.where(unknown, probs.argmax(-1), latents.reshape(1, -1))
+        if key is None:
+            draw = probs.argmax(-1)
+        else:
+            draw_key, noise_key = jax.random.split(jax.random.fold_in(key, i))
+            u = np.asarray(jax.random.uniform(draw_key, (H, W, 1), jnp.float32,
+                                              minval=np.finfo(np.float32).tiny)).reshape(1, n)
+            cum = np.cumsum(probs, -1, dtype=np.float32)
+            draw = np.minimum((cum < (u * probs.sum(-1, dtype=np.float32))[..., None]).sum(-1), K - 1)
+        x0 = np.where(unknown, draw, latents.reshape(1, -1))
         if lam > 0 and blocks:
             raw = np.asarray(scores)[-1:].mean(1)
             s = (raw - raw.min()) / (raw.max() - raw.min() + np.float32(1e-8))
@@ -256,7 +271,11 @@ def official_greedy(model, inp, steps, guidance, lam, blocks, strength, mask=Non
         sel = np.take_along_axis(probs, x0[..., None], -1)[..., 0]
         sel = np.where(unknown, sel, np.finfo(np.float32).max)
         mask_len = max(1, min(int(unknown.sum()) - 1, mask_len))
-        conf = np.log(np.maximum(sel, 1e-20))
+        conf = np.log(np.maximum(sel, np.float32(1e-20)))
+        if key is not None:
+            g = np.asarray(jax.random.uniform(noise_key, (n,), jnp.float32))[None]
+            gumbel = -np.log(np.maximum(-np.log(np.maximum(g, np.float32(1e-20))), np.float32(1e-20)))
+            conf = conf + np.float32(temperatures[i]) * gumbel
         cut = np.sort(conf, -1)[0, mask_len]
         latents = np.where(conf < cut, mask_id, x0).reshape(1, H, W)
     return latents[0]
@@ -345,6 +364,25 @@ def test_random_sampling_invariants(seed):
     other = run(RANDOM, inputs, key=jax.random.split(jax.random.key(seed + 10), 3), mask=full_mask(3),
                 record=True)["tokens"]
     assert np.mean(other != out["tokens"]) > 0.1  # the key matters
+
+
+@pytest.mark.parametrize("t_start,t_end", [(2.0, 0.0), (4.5, 0.5)])
+def test_random_sampling_matches_numpy_reference(t_start, t_end):
+    """Random sampling (the default decoding) token for token against the numpy reference with the
+    same keys and draws, over a temperature schedule (the temperatures are knobs: one compile)."""
+    inputs = make_inputs(6)
+    keys = jax.random.split(jax.random.key(21), 3)
+    settings = dataclasses.replace(RANDOM, temperature_start=t_start, temperature_end=t_end)
+    temps = schedule.temperature_schedule(4, t_start, t_end)
+    assert len(set(temps.tolist())) == 4 and 1.0 not in temps
+    out = run(settings, inputs, key=keys, mask=full_mask(3), record=True)
+    for b in range(3):
+        want = official_greedy(MODEL, pick(inputs, b), 4, 3.0, 0.3, (1, 3), 1.1, key=keys[b], temperatures=temps)
+        np.testing.assert_array_equal(out["tokens"][b], want, err_msg=f"sample {b}")
+    # the noise matters: without it (greedy, same draws) the re-masking differs
+    greedy_remask = official_greedy(MODEL, pick(inputs, 0), 4, 3.0, 0.3, (1, 3), 1.1, key=keys[0],
+                                    temperatures=np.zeros(4, np.float32))
+    assert np.mean(greedy_remask != out["tokens"][0]) > 0.05
 
 
 def test_random_samples_follow_their_own_keys():

@@ -139,6 +139,10 @@ def test_both_tasks_reduce_their_loss(data, tmp_path):
     grid = np.asarray(Image.open(tmp_path / "editor" / "samples" / "step_40.png"))
     assert grid.shape == (2 * RES, 3 * RES, 3)          # source | target | edit, two held-out items
     editor = Editor.load(res.model_dir)
+    # the model card: how it was trained and the last held-out evaluation
+    card = open(os.path.join(res.model_dir, "README.md")).read()
+    assert "task `editor`, 40 steps" in card and "batch 8" in card
+    assert f"| eval_clean_success | {edit_evals[0]['eval_clean_success']:.4g} |" in card
     # one conventions record holds the settings; the older top-level fields are no longer written
     assert editor.doc["conventions"]["timestep_convention"] == "mask_fraction"
     assert "sampler_defaults" not in editor.doc and "timestep_convention" not in editor.doc

@@ -300,3 +300,37 @@ def test_gradient_accumulation():
     # gradient is near zero. A missing or doubled update moves parameters by up to the learning rate
     # (1e-3); an update after the first micro-step is checked exactly above.
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=5e-5), out[1], out[2])
+
+
+def test_region_attention_loss_on_a_hand_made_case():
+    """KL from the changed-token mask to the block-mean attention: 0 when the attention is spread
+    evenly over exactly the changed cells, log(N/|m|) + ... for uniform attention, a gradient that
+    moves mass onto the changed cells, examples without a change or with the text dropped ignored."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from editmgt_jax.training import losses
+
+    src = jnp.zeros((3, 4, 4), jnp.int32)
+    tgt = src.at[0, 1:3, 1:3].set(5).at[1, 0, 0].set(3)        # example 2: nothing changed
+    changed = (src != tgt).reshape(3, 1, 16).astype(jnp.float32)
+    exact = jnp.concatenate([changed * 0.2, changed * 0.5], axis=1)[:2]   # two blocks, same shape
+    loss, mass = losses.region_attention_loss(exact, src[:2], tgt[:2])
+    assert float(loss) == pytest.approx(0.0, abs=1e-6) and float(mass) == pytest.approx(1.0)
+    uniform = jnp.full((3, 2, 16), 0.05)
+    loss, mass = losses.region_attention_loss(uniform, src, tgt)
+    # KL(q || uniform) = log(16 / |m|): log 4 for the 2x2 change, log 16 for the single cell
+    assert float(loss) == pytest.approx((np.log(4) + np.log(16)) / 2, rel=1e-5)
+    assert float(mass) == pytest.approx((4 / 16 + 1 / 16) / 2, rel=1e-5)
+    g = jax.grad(lambda a: losses.region_attention_loss(a, src, tgt)[0])(uniform)
+    g0 = np.asarray(g[0, 0]).reshape(4, 4)
+    assert (g0[1:3, 1:3] < 0).all() and (np.delete(g0.reshape(-1), [5, 6, 9, 10]) > 0).all()
+    assert float(jnp.abs(g[2]).sum()) == 0.0                     # nothing changed: no signal
+    weights = jnp.asarray([1.0, 0.0, 1.0])                       # example 1's instruction dropped
+    loss_w, _ = losses.region_attention_loss(uniform, src, tgt, weights)
+    assert float(loss_w) == pytest.approx(np.log(4), rel=1e-5)
+    # a down-sampling transformer: the mask is max-pooled to the 2x2 score grid
+    small = jnp.full((1, 1, 4), 0.1)
+    loss_d, mass_d = losses.region_attention_loss(small, src[1:2], tgt[1:2])
+    assert float(loss_d) == pytest.approx(np.log(4), rel=1e-5) and float(mass_d) == pytest.approx(0.25)

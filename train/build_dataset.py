@@ -7,18 +7,47 @@
 
 Prints TFDS's progress bars while it works, then a summary of what it wrote (config, splits,
 examples, bytes, files) and, for CrispEdit, what it skipped and why (also kept in
-`skipped_rows.json` beside the dataset). Exit status: 0 on success, 2 when a CrispEdit shard has
-the wrong schema or the input is missing, 1 on any other failure.
+`skipped_rows.json` beside the dataset). Exit status: 0 on success, 2 for a flag value no build can
+use (one `error:` line, before anything is written), a CrispEdit shard with the wrong schema or
+missing input, 1 on any other failure. `--overwrite` builds the new dataset beside the old one and
+swaps it in when complete: a failed or killed rebuild leaves the old one as it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 
 DATASETS = ("synthetic_edits", "crispedit")
+MIN_RESOLUTION = 16          # the smallest side the synthetic shapes are drawn at
+
+
+class UsageError(ValueError):
+  """A flag value the build cannot use (printed as one `error:` line, exit status 2)."""
+
+
+def check_flags(args) -> None:
+  """`UsageError` naming the first flag no build can use, before anything is read or written."""
+  for flag, value, low in (("--num-examples", args.num_examples, 1), ("--num-test", args.num_test, 1),
+                           ("--resolution", args.resolution, MIN_RESOLUTION), ("--workers", args.workers, 0)):
+    if value is not None and value < low:
+      why = " (the smallest images the synthetic shapes are drawn at)" if flag == "--resolution" else ""
+      raise UsageError(f"{flag} {value}: must be >= {low}{why}")
+  if args.holdout_fraction is not None and not 0 <= args.holdout_fraction < 1:
+    raise UsageError(f"--holdout-fraction {args.holdout_fraction}: must be in [0, 1)")
+  data_dir = os.path.expanduser(args.data_dir)
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise UsageError(f"--data-dir {args.data_dir}: is a file, not a folder")
+  parent = os.path.dirname(os.path.abspath(data_dir))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise UsageError(f"--data-dir {args.data_dir}: {parent} is a file, not a folder")
+  if not os.access(data_dir if os.path.exists(data_dir) else parent, os.W_OK):
+    raise UsageError(f"--data-dir {args.data_dir}: not writable")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,12 +83,12 @@ def _synthetic_builder(args, config_name: str | None):
   from editmgt_jax.data.synthetic_edits import builder as se  # pylint: disable=g-import-not-at-top
 
   if args.manual_dir or args.holdout_fraction is not None:
-    raise SystemExit("--manual-dir and --holdout-fraction apply to crispedit only.")
+    raise UsageError("--manual-dir and --holdout-fraction apply to crispedit only.")
   custom = any(v is not None for v in (args.num_examples, args.num_test, args.seed, args.resolution))
   named = {c.name: c for c in se.SyntheticEdits.BUILDER_CONFIGS}
   base = named.get(config_name or "default")
   if base is None:
-    raise SystemExit(f"synthetic_edits has no config {config_name!r} (configs: {', '.join(named)}).")
+    raise UsageError(f"synthetic_edits has no config {config_name!r} (configs: {', '.join(named)}).")
   config = base
   if custom:
     num_train = args.num_examples if args.num_examples is not None else base.num_train
@@ -81,14 +110,14 @@ def _crispedit_builder(args, config_name: str | None):
   from editmgt_jax.data import crispedit as ce  # pylint: disable=g-import-not-at-top
 
   if args.resolution is not None or args.num_test is not None:
-    raise SystemExit("--resolution and --num-test apply to synthetic_edits only; CrispEdit keeps "
+    raise UsageError("--resolution and --num-test apply to synthetic_edits only; CrispEdit keeps "
                      "its images at their original size (the pipeline resizes).")
   if not args.manual_dir:
-    raise SystemExit("crispedit needs --manual-dir RAW (the folder holding data/*.parquet).")
+    raise UsageError("crispedit needs --manual-dir RAW (the folder holding data/*.parquet).")
   named = {c.name: c for c in ce.CrispEdit.BUILDER_CONFIGS}
   base = named.get(config_name or "default")
   if base is None:
-    raise SystemExit(f"crispedit has no config {config_name!r} (configs: {', '.join(named)}).")
+    raise UsageError(f"crispedit has no config {config_name!r} (configs: {', '.join(named)}).")
   config = base
   if any(v is not None for v in (args.num_examples, args.seed, args.holdout_fraction)):
     fraction = args.holdout_fraction if args.holdout_fraction is not None else base.holdout_fraction
@@ -134,14 +163,27 @@ def summarize(builder, seconds: float | None, data_dir: str) -> str:
   return "\n".join(lines)
 
 
+def _download_config(args):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  return tfds.download.DownloadConfig(
+      manual_dir=os.path.abspath(args.manual_dir) if args.manual_dir else None,
+      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+  )
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from editmgt_jax.data import crispedit as ce  # pylint: disable=g-import-not-at-top
 
   dataset, _, config_name = args.name.partition("/")
   if dataset not in DATASETS:
-    print(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}.", file=sys.stderr)
+    print(f"error: unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}.", file=sys.stderr)
+    return 2
+  try:
+    check_flags(args)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
   if dataset == "crispedit" and args.manual_dir:
     # Checked here so a missing or empty folder is one line, not a TFDS traceback.
@@ -157,19 +199,30 @@ def main(argv: list[str] | None = None) -> int:
       print(f"input missing: --manual-dir {args.manual_dir} {problem} (it should hold CrispEdit-2M's "
             f"data/*.parquet files, downloaded beforehand; nothing is downloaded here)", file=sys.stderr)
       return 2
-  builder = (_synthetic_builder if dataset == "synthetic_edits" else _crispedit_builder)(
-      args, config_name or None
-  )
-  already = builder.is_prepared() and not args.overwrite
-  mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if args.overwrite
-          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  download_config = tfds.download.DownloadConfig(
-      manual_dir=os.path.abspath(args.manual_dir) if args.manual_dir else None,
-      download_mode=mode,
-  )
-  start = time.time()
+  make = _synthetic_builder if dataset == "synthetic_edits" else _crispedit_builder
   try:
-    builder.download_and_prepare(download_config=download_config)
+    builder = make(args, config_name or None)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  already = builder.is_prepared() and not args.overwrite
+  start = time.time()
+  working, tmp = builder, None
+  try:
+    if args.overwrite and builder.is_prepared():
+      # --overwrite: built again in a temporary data dir inside --data-dir (.build-tmp-PID), whose
+      # finished version folder then replaces the old one; a failed or killed rebuild leaves the
+      # old dataset as it was.
+      from editmgt_jax.data.atomic import remove_stale, replace_folder  # pylint: disable=g-import-not-at-top
+
+      remove_stale(os.path.expanduser(args.data_dir), ".build-tmp-")
+      tmp = os.path.join(os.path.expanduser(args.data_dir), f".build-tmp-{os.getpid()}")
+      shutil.rmtree(tmp, ignore_errors=True)
+      working = make(argparse.Namespace(**{**vars(args), "data_dir": tmp}), config_name or None)
+    working.download_and_prepare(download_config=_download_config(args))
+    if tmp is not None:
+      replace_folder(os.fspath(working.data_path), os.fspath(builder.data_path))
+      builder = make(args, config_name or None)
   except ce.CrispEditSchemaError as e:
     print(f"schema error: {e}", file=sys.stderr)
     return 2
@@ -178,15 +231,19 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   except Exception:  # pylint: disable=broad-except
     # Every row skipped: TFDS refuses an empty split. Say why, from the report written first.
-    report = getattr(builder, "skip_report", None)
+    report = getattr(working, "skip_report", None)
     if dataset != "crispedit" or report is None or not report.rows_read or report.total < report.rows_read:
       raise
+    builder.skip_report = report
     path = ce.write_failed_skip_report(builder)
     print(f"no examples: all {report.rows_read:,} rows read were skipped; nothing written. "
           f"Reasons (details in {path}):", file=sys.stderr)
     for reason, count in report.counts.most_common():
       print(f"  {count:,} x {reason}", file=sys.stderr)
     return 2
+  finally:
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
   print()
   if already:
     print("(already built; nothing written. Pass --overwrite to rebuild.)")

@@ -116,14 +116,18 @@ def main(argv):
     if config is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required")
     _init_distributed()
-    from editmgt_jax import checkpoints
-    from editmgt_jax.training.checkpoint import CheckpointDamagedError
+    from editmgt_jax import checkpoints, compile_cache
+
+    compile_cache.enable()   # EDITMGT_COMPILATION_CACHE=off: none
+    from editmgt_jax.training.checkpoint import CheckpointConfigError, CheckpointDamagedError
+    from editmgt_jax.training.config_checks import TrainConfigError
     from editmgt_jax.training.loop import train
     from editmgt_jax.training.workdir import WorkdirBusyError
 
     try:
         result = train(config, _WORKDIR.value)
-    except (FileNotFoundError, WorkdirBusyError, CheckpointDamagedError, checkpoints.CheckpointError) as e:
+    except (FileNotFoundError, WorkdirBusyError, CheckpointDamagedError, CheckpointConfigError,
+            TrainConfigError, checkpoints.CheckpointError) as e:
         _fail(str(e))
     import jax
 

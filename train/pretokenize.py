@@ -13,13 +13,19 @@ ArrayRecord shards plus `metadata.json` into `--out`. Read them back with
 The encoder is injectable: `pretokenize()` takes any `encode_fn(pixels) -> ids`. `--encoder avgpool`
 uses `avgpool_encode_fn`, a stand-in (average pooling by the downsample factor, then uniform colour
 quantisation) for tests and pipeline benchmarks; its ids carry no learned meaning.
+
+Atomic: the records are written into a temporary sibling of `--out` that replaces it when
+complete, so a failed or killed run leaves `--out` as it was (an existing `--out` must be empty or
+a pre-tokenised dataset). A flag value it cannot use, a dataset that is not built, or a VQ
+checkpoint the loader cannot read is one `error:` line and exit status 2.
 """
 
 from __future__ import annotations
 import argparse
+import os
 import sys
 
-from editmgt_jax.data.pretokenize import avgpool_encode_fn, load_vq, pretokenize, vq_encode_fn
+from editmgt_jax.data.pretokenize import avgpool_encode_fn, check_out_dir, load_vq, pretokenize, vq_encode_fn
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,12 +48,37 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--vq-checkpoint", help="path handed to --vq-loader")
   p.add_argument("--downsample", type=int, default=16, help="avgpool: pixels per token side")
   args = p.parse_args(argv)
+  try:
+    return _run(args)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
+
+def _run(args) -> int:
+  """The command after parsing; `ValueError` / `FileNotFoundError` name the flag or file."""
+  for flag, value in (("--resolution", args.resolution), ("--batch-size", args.batch_size),
+                      ("--num-shards", args.num_shards), ("--limit", args.limit), ("--downsample", args.downsample)):
+    if value is not None and value < 1:
+      raise ValueError(f"{flag} {value}: must be >= 1")
+  check_out_dir(args.out)
   if args.encoder == "vq":
     if not (args.vq_loader and args.vq_checkpoint):
-      print("--encoder vq needs --vq-loader module:function and --vq-checkpoint PATH.", file=sys.stderr)
-      return 2
-    encode_fn = vq_encode_fn(load_vq(args.vq_loader, args.vq_checkpoint))
+      raise ValueError("--encoder vq needs --vq-loader module:function and --vq-checkpoint PATH")
+    if not os.path.exists(os.path.expanduser(args.vq_checkpoint)):
+      raise ValueError(f"--vq-checkpoint {args.vq_checkpoint}: no such file or folder")
+    try:
+      model = load_vq(args.vq_loader, args.vq_checkpoint)
+    except Exception as e:  # pylint: disable=broad-except  (the loader is the user's: any failure is one line)
+      if str(e).startswith("--vq-loader"):
+        raise
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+      raise ValueError(f"--vq-checkpoint {args.vq_checkpoint}: cannot be loaded by --vq-loader "
+                       f"{args.vq_loader} ({first})") from None
+    if not hasattr(model, "encode_ids"):
+      raise ValueError(f"--vq-loader {args.vq_loader}: returned a {type(model).__name__}, not a VQ model "
+                       "(no encode_ids)")
+    encode_fn = vq_encode_fn(model)
     description = f"vq {args.vq_loader} {args.vq_checkpoint}"
   else:
     encode_fn = avgpool_encode_fn(args.downsample)

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from editmgt_jax.checkpoints.conventions import Conventions, read_conventions
+from editmgt_jax.checkpoints.index import PARTS_FILE, _checkpointer, _flat, _merge_into, _stored_tree
 from editmgt_jax.checkpoints.layout import (FORMAT, TOKENIZER_DIRS, VERSION, CheckpointError, dump_config,
                                             is_model_checkpoint, params_dir, read_config)
 
@@ -124,7 +125,6 @@ def _save_item(item: str, tree: Mapping) -> None:
 # produce it piece by piece (the release converter for components over PART_BYTES), so that only
 # one part is in memory while it is written: Orbax's writer holds up to another copy of whatever
 # it is given until the write completes.
-PARTS_FILE = "parts.json"
 PART_BYTES = 1 << 30
 
 
@@ -200,6 +200,9 @@ def write_config(path: str, configs: Mapping[str, Mapping], metadata: Mapping | 
     if "transformer" in doc["components"]:
         doc["conventions"] = read_conventions(doc).to_dict()   # checked against the vocabulary
     dump_config(path, doc)
+    from editmgt_jax.checkpoints.card import write_model_card
+
+    write_model_card(path, doc)   # README.md: what the model is, how it was made, its conventions
 
 
 def add_components(model_dir: str, source: str, names: Sequence[str], *, tokenizers: bool = True) -> None:
@@ -226,12 +229,6 @@ def add_components(model_dir: str, source: str, names: Sequence[str], *, tokeniz
 # Reading
 
 
-def _checkpointer():
-    import orbax.checkpoint as ocp
-
-    return ocp.StandardCheckpointer()
-
-
 def load_component(path: str | os.PathLike, name: str, abstract: Mapping | None = None,
                    shardings=None) -> dict:
     """Restore one component's parameters.
@@ -246,6 +243,7 @@ def load_component(path: str | os.PathLike, name: str, abstract: Mapping | None 
     if not os.path.isdir(item):
         raise CheckpointError(f"{path}: no parameters for component {name!r} (missing {item})")
     ckptr = _checkpointer()
+    quiet_orphaned_reads()
     parts_file = os.path.join(item, PARTS_FILE)
     try:
         if os.path.isfile(parts_file):
@@ -286,27 +284,6 @@ def load_component(path: str | os.PathLike, name: str, abstract: Mapping | None 
                               f"({first[:200]})") from None
 
 
-def _stored_tree(ckptr, item) -> Mapping:
-    stored = _metadata_quietly(ckptr, item)
-    stored_tree = getattr(stored, "item_metadata", stored)
-    stored_tree = getattr(stored_tree, "tree", stored_tree)
-    if not stored_tree:
-        raise CheckpointError(f"{item}: the parameter index (manifest.ocdbt / _METADATA) is empty or "
-                              f"unreadable; the checkpoint is damaged or incomplete")
-    return stored_tree
-
-
-def _merge_into(out: dict, tree: Mapping) -> None:
-    """Merge ``tree`` into ``out`` (new dicts all the way down: ``tree`` is never aliased)."""
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            if not isinstance(out.get(k), dict):
-                out[k] = {}
-            _merge_into(out[k], v)
-        else:
-            out[k] = v
-
-
 def _restrict(tree: Mapping, keep: set, prefix: tuple = ()) -> dict:
     """The sub-tree of ``tree`` whose leaves' ``"/"``-joined paths are in ``keep``."""
     out = {}
@@ -321,55 +298,55 @@ def _restrict(tree: Mapping, keep: set, prefix: tuple = ()) -> dict:
     return out
 
 
-def _metadata_quietly(ckptr, item):
-    """Orbax logs a warning and returns no tree when the index is unreadable; the caller reports it."""
-    import logging
+def _orphaned_read_error(exc) -> bool:
+    return ((isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed")
+            or str(exc).startswith("Encountered error while reading array index"))
 
-    log = logging.getLogger("absl")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        return ckptr.metadata(item)
-    finally:
-        log.setLevel(level)
+
+class _DropOrphanedReads:
+    """A logging filter for asyncio's 'exception was never retrieved' reports of those errors."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        ctx = record.args if isinstance(record.args, dict) else {}
+        exc = exc or ctx.get("exception")
+        return not (exc is not None and _orphaned_read_error(exc)) and "Event loop is closed" not in str(record.msg)
 
 
 def quiet_orphaned_reads() -> None:
-    """After a failed restore, reads still in flight complete on an event loop that Orbax has
-    closed and each would print an 'Event loop is closed' traceback, and the other reads of the
-    damaged file fail the same way in coroutines nobody awaits any more ('Encountered error while
-    reading array index'); those carry no information beyond the error already raised, so they are
-    dropped (every other unraisable error still prints)."""
+    """Reads of a damaged checkpoint still in flight when its restore fails complete on an event
+    loop that Orbax has closed, each with an 'Event loop is closed' error, and the other reads of
+    the damaged file fail the same way in coroutines nobody awaits any more ('Encountered error
+    while reading array index'). Those carry no information beyond the error already raised and
+    would print tracebacks after it (from a callback, a thread or asyncio's report of an
+    unretrieved exception), so they are dropped on all three paths; every other error still
+    prints. Installed before reading (a read can fail the moment the loop closes, before the
+    caller's handler runs); idempotent."""
+    import logging
     import sys
+    import threading
 
     previous = sys.unraisablehook
     if getattr(previous, "_drops_closed_loop", False):
         return
 
     def hook(unraisable):
-        exc = unraisable.exc_value
-        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-            return
-        if str(exc).startswith("Encountered error while reading array index"):
+        if _orphaned_read_error(unraisable.exc_value):
             return
         previous(unraisable)
 
     hook._drops_closed_loop = True
     sys.unraisablehook = hook
 
+    previous_thread_hook = threading.excepthook
 
-def _flat(tree) -> dict:
-    out = {}
+    def thread_hook(args):
+        if _orphaned_read_error(args.exc_value):
+            return
+        previous_thread_hook(args)
 
-    def rec(node, prefix):
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                rec(v, prefix + (str(k),))
-        else:
-            out["/".join(prefix)] = node
-
-    rec(tree, ())
-    return out
+    threading.excepthook = thread_hook
+    logging.getLogger("asyncio").addFilter(_DropOrphanedReads())
 
 
 def _check_shapes(name: str, path: str, stored, abstract) -> None:

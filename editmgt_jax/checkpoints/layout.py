@@ -112,7 +112,16 @@ def word_tokenizer(path: str | os.PathLike):
     """The small text encoder's word tokenizer (``vocab.txt``)."""
     from editmgt_jax.models.text.word_tokenizer import WordTokenizer
 
-    return WordTokenizer.load(os.path.join(os.fspath(path), WORD_VOCAB_FILE))
+    vocab = os.path.join(os.fspath(path), WORD_VOCAB_FILE)
+    try:
+        return WordTokenizer.load(vocab)
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{vocab}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                              "the checkpoint's word list is damaged") from None
+    except OSError as e:
+        raise CheckpointError(f"{vocab}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def save_word_tokenizer(path: str | os.PathLike, tokenizer) -> None:

@@ -59,11 +59,48 @@ def merge_params(abstract, params: Mapping):
     return nnx.merge(graphdef, state)
 
 
+def lora_of(path: str | os.PathLike):
+    """The ``LoRAConfig`` of a checkpoint whose transformer carries adapters (``config.json`` key
+    ``"lora"``, written by a LoRA fine-tune), else None."""
+    doc = read_config(path).get("lora")
+    if not doc:
+        return None
+    from editmgt_jax.models.lora import LoRAConfig
+
+    try:
+        return LoRAConfig.from_dict(doc)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: config.json 'lora' is not valid: {e}") from None
+
+
+def load_params(path: str | os.PathLike, name: str, abstract: Mapping, shardings=None, *,
+                lora_scale: float = 1.0) -> dict:
+    """Component ``name``'s parameters for the tree ``abstract`` (``load_component``); a transformer
+    stored with LoRA adapters is returned with them merged at ``lora_scale``
+    (``kernel + lora_scale * alpha / rank * lora_a @ lora_b``; 0 = the base model)."""
+    lcfg = lora_of(path) if name == "transformer" else None
+    if lcfg is None:
+        return load_component(path, name, abstract, shardings)
+    import numpy as np
+
+    from editmgt_jax.checkpoints.io import _check_shapes, _flat
+    from editmgt_jax.models.lora import merge_adapters
+
+    merged = merge_adapters(load_component(path, name), lcfg, lora_scale)
+    _check_shapes(name, os.fspath(path), merged, abstract)
+    flat = _flat(merged)    # restored keys are strings; the abstract tree's list indices are ints
+    merged = jax.tree_util.tree_map_with_path(
+        lambda p, a: np.asarray(flat["/".join(str(getattr(k, "key", k)) for k in p)]).astype(a.dtype),
+        dict(abstract))
+    return merged if shardings is None else jax.device_put(merged, shardings)
+
+
 def load_module(path: str | os.PathLike, name: str, cfg_dict: Mapping | None = None, *, dtype=None,
-                shardings=None):
+                shardings=None, lora_scale: float = 1.0):
     """Component ``name`` of the checkpoint at ``path`` as a module: built from its config (from
     ``config.json`` unless ``cfg_dict`` is given), parameters restored (and cast to ``dtype``:
-    ``float32`` default or ``bfloat16``; ``shardings`` places them)."""
+    ``float32`` default or ``bfloat16``; ``shardings`` places them). A transformer with LoRA
+    adapters gets them merged at ``lora_scale`` (see :func:`load_params`)."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -78,6 +115,6 @@ def load_module(path: str | os.PathLike, name: str, cfg_dict: Mapping | None = N
         cfg_dict = comps[name]
     abstract = abstract_module(name, component_config(name, cfg_dict, path), dtype=dt)
     graphdef, state = nnx.split(abstract)
-    params = load_component(path, name, state.to_pure_dict(), shardings)
+    params = load_params(path, name, state.to_pure_dict(), shardings, lora_scale=lora_scale)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)

@@ -72,10 +72,11 @@ def convert_release(official_dir: str, out_dir: str, *, components: Sequence[str
     except checkpoints.CheckpointError as e:
         raise ConversionError(f"--out {e}") from None
     with checkpoints.writing_checkpoint(out_dir, overwrite=overwrite) as tmp:
-        configs = {}
+        configs, official = {}, {}
         for n, d in found.items():
             comp = COMPONENTS[n]
-            cfg = config_from_official(comp, read_json(os.path.join(d, "config.json")), d)
+            official[n] = read_json(os.path.join(d, "config.json"))
+            cfg = config_from_official(comp, official[n], d)
             source = TensorSource.from_dir(d)
             bar = tqdm(total=len(source), desc=f"convert {n}", unit="tensor", leave=False)
             # A component over two parts' worth is converted and written one part at a time (see
@@ -109,8 +110,13 @@ def convert_release(official_dir: str, out_dir: str, *, components: Sequence[str
                     checkpoints.copy_tokenizer_files(tmp, dest, src, files)
                     log(f"[convert] {dest}: {len(files)} file(s) from {src}")
                     break
+        sched = os.path.join(official_dir, checkpoints.SCHEDULER_CONFIG)
+        if conventions is not None and os.path.isfile(sched):
+            official["scheduler"] = read_json(sched)
+        # The release's own configs, so an export writes back the fields our configs do not model.
         checkpoints.write_config(tmp, configs, {"source": os.path.abspath(official_dir),
-                                                "timestep_convention": "step_index"},
+                                                "timestep_convention": "step_index",
+                                                "official_configs": official},
                                  conventions=conventions)
     log(f"[convert] wrote {out_dir}")
     return out_dir

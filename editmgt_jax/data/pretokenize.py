@@ -120,9 +120,13 @@ def pretokenize(
 ) -> dict:
   """Encodes `dataset[split]` with `encode_fn` and writes ArrayRecord shards + `metadata.json`.
 
+  Atomic: the records are written into a temporary sibling of `out_dir` that replaces it when
+  complete, so a failed or killed run leaves `out_dir` as it was. An existing `out_dir` is
+  replaced only when it is empty or a pre-tokenised dataset (has `metadata.json`).
+
   Args:
     dataset: TFDS name with config, e.g. `synthetic_edits/default`.
-    out_dir: output directory (created; existing token files in it are overwritten).
+    out_dir: output directory (created, or replaced as above).
     encode_fn: pixels `[B, R, R, 3] float32` in [0, 1] -> ids `[B, h, w]` int. Called with a fixed
       batch size (the last batch is padded), so a jitted encoder compiles once.
     resolution: side of the centre crops that are encoded.
@@ -132,14 +136,43 @@ def pretokenize(
   Returns:
     The metadata dict that was written.
   """
+  from editmgt_jax.data.atomic import writing_folder  # pylint: disable=g-import-not-at-top
+
+  check_out_dir(out_dir)
+  batches, total = _image_batches(dataset, split, data_dir, resolution, batch_size, limit)
+  if total == 0:
+    raise ValueError(f"{dataset}[{split}] has no examples to encode.")
+  with writing_folder(out_dir) as tmp:
+    return _write(tmp, batches, total, encode_fn, dataset=dataset, split=split, data_dir=data_dir,
+                  resolution=resolution, batch_size=batch_size, num_shards=num_shards,
+                  encoder_description=encoder_description, progress=progress)
+
+
+def check_out_dir(out_dir: str) -> None:
+  """`ValueError` unless `out_dir` may be (re)written: absent, an empty folder, or a pre-tokenised
+  dataset (a folder with `metadata.json`); never a file or a folder holding anything else."""
+  from editmgt_jax.data.sources import TOKENS_METADATA  # pylint: disable=g-import-not-at-top
+
+  if os.path.exists(out_dir):
+    if not os.path.isdir(out_dir):
+      raise ValueError(f"--out {out_dir}: is a file, not a folder")
+    if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, TOKENS_METADATA)):
+      raise ValueError(f"--out {out_dir}: exists and is not a pre-tokenised dataset (no {TOKENS_METADATA}); "
+                       "not replacing it, choose another folder")
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    raise ValueError(f"--out {out_dir}: folder {parent} is not writable")
+
+
+def _write(out_dir, batches, total, encode_fn, *, dataset, split, data_dir, resolution, batch_size,
+           num_shards, encoder_description, progress) -> dict:
+  """Encode every batch and write the shards and metadata.json into `out_dir`."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   from editmgt_jax.data.sources import TOKENS_METADATA, serialize_token_record  # pylint: disable=g-import-not-at-top
 
-  batches, total = _image_batches(dataset, split, data_dir, resolution, batch_size, limit)
-  if total == 0:
-    raise ValueError(f"{dataset}[{split}] has no examples to encode.")
-  os.makedirs(out_dir, exist_ok=True)
   num_shards = max(1, min(num_shards, total))
   per_shard = math.ceil(total / num_shards)
   files = [f"tokens-{split}.array_record-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]

@@ -32,13 +32,27 @@ query; the latter differs from the wanted ``+log s`` on the non-reference keys b
 kernels do not expose probabilities: with a capture, the text rows' block of logits ``[B, H, L, S]``
 is computed next to the kernel call.
 
-The default implementation follows the backend (``cpu``: ``xla``, ``gpu``: ``cudnn``, ``tpu``:
-``pallas``); ``EDITMGT_ATTENTION=<name>`` or the ``implementation`` argument overrides it.
+``"cudnn-bf16"``
+    ``cudnn`` on float32 inputs cast to bfloat16 (the output cast back): only when asked for
+    (``EDITMGT_ATTENTION=cudnn-bf16``), since it rounds what the float32 path keeps.
+
+Selection (:func:`choose`): each implementation declares what it takes (:class:`Requirements`:
+backends, input dtypes, the head dim after the bias channel and its padding, sequence multiple,
+how it carries the bias), and a call's :class:`Problem` (backend, GPU generation, dtype, head dim,
+sequence length, bias) goes to the first implementation of the backend's order that takes it
+(``gpu``: ``cudnn``, then ``xla``; ``tpu``: ``pallas``, then ``xla``; otherwise ``xla``).
+``EDITMGT_ATTENTION=<name>`` puts ``name`` first. An implementation passed over is reported once
+per reason (a warning of the ``editmgt_jax.attention`` logger). So float32 on a GPU runs ``xla``
+(cuDNN's fused kernels take fp16/bf16 only), and a head of 128 with the bias channel (136 wide)
+runs ``xla`` on GPUs before Hopper (cuDNN takes head dims up to 128 there, 256 from Hopper on).
+The ``implementation`` argument of :func:`attention` is used as given (tests run the kernels in
+interpret modes on CPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from functools import partial
@@ -47,7 +61,7 @@ import jax
 import jax.numpy as jnp
 
 CAPTURE_MODES = ("official", "model")
-IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "naive")
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "naive", "cudnn-bf16")
 _BACKEND_DEFAULT = {"cpu": "xla", "gpu": "cudnn", "cuda": "cudnn", "rocm": "xla", "tpu": "pallas"}
 ENV_VAR = "EDITMGT_ATTENTION"
 # At most this many float32 logits in one block of the xla implementation (16 MiB). The default
@@ -77,7 +91,8 @@ class Segments:
 
 
 def default_implementation() -> str:
-    """``$EDITMGT_ATTENTION`` if set, else the backend's implementation."""
+    """``$EDITMGT_ATTENTION`` if set, else the backend's first choice (before :func:`choose` checks
+    that it takes the call)."""
     name = os.environ.get(ENV_VAR)
     if name:
         if name not in IMPLEMENTATIONS:
@@ -364,11 +379,12 @@ def _text_rows_capture(q, k, seg: Segments, log_strength, mode: str) -> jax.Arra
     return jax.lax.stop_gradient(text_rows_scores(q, k, seg, log_strength, mode))
 
 
-def text_rows_scores(q, k, seg: Segments, log_strength, mode: str) -> jax.Array:
+def text_rows_scores(q, k, seg: Segments, log_strength, mode: str, rows: jax.Array | None = None) -> jax.Array:
     """The captured text-to-image attention ``[B, seg.image] float32``, differentiable: the text rows'
-    logits ``[B, H, L, S]`` only (a few rows), softmax, image columns, mean over heads and text rows.
-    What :func:`attention` returns as its score with ``capture_grad=True`` (the edit-region map an
-    auxiliary loss can train)."""
+    logits ``[B, H, L, S]`` only (a few rows), softmax, image columns, mean over heads and text rows
+    (``rows`` ``[B, L]``: a weighted mean over the text rows instead, e.g. 1 on the instruction's
+    words and 0 on padding). What :func:`attention` returns as its score with ``capture_grad=True``
+    (the edit-region map an auxiliary loss can train) or with ``capture_rows``."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     s = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, : seg.text] * scale, k, preferred_element_type=jnp.float32)
     if mode == "official":
@@ -377,7 +393,11 @@ def text_rows_scores(q, k, seg: Segments, log_strength, mode: str) -> jax.Array:
         s = s + jnp.where(jnp.arange(seg.total) >= seg.reference_start,
                           jnp.asarray(log_strength, jnp.float32), 0.0)
     p = jax.nn.softmax(s, axis=-1)[..., seg.text: seg.reference_start]
-    return jnp.mean(p, axis=(1, 2))
+    if rows is None:
+        return jnp.mean(p, axis=(1, 2))
+    w = jnp.asarray(rows, jnp.float32)
+    w = w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1e-6)
+    return jnp.einsum("bhln,bl->bn", p, w) / p.shape[1]
 
 
 def _nn_kernel(q, k, v, seg, log_strength, capture_mode, nn_implementation="cudnn"):
@@ -410,11 +430,178 @@ def _pallas(q, k, v, seg, log_strength, capture_mode):
     return out, score
 
 
+# ----------------------------------------------------------------------------- selection
+FOLD_MULTIPLE = 8   # the kernels' head-dim alignment: the bias channel is zero-padded to it
+BACKEND_ORDER = {"gpu": ("cudnn", "xla"), "tpu": ("pallas", "xla")}
+_log = logging.getLogger("editmgt_jax.attention")
+_reported: set = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """What one attention call asks of an implementation (all static at trace time).
+
+    ``backend``: ``cpu``, ``gpu`` (CUDA), ``rocm`` or ``tpu``; ``compute_capability``: the GPU's
+    ``(major, minor)`` (``None`` elsewhere, or unknown: then the older GPUs' limits apply);
+    ``dtype``: the name of the inputs' dtype; ``bias``: the reference-strength bias is present."""
+
+    backend: str
+    dtype: str
+    head_dim: int
+    seq: int
+    bias: bool = False
+    compute_capability: tuple[int, int] | None = None
+
+    @property
+    def kernel_head_dim(self) -> int:
+        """The head dim a kernel without a bias operand sees: the bias channel added, padded
+        (:func:`fold_bias`)."""
+        width = self.head_dim + (1 if self.bias else 0)
+        return width + (-width % FOLD_MULTIPLE)
+
+
+def _cudnn_head_max(p: Problem) -> int:
+    """cuDNN's fused kernels (fp16/bf16): head dims up to 256 from Hopper (9.0) on, else 128."""
+    return 256 if (p.compute_capability or (0, 0)) >= (9, 0) else 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirements:
+    """What an implementation takes.
+
+    ``backends`` / ``dtypes``: ``None`` is any. ``cast``: input dtypes it runs after a cast to
+    ``cast_to``. ``bias``: ``"segments"`` (made inside the kernel from the segment boundaries),
+    ``"channel"`` (one extra head channel, :func:`fold_bias`: the head dim grows) or ``"dense"``
+    (a materialised ``[S, S]`` operand). ``head_max``: the largest head dim the kernel sees (a
+    function of the problem: it can depend on the GPU generation). ``seq_multiple``: sequence
+    lengths it takes without padding; ``pads``: it pads other lengths itself."""
+
+    name: str
+    backends: tuple[str, ...] | None = None
+    dtypes: tuple[str, ...] | None = None
+    cast: tuple[str, ...] = ()
+    cast_to: str | None = None
+    bias: str = "segments"
+    head_multiple: int = 1
+    head_max: object = None
+    seq_multiple: int = 1
+    pads: bool = False
+
+    def rejects(self, p: Problem) -> str | None:
+        """Why this implementation cannot run ``p``, or ``None`` when it can."""
+        if self.backends is not None and p.backend not in self.backends:
+            return f"runs on {'/'.join(self.backends)}, not {p.backend}"
+        if self.dtypes is not None and p.dtype not in self.dtypes and p.dtype not in self.cast:
+            ask = f" (EDITMGT_ATTENTION={self.name}-bf16 casts)" if f"{self.name}-bf16" in REQUIREMENTS else ""
+            return f"takes {'/'.join(self.dtypes)} inputs, not {p.dtype}{ask}"
+        d = p.kernel_head_dim if self.bias == "channel" else p.head_dim
+        what = "with the bias channel and padding " if self.bias == "channel" and d != p.head_dim else ""
+        limit = None if self.head_max is None else self.head_max(p)
+        if limit is not None and d > limit:
+            gen = "" if p.compute_capability is None else f" on compute capability {p.compute_capability[0]}.{p.compute_capability[1]}"
+            return f"takes head dims up to {limit}{gen}; head dim {p.head_dim} is {what}{d}"
+        if d % self.head_multiple:
+            return f"takes head dims that are multiples of {self.head_multiple}, not {d}"
+        if not self.pads and p.seq % self.seq_multiple:
+            return f"takes sequence lengths that are multiples of {self.seq_multiple}, not {p.seq}"
+        return None
+
+
+_HALF = ("bfloat16", "float16")
+REQUIREMENTS = {r.name: r for r in (
+    Requirements("xla", bias="segments"),
+    Requirements("naive", bias="dense"),
+    Requirements("cudnn", backends=("gpu",), dtypes=_HALF, bias="channel", head_multiple=8,
+                 head_max=_cudnn_head_max),
+    Requirements("cudnn-bf16", backends=("gpu",), dtypes=_HALF, cast=("float32",), cast_to="bfloat16",
+                 bias="channel", head_multiple=8, head_max=_cudnn_head_max),
+    Requirements("pallas", backends=("tpu",), dtypes=("float32",) + _HALF, bias="channel",
+                 seq_multiple=PALLAS_SEQ_MULTIPLE, pads=True),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """The implementation picked for a problem, and why each one before it was passed over."""
+
+    name: str
+    passed_over: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(f"{n} {why}" for n, why in self.passed_over)
+
+
+def candidates(backend: str, requested: str | None = None) -> tuple[str, ...]:
+    """The order tried for ``backend``, with ``requested`` (``$EDITMGT_ATTENTION``) first."""
+    order = BACKEND_ORDER.get(backend, ("xla",))
+    if requested:
+        if requested not in IMPLEMENTATIONS:
+            raise ValueError(f"{ENV_VAR}={requested!r}: use one of {IMPLEMENTATIONS}")
+        order = (requested,) + tuple(n for n in order if n != requested)
+    return order
+
+
+def choose(problem: Problem, requested: str | None = None, *, report: bool = True) -> Choice:
+    """The first implementation of :func:`candidates` that takes ``problem``. With ``report``,
+    each implementation passed over is said once per reason (logger ``editmgt_jax.attention``)."""
+    passed = []
+    for name in candidates(problem.backend, requested):
+        why = REQUIREMENTS[name].rejects(problem)
+        if why is None:
+            choice = Choice(name, tuple(passed))
+            break
+        passed.append((name, why))
+    else:   # xla takes everything: unreachable unless the order lacks it
+        choice = Choice("xla", tuple(passed))
+    if report:
+        for name, why in choice.passed_over:
+            if (name, why) not in _reported:
+                _reported.add((name, why))
+                _log.warning("attention: %s %s; using %s", name, why, choice.name)
+    return choice
+
+
+def device_facts() -> tuple[str, tuple[int, int] | None]:
+    """``(backend, compute_capability)`` of the default device (``rocm`` for AMD GPUs)."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return backend, None
+    dev = jax.devices()[0]
+    if "rocm" in str(getattr(dev.client, "platform_version", "")).lower():
+        return "rocm", None
+    cc = getattr(dev, "compute_capability", None)
+    try:
+        return backend, tuple(int(x) for x in str(cc).split(".")[:2])
+    except ValueError:
+        return backend, None
+
+
+def problem_of(q: jax.Array, seg: Segments, log_strength, *, backend: str | None = None,
+               compute_capability: tuple[int, int] | None = None) -> Problem:
+    """The :class:`Problem` of ``attention(q, ..., seg, log_strength)`` on this (or the given) device."""
+    if backend is None:
+        backend, compute_capability = device_facts()
+    return Problem(backend=backend, dtype=jnp.dtype(q.dtype).name, head_dim=int(q.shape[-1]),
+                   seq=int(q.shape[2]), bias=seg.reference > 0 and log_strength is not None,
+                   compute_capability=compute_capability)
+
+
+def _cudnn_bf16(q, k, v, seg, log_strength, capture_mode, nn_implementation="cudnn"):
+    """``cudnn`` on inputs cast to bfloat16, the output in the inputs' dtype (the capture from the
+    uncast text rows)."""
+    dt = q.dtype
+    c = lambda x: x.astype(jnp.bfloat16)
+    out, _ = _nn_kernel(c(q), c(k), c(v), seg, log_strength, None, nn_implementation)
+    score = None if capture_mode is None else _text_rows_capture(q, k, seg, log_strength, capture_mode)
+    return out.astype(dt), score
+
+
 # ----------------------------------------------------------------------------- entry point
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments,
               log_strength: jax.Array | float | None = None, *, capture_mode: str | None = None,
-              implementation: str | None = None, block_q: int | None = None, capture_grad: bool = False
-              ) -> tuple[jax.Array, jax.Array | None]:
+              implementation: str | None = None, block_q: int | None = None, capture_grad: bool = False,
+              capture_rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
     """Softmax attention over the joint sequence with the reference-strength bias.
 
     Args:
@@ -424,10 +611,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments,
       capture_mode: ``None``, ``"official"`` (the text rows' softmax over ``[text, image]`` keys
         without the bias, as the reference implementation records it) or ``"model"`` (the text rows
         of the attention actually used, image columns).
-      implementation: one of :data:`IMPLEMENTATIONS`, default :func:`default_implementation`.
+      implementation: one of :data:`IMPLEMENTATIONS`, used as given; default :func:`choose`'s pick
+        for this call on this device.
       block_q: query rows per block (``xla``), default from :data:`BLOCK_ELEMENTS`.
       capture_grad: the score is differentiable (:func:`text_rows_scores`, from the text rows' logits
         alone, whatever the implementation); for training the map with an auxiliary loss.
+      capture_rows: ``[B, seg.text]`` weights of the text rows in the captured score (default: the
+        mean over all rows, as the reference); e.g. the instruction's words without the padding.
     Returns:
       ``(out [B, H, S, D] in v.dtype, score)``; ``score`` is ``[B, seg.image] float32`` (mean over
       heads and text rows; differentiated only with ``capture_grad``) when ``capture_mode`` is set, else ``None``.
@@ -437,10 +627,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments,
         raise ValueError(f"attention: sequence length {q.shape[2]} != segments total {seg.total}")
     if seg.reference == 0:
         log_strength = None
-    if capture_grad and capture_mode is not None:
+    if (capture_grad or capture_rows is not None) and capture_mode is not None:
+        if capture_rows is not None and tuple(capture_rows.shape) != (q.shape[0], seg.text):
+            raise ValueError(f"capture_rows {tuple(capture_rows.shape)} do not fit the batch {q.shape[0]} x "
+                             f"{seg.text} text rows")
         out, _ = attention(q, k, v, seg, log_strength, implementation=implementation, block_q=block_q)
-        return out, text_rows_scores(q, k, seg, log_strength, capture_mode)
-    impl = implementation or default_implementation()
+        score = text_rows_scores(q, k, seg, log_strength, capture_mode, capture_rows)
+        return out, score if capture_grad else jax.lax.stop_gradient(score)
+    impl = implementation or choose(problem_of(q, seg, log_strength), os.environ.get(ENV_VAR) or None).name
     if impl == "xla":
         return _xla(q, k, v, seg, log_strength, capture_mode, block_q)
     if impl == "naive":
@@ -449,8 +643,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments,
         return _nn_kernel(q, k, v, seg, log_strength, capture_mode, "cudnn")
     if impl == "pallas":
         return _pallas(q, k, v, seg, log_strength, capture_mode)
+    if impl == "cudnn-bf16":
+        return _cudnn_bf16(q, k, v, seg, log_strength, capture_mode)
     raise ValueError(f"attention implementation {impl!r}: use one of {IMPLEMENTATIONS}")
 
 
-__all__ = ["CAPTURE_MODES", "IMPLEMENTATIONS", "Segments", "attention", "default_implementation",
+__all__ = ["CAPTURE_MODES", "IMPLEMENTATIONS", "REQUIREMENTS", "Choice", "Problem", "Requirements",
+           "Segments", "attention", "choose", "default_implementation",
            "fold_bias", "naive_attention", "naive_capture", "reference_bias", "text_rows_scores"]

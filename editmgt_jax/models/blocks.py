@@ -46,8 +46,8 @@ def text_to_image_attention(q: jax.Array, k: jax.Array, seg: Segments, bias: jax
 def joint_attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array,
                     seg: Segments, log_strength: jax.Array | None,
                     capture_mode: str | None,
-                    implementation: str | None = None, capture_grad: bool = False
-                    ) -> tuple[jax.Array, jax.Array | None]:
+                    implementation: str | None = None, capture_grad: bool = False,
+                    capture_rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
     """RoPE + attention over the joint sequence.
 
     Args:
@@ -58,6 +58,7 @@ def joint_attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, si
       implementation: attention implementation (:data:`~editmgt_jax.models.attention.IMPLEMENTATIONS`),
         ``None`` for the backend's default.
       capture_grad: the captured score is differentiable (``attention.text_rows_scores``).
+      capture_rows: ``[B, L]`` weights of the text rows in the captured score, or ``None`` (all).
     Returns:
       ``(out [B, S, H*D], score [B, seg.image] float32 or None)``.
     """
@@ -66,7 +67,8 @@ def joint_attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, si
         k = apply_rope(k, cos, sin)
     with jax.named_scope("attention_core"):   # profiles attribute the core's ops by this name
         out, score = attention(q, k, v, seg, log_strength, capture_mode=capture_mode,
-                               implementation=implementation, capture_grad=capture_grad)
+                               implementation=implementation, capture_grad=capture_grad,
+                               capture_rows=capture_rows)
     b, h, s, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(b, s, h * d), score
 
@@ -199,7 +201,8 @@ class DualStreamBlock(nnx.Module):
     def __call__(self, txt: jax.Array, img: jax.Array, temb: jax.Array, ref_temb: jax.Array | None,
                  cos: jax.Array, sin: jax.Array, *, seg: Segments, log_strength: jax.Array | None = None,
                  capture_mode: str | None = None, attention_impl: str | None = None,
-                 capture_grad: bool = False) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+                 capture_grad: bool = False, capture_rows: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """One block.
 
         Args:
@@ -218,7 +221,7 @@ class DualStreamBlock(nnx.Module):
         qi, ki, vi = self.attn.qkv(modulate(img, *mod_img[:2]))
         q, k, v = (jnp.concatenate(p, axis=2) for p in ((qt, qi), (kt, ki), (vt, vi)))
         out, score = joint_attention(q, k, v, cos, sin, seg, log_strength, capture_mode, attention_impl,
-                                     capture_grad)
+                                     capture_grad, capture_rows)
         img = _residual_mlp(img, self.attn.to_out(out[:, seg.text:]), mod_img, self.ff)
         txt = _residual_mlp(txt, self.attn.to_add_out(out[:, : seg.text]), mod_txt, self.ff_context)
         return txt, img, score
@@ -242,7 +245,8 @@ class SingleStreamBlock(nnx.Module):
     def __call__(self, x: jax.Array, temb: jax.Array, ref_temb: jax.Array | None, cos: jax.Array,
                  sin: jax.Array, *, seg: Segments, log_strength: jax.Array | None = None,
                  capture_mode: str | None = None, attention_impl: str | None = None,
-                 capture_grad: bool = False) -> tuple[jax.Array, jax.Array | None]:
+                 capture_grad: bool = False, capture_rows: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array | None]:
         """One block.
 
         Args:
@@ -256,6 +260,6 @@ class SingleStreamBlock(nnx.Module):
         shift, scale, gate = self.norm.per_token(temb, ref_temb, seg.text + seg.image, seg.reference)
         h = modulate(x, shift, scale)
         out, score = joint_attention(*self.attn.qkv(h), cos, sin, seg, log_strength, capture_mode,
-                                     attention_impl, capture_grad)
+                                     attention_impl, capture_grad, capture_rows)
         mlp = gelu_tanh(self.proj_mlp(h))
         return x + gate * self.proj_out(jnp.concatenate([out, mlp], axis=-1)), score

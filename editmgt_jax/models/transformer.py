@@ -233,7 +233,8 @@ class EditTransformer(nnx.Module):
     # ------------------------------------------------------------------ forward
     def __call__(self, ids: jax.Array, ref_ids: jax.Array | None, text_states: jax.Array, pooled: jax.Array,
                  micro_conds: jax.Array, timestep: jax.Array, *, reference_strength=1.0,
-                 capture_blocks: Sequence[int] = (), capture_mode: str = "official", capture_grad: bool = False):
+                 capture_blocks: Sequence[int] = (), capture_mode: str = "official", capture_grad: bool = False,
+                 capture_rows: jax.Array | None = None):
         """One forward pass.
 
         Args:
@@ -251,6 +252,8 @@ class EditTransformer(nnx.Module):
             the reference records it) or ``"model"`` (the attention used, image columns).
           capture_grad: the scores are differentiable (training the edit-region map with an
             auxiliary loss, ``training.losses.region_attention_loss``); the same values either way.
+          capture_rows: ``[B, L]`` weights of the text rows in the scores (default: the mean over all
+            rows, as the reference); e.g. 1 on the instruction's words, 0 on padding.
         Returns:
           ``(logits [B, H, W, codebook_size] float32, scores)``, ``scores`` ``None`` without captures,
           else ``[B, len(capture_blocks), h*w] float32``: per captured block the attention of all text
@@ -308,13 +311,15 @@ class EditTransformer(nnx.Module):
         def dual_call(m):
             def call(block, txt, img, temb, ref_temb, log_strength):
                 return block(txt, img, temb, ref_temb, cos, sin, seg=seg, log_strength=log_strength,
-                             capture_mode=m, attention_impl=self.attention, capture_grad=capture_grad)
+                             capture_mode=m, attention_impl=self.attention, capture_grad=capture_grad,
+                             capture_rows=capture_rows)
             return wrap(call)
 
         def single_call(m):
             def call(block, x, temb, ref_temb, log_strength):
                 return block(x, temb, ref_temb, cos, sin, seg=seg, log_strength=log_strength,
-                             capture_mode=m, attention_impl=self.attention, capture_grad=capture_grad)
+                             capture_mode=m, attention_impl=self.attention, capture_grad=capture_grad,
+                             capture_rows=capture_rows)
             return wrap(call)
 
         # Named scopes ("dual_block_3", "attention_core", "logits_head", ...) name the compiled ops in

@@ -38,7 +38,7 @@ TIMESTEP_CONVENTIONS = ("step_index", "mask_fraction")
 # Which pixels of the input take the model's output (``editmgt_jax.composite``).
 COMPOSITE_MODES = ("changed", "map", "none")
 
-# What a setting is: traced by the loop, compiled into it, applied on the host after it, or a fact of
+# What a setting is: traced by the loop, compiled into it, applied on the host around it, or a fact of
 # the model (from the checkpoint's conventions; no flag: a model is driven as it was trained).
 KNOB, STATIC, HOST, MODEL = "knob", "static", "host", "model"
 
@@ -169,6 +169,10 @@ class SamplerSettings:
                              help="which pixels of the input take the edit: changed (tokens the edit "
                                   "changed, grown by one token), map (the edit-region map; needs "
                                   "consolidation) or none (the raw model output at the working size)")
+    capture_words: bool = setting(False, HOST, _flag, flags=("--capture-words",),
+                                  help="the edit-region map reads the text rows of the instruction's words "
+                                       "only, not the padding (needs consolidation; the caller passes those "
+                                       "rows to the loop: Editor does, from its text side)")
     micro_conds: tuple[float, ...] = setting((1024.0, 1024.0, 0.0, 0.0, DEFAULT_AESTHETIC), MODEL, _micro_conds)
     mask_token_id: int | None = setting(None, MODEL, _optional(_number(0, integer=True)))
     score_grid: tuple[int, int] | None = setting(None, MODEL, _optional(_grid))

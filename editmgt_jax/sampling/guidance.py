@@ -52,14 +52,24 @@ class GuidedModel:
     text_states: jax.Array
     pooled: jax.Array
     micro_conds: jax.Array
+    capture_rows: jax.Array | None = None
 
     @classmethod
     def bind(cls, model_fn, cfg: SamplerConfig, ref_ids, text_states, pooled, neg_text_states=None,
-             neg_pooled=None, micro_conds=None) -> "GuidedModel":
+             neg_pooled=None, micro_conds=None, capture_rows=None) -> "GuidedModel":
         """Broadcast batch-1 inputs to ``ref_ids``' batch and stack ``[uncond; cond]`` for guidance.
 
         ``micro_conds``: ``[B, 5]``, ``[1, 5]`` or ``[5]``; default ``cfg.model.micro_conds``.
+        ``capture_rows``: ``[B, L]`` weights of the instruction's text rows in the captured scores
+        (``None``: every row); the negative prompt's rows (whose scores are not used) weigh 1.
         """
+        bsz = ref_ids.shape[0]
+        if capture_rows is not None and cfg.captures:
+            capture_rows = batch_to(jnp.asarray(capture_rows, jnp.float32), bsz, "capture_rows")
+            if cfg.guided:
+                capture_rows = jnp.concatenate([jnp.ones_like(capture_rows), capture_rows], axis=0)
+            base = cls.bind(model_fn, cfg, ref_ids, text_states, pooled, neg_text_states, neg_pooled, micro_conds)
+            return dataclasses.replace(base, capture_rows=capture_rows)
         bsz = ref_ids.shape[0]
         text_states = batch_to(text_states, bsz, "text_states")
         pooled = batch_to(pooled, bsz, "pooled")
@@ -86,9 +96,11 @@ class GuidedModel:
         """The model on the model batch of ``tokens [B, H, W]``: ``(logits, scores)`` as it returns them."""
         ids = jnp.concatenate([tokens, tokens], axis=0) if self.cfg.guided else tokens
         strength = knobs.reference_strength if self.cfg.reference_bias else 1.0
+        rows = {} if self.capture_rows is None else {"capture_rows": self.capture_rows}
         return self.model_fn(ids, self.ref_ids, self.text_states, self.pooled, self.micro_conds,
                              self.timestep(ids, step), reference_strength=strength,
-                             capture_blocks=self.cfg.consolidation_blocks, capture_mode=self.cfg.capture_mode)
+                             capture_blocks=self.cfg.consolidation_blocks, capture_mode=self.cfg.capture_mode,
+                             **rows)
 
     def __call__(self, tokens: jax.Array, step, knobs: Knobs):
         """``(logits [B, H, W, K] float32`` guidance-combined, ``scores [B, n_blocks, h*w] float32`` of

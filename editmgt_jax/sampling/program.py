@@ -56,7 +56,7 @@ def decode(vq, tokens: jax.Array, mask_id: int) -> jax.Array:
 
 
 def edit(vq, transformer, cfg: SamplerConfig, knobs: Knobs, key, images, text_states, pooled,
-         neg_text_states=None, neg_pooled=None, micro_conds=None, inpaint_mask=None, *,
+         neg_text_states=None, neg_pooled=None, micro_conds=None, inpaint_mask=None, capture_rows=None, *,
          on_step: Callable | None = None) -> dict[str, jax.Array]:
     """Edit a batch of images: callable inside ``jax.jit`` with the modules merged there.
 
@@ -69,6 +69,8 @@ def edit(vq, transformer, cfg: SamplerConfig, knobs: Knobs, key, images, text_st
       text_states, pooled / neg_text_states, neg_pooled: the instruction's and the negative prompt's
         encodings (batch 1 broadcasts; the negative ones are needed under guidance).
       micro_conds: ``[B, 5]`` (default: the config's); inpaint_mask: ``[B, h, w]`` bool, True = may change.
+      capture_rows: ``[B, L]`` weights of the instruction's text rows in the edit-region map (``None``:
+        every row, as the reference).
       on_step: a host function called with the step index as each step begins (a progress bar); the
         numbers are the same with or without it.
 
@@ -83,7 +85,7 @@ def edit(vq, transformer, cfg: SamplerConfig, knobs: Knobs, key, images, text_st
             jax.debug.callback(on_step, args[-1])
             return transformer(ids, *args, **kwargs)
     res = sample(model_fn, cfg, knobs, ref_ids, text_states, pooled, neg_text_states, neg_pooled, key=key,
-                 micro_conds=micro_conds, inpaint_mask=inpaint_mask)
+                 micro_conds=micro_conds, inpaint_mask=inpaint_mask, capture_rows=capture_rows)
     out = {"image": decode(vq, res["tokens"], cfg.model.mask_token_id), "tokens": res["tokens"],
            "ref_ids": ref_ids}
     if res.get("heatmap") is not None:

@@ -114,8 +114,8 @@ def step(state: SamplerState, i, *, model: GuidedModel, knobs: Knobs, ref_ids: j
 
 
 def sample(model_fn: Callable[..., Any], cfg: SamplerConfig, knobs: Knobs, ref_ids, text_states, pooled,
-           neg_text_states=None, neg_pooled=None, *, key=None, micro_conds=None, inpaint_mask=None
-           ) -> dict[str, jax.Array]:
+           neg_text_states=None, neg_pooled=None, *, key=None, micro_conds=None, inpaint_mask=None,
+           capture_rows=None) -> dict[str, jax.Array]:
     """Edit ``B`` source images: the whole decode as one ``lax.scan``; callable inside ``jax.jit``.
 
     Args:
@@ -130,6 +130,8 @@ def sample(model_fn: Callable[..., Any], cfg: SamplerConfig, knobs: Knobs, ref_i
       micro_conds: ``[B, 5]``, ``[1, 5]`` or ``[5]`` float; default ``cfg.model.micro_conds``.
       inpaint_mask: ``[B, H, W] bool``, True = regenerate; other positions keep the source token and
         the schedule is scaled by each sample's masked fraction. ``None``: everything is generated.
+      capture_rows: ``[B, L]`` weights of the text rows in the captured attention (``None``: all rows,
+        as the reference); e.g. the instruction's words without the padding.
 
     Returns:
       ``tokens [B, H, W] int32``: the final tokens (no mask id remains when anything was masked).
@@ -153,7 +155,8 @@ def sample(model_fn: Callable[..., Any], cfg: SamplerConfig, knobs: Knobs, ref_i
         raise ValueError(f"knobs carry {knobs.temperatures.shape} temperatures for {cfg.steps} steps; "
                          "build them with the same steps (SamplerSettings.split)")
     knobs = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), knobs)
-    model = GuidedModel.bind(model_fn, cfg, ref_ids, text_states, pooled, neg_text_states, neg_pooled, micro_conds)
+    model = GuidedModel.bind(model_fn, cfg, ref_ids, text_states, pooled, neg_text_states, neg_pooled, micro_conds,
+                             capture_rows)
     mask_id = cfg.model.mask_token_id
     if inpaint_mask is None:
         tokens0 = jnp.full((bsz, h, w), mask_id, jnp.int32)

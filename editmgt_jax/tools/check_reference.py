@@ -273,6 +273,32 @@ def load_checkpoint_models(ckpt: str, log: Callable[[str], None]) -> dict:
     return models
 
 
+def checkpoint_differences(fixture_dir: str, ckpt: str) -> list[str]:
+    """How the components a model checkpoint shares with a fixture folder differ in configuration
+    (``"transformer.vocab_size: fixture 112, checkpoint 104"``); empty when they agree."""
+    import json
+
+    from editmgt_jax import checkpoints
+    from editmgt_jax.convert import COMPONENTS
+    from editmgt_jax.convert.registry import config_from_official, read_json
+
+    def plain(v):
+        return json.loads(json.dumps(v, default=checkpoints.json_default))
+
+    diffs = []
+    for name, saved in checkpoints.read_config(ckpt)["components"].items():
+        comp = COMPONENTS.get(name)
+        cfg_path = os.path.join(fixture_dir, f"{comp.fixture_prefix}_config.json") if comp else ""
+        if not comp or not os.path.isfile(cfg_path):
+            continue
+        cfg = config_from_official(comp, read_json(cfg_path), cfg_path)
+        want = plain(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+        have = plain(saved)
+        diffs += [f"{name}.{k}: fixture {want[k]}, checkpoint {have[k]}"
+                  for k in sorted(set(want) & set(have)) if want[k] != have[k]]
+    return diffs
+
+
 def check_reference(fixture_dir: str, *, cases_filter: str = "abcd", checkpoint: str | None = None,
                     log: Callable[[str], None] = print) -> list[Result]:
     import jax
@@ -289,6 +315,11 @@ def check_reference(fixture_dir: str, *, cases_filter: str = "abcd", checkpoint:
     results: list[Result] = []
     with jax.default_matmul_precision("highest"):
         if checkpoint is not None:
+            diffs = checkpoint_differences(fixture_dir, os.fspath(checkpoint))
+            if diffs:
+                raise ValueError(f"--checkpoint {checkpoint}: this checkpoint is not the fixture's configuration ("
+                                 + "; ".join(diffs[:4]) + (f"; {len(diffs) - 4} more" if len(diffs) > 4 else "")
+                                 + f"); check it against the fixture folder it was converted from")
             models = load_checkpoint_models(os.fspath(checkpoint), log)
         else:
             models = load_models(fixture_dir, log)
@@ -332,10 +363,11 @@ def main(argv=None) -> int:
                    help="check a converted model checkpoint (its components and conventions) against "
                         "the folder's cases instead of the folder's own weights")
     args = p.parse_args(argv)
+    from editmgt_jax import checkpoints
 
     try:
         results = check_reference(args.fixture_dir, cases_filter=args.cases, checkpoint=args.checkpoint)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, checkpoints.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     failed = [r for r in results if not r.ok]

@@ -124,6 +124,12 @@ def scheduler_config(fixture_dir: str, mask_token_id: int | None = None) -> dict
 
 def make_release(fixture_dir: str, out_dir: str, *, mask_token_id: int | None = None) -> str:
     """Write the release layout of ``fixture_dir`` (weights copied) to ``out_dir``."""
+    parent = os.path.abspath(out_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{out_dir}: {'is a file' if parent == os.path.abspath(out_dir) else f'{parent} is a file'}"
+                         ", not a folder")
     for prefix, (folder, weights) in LAYOUT.items():
         cfg = os.path.join(fixture_dir, f"{prefix}_config.json")
         st = os.path.join(fixture_dir, f"{prefix}.safetensors")
@@ -170,7 +176,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         print(make_release(args.fixture_dir, args.out_dir, mask_token_id=args.mask_token_id))
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -36,6 +36,39 @@ class CheckpointDamagedError(RuntimeError):
     """No training checkpoint of a run can be read back."""
 
 
+class CheckpointConfigError(ValueError):
+    """A checkpoint reads back but does not fit the run's config (it is left where it is)."""
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def tree_shapes(tree) -> dict[str, tuple]:
+    """``{"params/transformer/.../kernel": shape}`` of a pytree of arrays, shape structs or Orbax
+    array metadata (named tuples and dicts spelled alike, as Orbax stores them)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ()) or ())
+            for path, leaf in leaves}
+
+
+def shape_differences(saved: Mapping[str, tuple], wanted: Mapping[str, tuple], limit: int = 4) -> str:
+    """The differing entries of two ``tree_shapes`` as one short phrase ('' when they agree)."""
+    diffs = []
+    for name in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(name), wanted.get(name)
+        if a == b:
+            continue
+        diffs.append(f"{name} " + ("absent from the checkpoint" if a is None else
+                                   "not in the model now" if b is None else f"{a} in the checkpoint, {b} now"))
+    if len(diffs) > limit:
+        diffs = diffs[:limit] + [f"{len(diffs) - limit} more"]
+    return "; ".join(diffs)
+
+
 def _state_tree(state: TrainState) -> dict:
     return {f: getattr(state, f) for f in STATE_FIELDS}
 
@@ -122,10 +155,16 @@ class TrainCheckpointer:
         config = out["config"] if "config" in saved else None
         return state, config
 
-    def restore_latest(self, abstract_state: TrainState, data_iterator=None
+    def restore_latest(self, abstract_state: TrainState, data_iterator=None, check_config=None
                        ) -> tuple[int, TrainState, dict | None] | None:
         """Restore the newest checkpoint that reads back completely: ``(step, state, config)``, or
         None when there is no checkpoint.
+
+        A checkpoint that reads back but does not fit the run is never damage: its saved config is
+        read first and given to ``check_config(saved)`` (which raises ``CheckpointConfigError`` for
+        a config the state cannot continue under), and a state whose arrays do not match
+        ``abstract_state`` (names or shapes, from the checkpoint's own metadata) raises
+        ``CheckpointConfigError`` naming them. Either way every checkpoint stays where it is.
 
         Restoring reads every byte, so a damaged newest checkpoint (a truncated or missing file, an
         unreadable index or config) fails here; it is then moved aside to
@@ -134,19 +173,32 @@ class TrainCheckpointer:
         recorded in ``self.skipped`` as ``(step, reason)``. (With several processes the damaged
         folder is left in place.)
         """
+        from editmgt_jax.checkpoints import quiet_orphaned_reads
+
+        quiet_orphaned_reads()          # reads of a damaged checkpoint left in flight print nothing
         self.skipped: list[tuple[int, str]] = []
         for step in sorted(self.all_steps(), reverse=True):
+            where = os.path.join(self.directory, str(step))
+            try:
+                saved = self.read_config(step) if "config" in self._item_names(step) else None
+            except Exception as e:  # noqa: BLE001  (an unreadable config is damage)
+                self._skip(step, e)
+                continue
+            if check_config is not None:
+                try:
+                    check_config(saved)
+                except CheckpointConfigError as e:
+                    raise CheckpointConfigError(f"{where}: {e}") from None
             try:
                 state, config = self.restore(abstract_state, step, data_iterator=data_iterator)
             except Exception as e:  # noqa: BLE001  (any read failure means: not usable)
-                from editmgt_jax.checkpoints import quiet_orphaned_reads
-
-                quiet_orphaned_reads()
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                aside = self._move_aside(step)
-                self.skipped.append((step, reason))
-                logging.warning("checkpoint step %d skipped, it cannot be read back (%s); %s",
-                                step, reason, f"moved to {aside}" if aside else "left in place")
+                mismatch = self._state_mismatch(step, abstract_state)
+                if mismatch:
+                    raise CheckpointConfigError(
+                        f"{where}: the saved state does not fit the model this config builds ({mismatch}); "
+                        "rerun with the config it was trained with, or use a new --workdir "
+                        "(the checkpoints are kept)") from None
+                self._skip(step, e)
                 continue
             return step, state, config
         if self.skipped:
@@ -154,6 +206,33 @@ class TrainCheckpointer:
                 f"{self.directory}: no checkpoint reads back completely (skipped steps "
                 f"{', '.join(str(s) for s, _ in self.skipped)}); the damaged ones are kept as damaged-*/")
         return None
+
+    def _state_mismatch(self, step: int, abstract_state: TrainState) -> str:
+        """How the saved state's arrays differ from ``abstract_state`` by name and shape, read from
+        the checkpoint's metadata ('' when they agree or the metadata itself cannot be read)."""
+        ocp = self._ocp
+        log = logging.getLogger("absl")
+        level = log.level
+        log.setLevel(logging.ERROR)           # Orbax warns and returns no tree for an unreadable index
+        try:
+            with ocp.StandardCheckpointer() as reader:
+                meta = reader.metadata(os.path.join(self.directory, str(step), "state"))
+            saved = tree_shapes(getattr(meta, "item_metadata", meta) or {})
+        except Exception:  # noqa: BLE001  (unreadable metadata is damage, not a mismatch)
+            return ""
+        finally:
+            log.setLevel(level)
+        if not saved:                         # an emptied or truncated index: damage
+            return ""
+        return shape_differences(saved, tree_shapes(_state_tree(abstract_state)))
+
+    def _skip(self, step: int, e: Exception) -> None:
+        """Move an unreadable checkpoint aside and record why."""
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        aside = self._move_aside(step)
+        self.skipped.append((step, reason))
+        logging.warning("checkpoint step %d skipped, it cannot be read back (%s); %s",
+                        step, reason, f"moved to {aside}" if aside else "left in place")
 
     def _move_aside(self, step: int) -> str | None:
         import jax
@@ -229,7 +308,12 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
     else:
         comps["vq"] = params
         cfgs["vq"] = state_lib.vq_config(config).to_dict()
-    meta.update(metadata or {})
+    extra = dict(metadata or {})
+    training = {**meta["training"], **dict(extra.pop("training", None) or {})}
+    meta.update(extra)
+    # the whole training config rides along (the model card summarises it: data, batch, optimizer)
+    meta["training"] = {**training, "config": config_to_json(config)}
+
     def complete(folder: str) -> None:
         if tokenizer is not None:
             checkpoints.save_word_tokenizer(folder, tokenizer)

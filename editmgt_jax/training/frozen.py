@@ -122,11 +122,13 @@ def load_init_params(config, program):
 
     path = os.path.expanduser(config.init_from)
     abstract, shard = program.model.abstract_params, program.model.param_shardings
+    if getattr(program, "lora", None) is not None:   # LoRA: these are the frozen model's
+        abstract, shard = program.model.abstract_rest, program.model.rest_shardings
     if config.task == "vq":
         return checkpoints.load_component(path, "vq", abstract, shard)
     out = dict(abstract)
-    out["transformer"] = checkpoints.load_component(path, "transformer", abstract["transformer"],
-                                                    shard["transformer"])
+    out["transformer"] = checkpoints.load_params(path, "transformer", abstract["transformer"],
+                                                 shard["transformer"])
     if abstract.get("text_encoder"):
         comps = checkpoints.read_config(path).get("components", {})
         if "small_text" not in comps:

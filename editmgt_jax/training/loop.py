@@ -62,31 +62,66 @@ class TrainResult:
     model_dir: str | None
 
 
-def check_resume_config(saved: Mapping | None, config) -> None:
+# Fields that may change when a run resumes: how the optimizer goes on from the saved state.
+_RESUMABLE_OPTIM = ("learning_rate", "schedule", "warmup_steps", "decay_steps", "min_lr_ratio", "b1", "b2",
+                    "eps", "weight_decay", "grad_clip")
+
+
+def _flat(doc, prefix: str = "") -> dict[str, Any]:
+    if isinstance(doc, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in doc.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: list(doc) if isinstance(doc, tuple) else doc}
+
+
+def _changes(saved: Mapping, now: Mapping, keys) -> list[str]:
+    a, b = _flat({k: saved.get(k) for k in keys if k in saved}), _flat({k: now.get(k) for k in keys if k in saved})
+    return [f"{name} {a.get(name, '(absent)')!r} -> {b.get(name, '(absent)')!r}"
+            for name in sorted(set(a) | set(b)) if a.get(name) != b.get(name)]
+
+
+def check_resume_config(saved: Mapping | None, config) -> list[str]:
+    """Whether a run may continue from a checkpoint saved with config ``saved``.
+
+    The model (``task``, ``editor`` but its recommended sampler settings, ``vq``) and the optimizer
+    state's layout (``optim.grad_accum_steps``) must be the checkpoint's: otherwise
+    ``CheckpointConfigError`` names every differing field, checkpoint value -> value now. The
+    learning rate, its schedule and the other optimizer hyper-parameters may change: those
+    changes are returned (``"optim.learning_rate 0.001 -> 0.0005"``) for the run to say.
+    """
     if not saved:
-        return
-    from editmgt_jax.training.checkpoint import config_to_json
-
-    from configs.common import EDITOR_DEFAULTS
-
-    def training_part(doc: Mapping, key: str):
-        # The recommended sampler settings shape only the export, not the training: changing them
-        # and rerunning a finished run re-exports the model. A field a saved config does not name
-        # was read with its declared default (checkpoints written before it was declared).
-        value = doc.get(key)
-        if key == "editor" and isinstance(value, Mapping):
-            defaults = json.loads(json.dumps(EDITOR_DEFAULTS))
-            value = {**defaults, **value}
-            value = {k: v for k, v in value.items() if k != "sampler_defaults"}
-        return value
+        return []
+    from editmgt_jax.training.checkpoint import CheckpointConfigError, config_to_json
+    from editmgt_jax.training.fields import EDITOR_DEFAULTS
 
     now = config_to_json(config)
-    for key in ("task", "editor", "vq"):
-        if key in saved and training_part(saved, key) != training_part(now, key):
-            if key == "editor" and saved.get("task") == "vq":
-                continue
-            raise ValueError(f"the checkpoint in this workdir was trained with a different "
-                             f"config.{key}: {saved.get(key)} != {now.get(key)}; use a new workdir")
+
+    def model_part(doc: Mapping) -> dict:
+        # The recommended sampler settings shape only the export, not the training: changing them
+        # and rerunning a finished run re-exports the model.
+        part = {k: doc.get(k) for k in ("task", "editor", "vq") if k in doc}
+        if isinstance(part.get("editor"), Mapping):
+            # A field a saved config does not name was read with its declared default (checkpoints
+            # written before it was declared); a run saved before editor.lora existed resumes: lora
+            # off is the same training.
+            editor = {**json.loads(json.dumps(EDITOR_DEFAULTS)), **part["editor"]}
+            part["editor"] = {k: v for k, v in editor.items() if k != "sampler_defaults"
+                              and not (k == "lora" and not (v or {}).get("enabled"))}
+        if doc.get("task") == "vq":
+            part.pop("editor", None)
+        part["optim"] = {"grad_accum_steps": (doc.get("optim") or {}).get("grad_accum_steps")}
+        return part
+
+    fixed = _changes(model_part(saved), model_part(now), ("task", "editor", "vq", "optim"))
+    if fixed:
+        shown = fixed[:6] + ([f"{len(fixed) - 6} more"] if len(fixed) > 6 else [])
+        raise CheckpointConfigError(
+            f"trained with another config: {'; '.join(shown)} (checkpoint -> now); rerun with the "
+            "checkpoint's values or use a new --workdir (the checkpoints are kept)")
+    optim = lambda doc: {"optim": {k: v for k, v in (doc.get("optim") or {}).items() if k in _RESUMABLE_OPTIM}}
+    return _changes(optim(saved), optim(now), ("optim",))
 
 
 def train(config, workdir: str, *, compiler_options: Mapping[str, Any] | None = None,
@@ -100,14 +135,20 @@ def train(config, workdir: str, *, compiler_options: Mapping[str, Any] | None = 
     import jax
 
     from editmgt_jax.data.pipeline import make_dataset
+    from editmgt_jax.training.config_checks import TrainConfigError, check_train_config, check_workdir
     from editmgt_jax.training.workdir import WorkdirLock
 
+    check_train_config(config)
+    check_workdir(workdir)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     pidx, pcount = jax.process_index(), jax.process_count()
     tokenizer = make_tokenizer(config)
     dataset = make_dataset(pipeline_config(config, config.data.split, pcount), tokenize=tokenizer,
                            shard_index=pidx, shard_count=pcount)
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise TrainConfigError(f"--workdir {workdir}: cannot be created ({e.strerror or e})") from None
     lock = WorkdirLock(workdir) if pidx == 0 else None
     if lock is not None:
         lock.acquire()
@@ -167,16 +208,25 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
                              keep=int(config.train.keep_checkpoints),
                              async_save=bool(config.train.async_checkpoints))
     # The newest checkpoint that reads back completely (a damaged one is moved aside and named).
-    restored = ckpt.restore_latest(program.abstract_state, data_iterator=it)
+    said: list[str] = []
+
+    def check_config(saved) -> None:    # per checkpoint tried: a changed optimizer setting is said
+        said[:] = check_resume_config(saved, config)
+
+    restored = ckpt.restore_latest(program.abstract_state, data_iterator=it, check_config=check_config)
     if restored is not None:
         start, state, saved_config = restored
-        check_resume_config(saved_config, config)
         rest = program.model.init(int(config.seed), compiler_options)[1] if jax.tree.leaves(
             program.model.abstract_rest) else {}
+        if program.lora is not None:   # the checkpoint holds the adapters; the frozen model is init_from
+            rest = load_init_params(config, program)
         if lead:
             for skipped, why in ckpt.skipped:
                 print(f"checkpoint step {skipped} skipped: it cannot be read back ({why}); "
                       f"resuming from step {start}", file=sys.stderr, flush=True)
+            if said:
+                print(f"resuming from step {start} with a changed optimizer setting: {'; '.join(said)} "
+                      "(checkpoint -> now)", file=sys.stderr, flush=True)
             logging.info("resumed from %s/%d", ckpt.directory, start)
             # Steps after the checkpoint are run again: their old rows would appear twice.
             trim_metrics(os.path.join(workdir, "metrics.jsonl"), start)
@@ -347,7 +397,7 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
         conventions = None
     if config.train.export and (num_steps > start or not export_matches(os.path.join(workdir, "model"),
                                                                         final_step, conventions)):
-        params = state.params
+        params = program.model.all_params(state.params, aux["rest"])   # LoRA: the model with its adapters
         vq_params = aux["frozen"]["vq"][0] if "vq" in aux["frozen"] else None
         if pcount > 1:
             from jax.experimental import multihost_utils
@@ -361,10 +411,17 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
                                                     else None}
             if text_checkpoint is not None:
                 training_meta.update(text_kind="release", text_checkpoint=text_checkpoint)
+            from editmgt_jax.training.metrics_log import latest_evaluation
+
+            last_eval = latest_evaluation(workdir)   # the model card's measured quality
+            if last_eval is not None:
+                training_meta["evaluation"] = {"metrics": last_eval["metrics"],
+                                               "on": f"the held-out split during training, step {last_eval['step']}"}
+            lora_meta = {} if program.lora is None else {"lora": program.lora.to_dict()}
             model_dir = export_model(os.path.join(workdir, "model"), config, params,
                                      vq_params=vq_params, vq_config=vq_cfg_dict,
                                      tokenizer=tokenizer if text_checkpoint is None else None,
-                                     overwrite=True, metadata={"training": training_meta},
+                                     overwrite=True, metadata={"training": training_meta, **lora_meta},
                                      finish=None if text_checkpoint is None else
                                      (lambda folder: add_release_text(folder, text_checkpoint)))
     return TrainResult(final_step=final_step, losses=losses, workdir=workdir, model_dir=model_dir)

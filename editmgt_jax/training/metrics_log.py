@@ -77,6 +77,28 @@ def read_losses(workdir: str, key: str = "loss") -> dict[int, float]:
     return out
 
 
+def latest_evaluation(workdir: str, prefix: str = "eval_") -> dict | None:
+    """The last held-out evaluation logged in metrics.jsonl (``{"step", "metrics"}``: every
+    ``prefix*`` value of the newest step that has one), or None when the run logged none."""
+    rows: dict[int, dict] = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            vals = {k: float(v) for k, v in row.items() if k.startswith(prefix) and isinstance(v, (int, float))}
+            if vals and "step" in row:
+                rows.setdefault(int(row["step"]), {}).update(vals)
+    if not rows:
+        return None
+    step = max(rows)
+    return {"step": step, "metrics": rows[step]}
+
+
 def plot_losses(losses: Mapping[int, float], path: str, title: str = "training loss") -> None:
     """A loss-curve PNG (raw values and a moving average) drawn with PIL."""
     from PIL import Image, ImageDraw

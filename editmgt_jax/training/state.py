@@ -192,8 +192,34 @@ def vq_model(cfg, rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     return VQModel(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
 
+def lora_config(config):
+    """The ``LoRAConfig`` of ``config.editor.lora`` when enabled (editor task), else None."""
+    lora = config.editor.get("lora") if config.task == "editor" else None
+    if not lora or not lora.get("enabled", False):
+        return None
+    from editmgt_jax.models.lora import LoRAConfig
+
+    try:
+        return LoRAConfig.from_dict(dict(lora))
+    except ValueError as e:
+        raise ValueError(f"editor.{e}") from None
+
+
+def _with_lora(build: Callable[[nnx.Rngs], nnx.Module], lcfg) -> Callable[[nnx.Rngs], nnx.Module]:
+    """``build`` with adapters on the transformer (``editmgt_jax.models.lora``)."""
+    from editmgt_jax.models.lora import add_lora
+
+    def built(rngs):
+        model = build(rngs)
+        add_lora(model.transformer, lcfg, rngs=rngs)
+        return model
+
+    return built
+
+
 def trainable_builder(config) -> Callable[[nnx.Rngs], nnx.Module]:
-    """``rngs -> module`` for the trained model of ``config.task``."""
+    """``rngs -> module`` for the trained model of ``config.task`` (with LoRA adapters on the
+    transformer when ``editor.lora.enabled``)."""
     task = config.task
     dtype = DTYPES[config.precision.compute_dtype]
     param_dtype = DTYPES[config.precision.param_dtype]
@@ -205,8 +231,10 @@ def trainable_builder(config) -> Callable[[nnx.Rngs], nnx.Module]:
                              "'precomputed' (frozen-encoder states in the batch) or 'release' (the "
                              "frozen CLIP + Gemma-2 encoders of editor.text.checkpoint, run in the step)")
         text_cfg = small_text_config(config) if kind == "small" else None
-        return lambda rngs: EditorModel(tcfg, text_cfg, rngs=rngs, dtype=dtype,
-                                        param_dtype=param_dtype, remat=bool(config.remat))
+        build = lambda rngs: EditorModel(tcfg, text_cfg, rngs=rngs, dtype=dtype,  # noqa: E731
+                                         param_dtype=param_dtype, remat=bool(config.remat))
+        lcfg = lora_config(config)
+        return build if lcfg is None else _with_lora(build, lcfg)
     if task == "vq":
         if config.get("remat", False):
             raise ValueError("remat=True recomputes the editor transformer's blocks; the VQ "
@@ -229,9 +257,12 @@ class ModelProgram:
     """The static half of a split NNX model, with abstract values and shardings of its arrays.
 
     graphdef:        ``nnx.GraphDef`` to ``nnx.merge`` inside jitted functions.
-    abstract_params: pure dict of ``jax.ShapeDtypeStruct`` (the ``nnx.Param`` leaves).
+    abstract_params: pure dict of ``jax.ShapeDtypeStruct`` (the trained leaves: ``nnx.Param``, or
+                     what the ``trainable`` filter selects, e.g. ``nnx.LoRAParam`` for adapters).
     param_shardings: same tree of ``NamedSharding`` from the logical-axis rules.
-    abstract_rest / rest_shardings: the other variables (RNG counters, buffers), replicated.
+    abstract_rest / rest_shardings: the other variables (RNG counters, buffers; under a
+                     ``trainable`` filter also the frozen parameters), sharded by their logical axes
+                     where they have them, else replicated.
     """
 
     graphdef: Any
@@ -240,22 +271,24 @@ class ModelProgram:
     abstract_rest: Any
     rest_shardings: Any
     build: Callable[[nnx.Rngs], nnx.Module]
+    trainable: Any = nnx.Param
 
     @classmethod
-    def create(cls, build: Callable[[nnx.Rngs], nnx.Module], mesh: Mesh, rules=DEFAULT_RULES):
+    def create(cls, build: Callable[[nnx.Rngs], nnx.Module], mesh: Mesh, rules=DEFAULT_RULES,
+               trainable=nnx.Param):
         abstract = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
-        graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+        graphdef, params, rest = nnx.split(abstract, trainable, ...)
         shardings = _to_pure(state_shardings(params, mesh, rules))
         plain = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), _to_pure(params))
         rest_plain = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), _to_pure(rest))
-        return cls(graphdef, plain, shardings, rest_plain,
-                   jax.tree.map(lambda _: replicated(mesh), rest_plain), build)
+        return cls(graphdef, plain, shardings, rest_plain, _to_pure(state_shardings(rest, mesh, rules)), build,
+                   trainable)
 
     def init(self, seed: int, compiler_options=None) -> tuple[Any, Any]:
         """Freshly initialised (params, rest), created sharded."""
         def init_fn(key):
             model = self.build(nnx.Rngs(params=key, default=key))
-            _, params, rest = nnx.split(model, nnx.Param, ...)
+            _, params, rest = nnx.split(model, self.trainable, ...)
             return _to_pure(params), _to_pure(rest)
 
         fn = jax.jit(init_fn, out_shardings=(self.param_shardings, self.rest_shardings),
@@ -264,6 +297,12 @@ class ModelProgram:
 
     def merge(self, params, rest) -> nnx.Module:
         return nnx.merge(self.graphdef, params, rest) if rest else nnx.merge(self.graphdef, params)
+
+    def all_params(self, params, rest):
+        """Every ``nnx.Param`` of the model (trained and frozen, adapters included) as one tree."""
+        if self.trainable is nnx.Param:
+            return params
+        return _to_pure(nnx.split(self.merge(params, rest), nnx.Param, ...)[1])
 
     def replicated_fraction(self) -> float:
         return replicated_fraction(self.abstract_params, self.param_shardings)
@@ -280,10 +319,19 @@ class TrainProgram:
     mesh: Mesh
     state_shardings: TrainState
     abstract_state: TrainState   # ShapeDtypeStructs carrying the target shardings (for restore)
+    lora: Any = None             # LoRAConfig: only the adapters train, the rest of the model is frozen
 
     @classmethod
-    def create(cls, config, mesh: Mesh, rules=DEFAULT_RULES, *, check_replication: bool = True):
-        model = ModelProgram.create(trainable_builder(config), mesh, rules)
+    def create(cls, config, mesh: Mesh, rules=DEFAULT_RULES, *, check_replication: bool = True,
+               lora_needs_init_from: bool = True):
+        lcfg = lora_config(config)
+        if lcfg is not None and lora_needs_init_from and not config.get("init_from"):
+            raise ValueError("editor.lora.enabled: adapters fine-tune a trained model; set init_from to its "
+                             "model checkpoint")
+        # LoRA: the train state holds the adapters only (optimizer state, gradients and checkpoints
+        # too); the frozen model rides along with the other non-trained variables (``rest``).
+        model = ModelProgram.create(trainable_builder(config), mesh, rules,
+                                    trainable=nnx.Param if lcfg is None else nnx.LoRAParam)
         if check_replication:
             check_replicated_fraction(model, mesh, float(config.get("max_replicated_fraction", 1.0)))
         tx, schedule = make_optimizer(config.optim)
@@ -298,15 +346,20 @@ class TrainProgram:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract, shardings)
         return cls(model, tx, schedule, int(config.optim.get("grad_accum_steps", 1)), mesh,
-                   shardings, abstract)
+                   shardings, abstract, lcfg)
 
     def init_state(self, seed: int, params=None, compiler_options=None) -> tuple[TrainState, Any]:
         """A fresh ``TrainState`` (and the model's ``rest``) for ``seed``.
 
         ``params`` (optional, same tree as the model's params) replaces the random initialisation,
-        e.g. weights converted from the official release for fine-tuning.
+        e.g. weights converted from the official release for fine-tuning. With LoRA they are the
+        frozen model's (the tree of ``model.abstract_rest``) and the adapters start fresh.
         """
-        if params is not None and not jax.tree.leaves(self.model.abstract_rest):
+        if self.lora is not None:
+            fresh, rest = self.model.init(seed, compiler_options)
+            if params is not None:
+                rest = jax.device_put(params, self.model.rest_shardings)
+        elif params is not None and not jax.tree.leaves(self.model.abstract_rest):
             fresh, rest = jax.device_put(params, self.model.param_shardings), {}
         else:
             fresh, rest = self.model.init(seed, compiler_options)

@@ -142,9 +142,8 @@ class EditorLoss:
             micro = losses.default_micro_conds(b, size, size, self.aesthetic)
         timestep = losses.training_timestep(ratio, fraction, self.timestep_convention)
         region = self.region_weight > 0 and bool(self.region_blocks)
-        logits, scores = model.transformer(masked, src, states, pooled, micro, timestep,
-                                           capture_blocks=self.region_blocks if region else (),
-                                           capture_grad=region)
+        capture = dict(capture_blocks=self.region_blocks, capture_grad=True) if region else {}
+        logits, scores = model.transformer(masked, src, states, pooled, micro, timestep, **capture)
         weights = (losses.changed_token_weights(src, tgt, self.changed_weight)
                    if self.changed_weight != 1.0 else None)
         loss, acc = losses.masked_token_cross_entropy(logits, tgt, mask, weights)
