@@ -938,12 +938,13 @@ def test_a_checkpoint_whose_defaults_cannot_be_used_is_named(tmp_path):
         doc["conventions"]["resolution"] = 62
     def steps(doc):
         doc["conventions"]["sampler"]["steps"] = 0
-    for d, message in [(copy_with("res", resolution), "resolution 62 (the checkpoint's working size) is not a "
-                                                      "positive multiple of this model's 4 pixels per token"),
-                       (copy_with("steps", steps), "the checkpoint's recommended sampler settings: steps=0")]:
+    res, stp = copy_with("res", resolution), copy_with("steps", steps)
+    for d, message in [(res, f"{res / 'config.json'}: resolution 62 (the checkpoint's working size) is not a "
+                             "positive multiple of this model's 4 pixels per token"),
+                       (stp, f"{stp}: config.json conventions: the recommended sampler settings: steps=0")]:
         with pytest.raises(checkpoints.CheckpointError) as e:
             Editor.load(d)
-        assert str(e.value).startswith(f"{d / 'config.json'}: {message}"), str(e.value)
+        assert str(e.value).startswith(message), str(e.value)
     vocab = tmp_path / "vocab"
     shutil.copytree(SHIPPED, vocab)
     (vocab / "vocab.txt").write_bytes((vocab / "vocab.txt").read_bytes().replace(b"circle", b"circ\xffe"))

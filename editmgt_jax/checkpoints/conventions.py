@@ -89,7 +89,7 @@ class Conventions:
         try:
             self.settings()
         except ValueError as e:
-            raise CheckpointError(f"conventions: sampler: {e}") from None
+            raise CheckpointError(f"conventions: the recommended sampler settings: {e}") from None
 
     def check_vocabulary(self, vocab_size: int, codebook_size: int, where: str = "") -> "Conventions":
         """The mask id must be an embedding row outside the codebook: ``codebook <= id < vocab``."""
@@ -131,6 +131,8 @@ class Conventions:
             raise CheckpointError(f"{where or 'conventions'}: no mask_token_id")
         try:
             return cls(**dict(d))
+        except CheckpointError as e:
+            raise CheckpointError(f"{where or 'conventions'}: {str(e).removeprefix('conventions: ')}") from None
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{where or 'conventions'}: {e}") from None
 

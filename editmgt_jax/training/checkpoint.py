@@ -341,7 +341,7 @@ def editor_conventions(config):
             negative_prompt=negative_prompt, resolution=int(config.data.resolution), sampler=recommended,
             source="the training config (editor.transformer / init_from)")
     except checkpoints.CheckpointError as e:
-        raise ValueError(f"config.editor.sampler_defaults: {str(e).split('sampler: ', 1)[-1]}") from None
+        raise ValueError(f"config.editor.sampler_defaults: {str(e).split('sampler settings: ', 1)[-1]}") from None
 
 
 def load_vq(path: str | os.PathLike, dtype=None):
