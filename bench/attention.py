@@ -85,7 +85,6 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     from flax import nnx
 
-    import editmgt_jax  # noqa: F401
     from editmgt_jax.models.attention import Segments, attention
 
     impls = args.impls.split(",")

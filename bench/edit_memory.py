@@ -35,7 +35,6 @@ def run_one(px: int, steps: int, attention: str) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    import editmgt_jax  # noqa: F401
     from bench.sampler import EditSpec, load_transformer_config, make_inputs, random_state, sampler_config
     from editmgt_jax.models.transformer import EditTransformer
     from editmgt_jax.sampling.region_hold import sample
@@ -72,7 +71,6 @@ def run_default(px: int, steps: int | None) -> dict:
     import numpy as np
     from PIL import Image
 
-    import editmgt_jax  # noqa: F401
     from editmgt_jax.editor import Editor
 
     editor = Editor.load()
@@ -82,7 +80,7 @@ def run_default(px: int, steps: int | None) -> dict:
     res = editor.edit([image], ["make the sky red"], size=px, **over)
     edit_s = time.perf_counter() - t
     h, w = np.asarray(res.tokens).shape[1:]
-    return dict(px=px, attention="default model", steps=steps or editor.defaults.get("steps"),
+    return dict(px=px, attention="default model", steps=steps or editor.defaults.steps,
                 tokens=f"{h}x{w} ids", compile_s=float("nan"), edit_s=edit_s, temp_mib=float("nan"),
                 peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, load=os.getloadavg())
 

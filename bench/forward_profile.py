@@ -166,7 +166,6 @@ def main(argv=None) -> int:
     if args.px % 32:
         print(f"error: --px {args.px}: must be a multiple of 32", file=sys.stderr)
         return 2
-    import editmgt_jax  # noqa: F401
     from bench.sampler import load_transformer_config
 
     cfg = load_transformer_config(args.config)

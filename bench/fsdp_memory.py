@@ -27,7 +27,6 @@ import sys
 def measure(mode, batch: int) -> dict:
     import jax
 
-    import editmgt_jax  # noqa: F401
     from bench.train import _batch, _config
     from editmgt_jax.parallel import make_mesh
     from editmgt_jax.training.state import TrainProgram

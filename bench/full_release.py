@@ -294,9 +294,10 @@ def stage_edit(ckpt: str, steps: int, log, dtype_name: str = "float32") -> dict:
     import jax
     import jax.numpy as jnp
 
-    import editmgt_jax  # noqa: F401
     from editmgt_jax import checkpoints
-    from editmgt_jax.editor import Editor, ReleaseTextSide, load_module, release_tokenizer
+    from editmgt_jax.checkpoints import load_module, release_tokenizer
+    from editmgt_jax.editor import Editor
+    from editmgt_jax.text_side import ReleaseTextSide
 
     peaks = PeakSampler()
     out = {"dtype": dtype_name}

@@ -60,7 +60,6 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    import editmgt_jax  # noqa: F401
     from editmgt_jax.editor import Editor, StepProgress
 
     editor = Editor.load()

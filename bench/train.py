@@ -118,7 +118,6 @@ def _prepare(name: str, donate: bool, batch: int | None, lora: bool) -> dict:
     import jax
     import numpy as np
 
-    import editmgt_jax  # noqa: F401
     from editmgt_jax.parallel import make_mesh
     from editmgt_jax.training.state import TrainProgram
     from editmgt_jax.training.step import global_batch, loss_from_config, make_steps

@@ -192,7 +192,6 @@ def main(argv=None) -> int:
 
     import jax
 
-    import editmgt_jax  # noqa: F401
     from editmgt_jax.convert.release import convert_release
     from editmgt_jax.editor import Editor
 

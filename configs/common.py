@@ -9,6 +9,8 @@ model and data. Any field can be overridden on the command line:
 
 import ml_collections
 
+from editmgt_jax.training.fields import EDITOR_DEFAULTS
+
 
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -67,7 +69,9 @@ def base() -> ml_collections.ConfigDict:
     # Fine-tuning: a model checkpoint folder (converted release or exported run) to start from.
     c.init_from = ""
 
-    c.editor = ml_collections.ConfigDict()
+    # Every scalar field of config.editor with its default (editmgt_jax.training.fields); editor task
+    # configs add the model: transformer, text.
+    c.editor = ml_collections.ConfigDict(EDITOR_DEFAULTS)
     # LoRA fine-tuning of the transformer (editmgt_jax.models.lora): only the adapters train and are
     # checkpointed; needs init_from. rank/alpha as the official README's --lora_r 32 --lora_alpha 128,
     # targets as its trainer's --lora_target_modules (the image-stream q/k/v projections).

@@ -3,7 +3,7 @@
   from configs import editmgt_1024
   cfg = editmgt_1024.get_config()
   cfg.model.transformer   # official Transformer2DModel config.json fields
-  cfg.sampler             # SamplerSettings fields of the official demo
+  cfg.sampler             # SamplerSettings fields the official demo sets beyond the defaults
 """
 
 import ml_collections
@@ -18,11 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.transformer = dict(transformer.RELEASED_CONFIG)
     c.model.vq = dict(vq.RELEASED_CONFIG)
-    # The demo's settings; consolidation over single-stream blocks 14..22 (global 28..36) and
-    # lambda 0.01 are what the demo's comments enable for region hold.
-    c.sampler = ml_collections.ConfigDict(dict(
-        steps=36, guidance_scale=6.0, reference_strength=1.1,
-        hold_threshold=0.01, consolidation_blocks=tuple(range(28, 37)),
-    ))
+    # The demo's settings: SamplerSettings' defaults (36 steps, guidance 6, reference strength 1.1)
+    # plus region hold, consolidation over single-stream blocks 14..22 (global 28..36) and lambda
+    # 0.01, what the demo's comments enable.
+    c.sampler = ml_collections.ConfigDict(dict(hold_threshold=0.01, consolidation_blocks=tuple(range(28, 37))))
     c.negative_prompt = RELEASE_NEGATIVE_PROMPT
     return c

@@ -75,9 +75,5 @@ def get_config():
     c.editor.vq_checkpoint = CHECKPOINT   # the release's VQ (frozen); keep equal to init_from
     c.editor.uncond_text = ""
     c.vq.model = VQConfig.from_official(VQ).to_dict()
-    sampler = editmgt_1024.get_config().sampler
-    c.editor.sampler_defaults = dict(
-        steps=sampler.steps, guidance_scale=sampler.guidance_scale,
-        reference_strength=sampler.reference_strength, hold_threshold=sampler.hold_threshold,
-        consolidation_blocks=tuple(sampler.consolidation_blocks), negative_prompt=RELEASE_NEGATIVE_PROMPT)
+    c.editor.sampler_defaults = dict(**editmgt_1024.get_config().sampler, negative_prompt=RELEASE_NEGATIVE_PROMPT)
     return c

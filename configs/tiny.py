@@ -29,6 +29,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.clip = _read("clip_text_config.json")
     c.model.gemma = _read("gemma2_config.json")
     c.sampler = ml_collections.ConfigDict(dict(
-        steps=4, guidance_scale=6.0, reference_strength=1.1, hold_threshold=0.3, consolidation_blocks=(2, 3, 4),
+        steps=4, hold_threshold=0.3, consolidation_blocks=(2, 3, 4),
     ))
     return c

@@ -58,7 +58,7 @@ class EditSettings:
 
 def consolidation_blocks(editor) -> tuple[int, ...]:
     """The checkpoint's consolidation blocks, else the last quarter of its transformer's blocks."""
-    blocks = tuple(editor.defaults.get("consolidation_blocks") or ())
+    blocks = tuple(editor.sampler_config().consolidation_blocks)
     if blocks:
         return blocks
     n = int(editor.tr_cfg.num_blocks)

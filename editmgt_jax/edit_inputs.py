@@ -1,11 +1,10 @@
 """What ``Editor.edit`` takes, checked and brought to the model's grid: instructions, images, masks,
-and the sampler settings (the checkpoint's defaults with the caller's overrides)."""
+and the one check of the sampler settings that needs the model (its number of blocks)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -71,18 +70,9 @@ def spans(numbers: Sequence[int]) -> str:
     return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in out)
 
 
-def sampler_settings(defaults: Mapping, overrides: Mapping, *, num_blocks: int, num_layers: int) -> SamplerSettings:
-    """The checkpoint's sampler ``defaults`` with the non-None ``overrides`` applied, validated for a
-    transformer of ``num_blocks`` blocks (``num_layers`` of them dual-stream)."""
-    known = {f.name for f in dataclasses.fields(SamplerSettings)}
-    base = {k: v for k, v in defaults.items() if k in known}
-    for k, v in overrides.items():
-        if v is None:
-            continue
-        if k not in known:
-            raise EditError(f"unknown sampler setting {k!r}; known: {sorted(known)}")
-        base[k] = tuple(v) if isinstance(v, list) else v
-    settings = SamplerSettings(**base)
+def check_blocks(settings: SamplerSettings, *, num_blocks: int, num_layers: int) -> SamplerSettings:
+    """``settings`` when its consolidation blocks exist in a transformer of ``num_blocks`` blocks
+    (``num_layers`` of them dual-stream), else ``EditError`` naming them."""
     bad = [b for b in settings.consolidation_blocks if b >= num_blocks]
     if bad:
         raise EditError(f"consolidation_blocks {spans(bad)} out of range: this model's blocks are "
@@ -221,21 +211,17 @@ def check_working_sizes(tr_cfg, vq_cfg, image_hw: Sequence[tuple[int, int]], siz
     check_edit_memory(tr_cfg, vq_cfg, image_hw, size, granularity, policy, devices=devices, device=device)
 
 
-def check_checkpoint_defaults(defaults: Mapping, granularity: int, path) -> None:
-    """``CheckpointError`` naming the checkpoint's ``config.json`` when its working resolution or
-    recommended sampler settings cannot be used (not when an edit overrides them)."""
+def check_resolution(resolution, granularity: int, path) -> None:
+    """``CheckpointError`` naming the checkpoint's ``config.json`` when its working resolution is not a
+    positive multiple of the model's pixels per token (its recommended sampler settings are checked
+    when its conventions record is read)."""
     from editmgt_jax.checkpoints import CheckpointError
 
     where = os.path.join(os.fspath(path), "config.json") if path else "config.json"
-    res = defaults.get("resolution")
+    res = resolution
     if isinstance(res, bool) or not isinstance(res, (int, np.integer)) or res < granularity or res % granularity:
         raise CheckpointError(f"{where}: resolution {res!r} (the checkpoint's working size) is not a positive "
                               f"multiple of this model's {granularity} pixels per token")
-    known = {f.name for f in dataclasses.fields(SamplerSettings)}
-    try:
-        SamplerSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in defaults.items() if k in known})
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: the checkpoint's recommended sampler settings: {e}") from None
 
 
 def check_edit_memory(tr_cfg, vq_cfg, image_hw: Sequence[tuple[int, int]], size: int, granularity: int,

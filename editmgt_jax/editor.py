@@ -33,18 +33,14 @@ from flax import nnx
 
 from editmgt_jax import checkpoints, compile_cache, composite as compositing, hub, imageio, parallel
 from editmgt_jax.assets import DEFAULT_MODEL
-from editmgt_jax.convert.registry import COMPONENTS
-from editmgt_jax.edit_inputs import (EditError, check_checkpoint_defaults, check_edit_call, check_working_sizes,
-                                     load_rgb, mask_to_grid, mask_to_work, sampler_settings)
-from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC, micro_conditions
-from editmgt_jax.sampling.config import TIMESTEP_CONVENTIONS, Knobs, SamplerConfig, SamplerSettings
+from editmgt_jax.edit_inputs import (EditError, check_blocks, check_edit_call, check_resolution, check_working_sizes,
+                                     load_rgb, mask_to_grid, mask_to_work)
+from editmgt_jax.models.embeddings import micro_conditions
+from editmgt_jax.models.registry import MODELS
 from editmgt_jax.sampling import program
+from editmgt_jax.sampling.config import Knobs, SamplerConfig, SamplerSettings
 from editmgt_jax.step_progress import StepProgress
-from editmgt_jax.text_side import (InstructionWarning, ReleaseTextSide, SmallTextSide,  # noqa: F401
-                                   make_text_side, query_row_weights)
-
-# The official demo's negative prompt (owned by the checkpoint conventions; kept here for imports).
-RELEASE_NEGATIVE_PROMPT = checkpoints.RELEASE_NEGATIVE_PROMPT
+from editmgt_jax.text_side import make_text_side, query_row_weights
 
 # The shipped default model: package data (editmgt_jax/assets), so any install of the package edits.
 DEFAULT_CHECKPOINT = DEFAULT_MODEL
@@ -66,7 +62,7 @@ class EditResult:
                                                   # model output (input size); None with composite='none'
     originals: np.ndarray | list | None = None    # [B, H, W, 3] uint8 the inputs at their own size
     placements: list | None = None  # per image: composite.Placement (working image <-> input pixels)
-    composite: str = "changed"      # the region rule used: 'changed', 'map' or 'none'
+    composite: str = "changed"      # the region rule used: 'changed', 'pixels', 'map' or 'none'
 
 
 def _image_keys(seed, n: int) -> np.ndarray:
@@ -94,7 +90,7 @@ class Editor:
     DEFAULT_CHECKPOINT = DEFAULT_CHECKPOINT   # what ``Editor.load()`` loads
 
     def __init__(self, doc: Mapping, modules: Mapping[str, nnx.Module], text, *, mesh=None,
-                 defaults: Mapping | None = None, path: str | None = None):
+                 path: str | None = None):
         self.doc = dict(doc)
         self.path = path
         self.mesh = mesh or parallel.make_mesh({"data": 1}, jax.devices()[:1])
@@ -112,15 +108,8 @@ class Editor:
             self.conventions = checkpoints.read_conventions(self.doc)
         except checkpoints.CheckpointError as e:
             raise checkpoints.CheckpointError(f"{path}: {e}") from None
-        conv = self.conventions
-        self.defaults = {**conv.sampler_settings(), "resolution": conv.resolution,
-                         "negative_prompt": conv.negative_prompt, "aesthetic_score": conv.aesthetic_score,
-                         **dict(defaults or {})}
-        check_checkpoint_defaults(self.defaults, self.pixel_granularity, path)
-        if self.defaults["timestep_convention"] not in TIMESTEP_CONVENTIONS:
-            raise checkpoints.CheckpointError(
-                f"{path}: timestep_convention={self.defaults['timestep_convention']!r}; expected one of "
-                f"{TIMESTEP_CONVENTIONS}")
+        check_resolution(self.conventions.resolution, self.pixel_granularity, path)
+        self.defaults = self.sampler_config()   # the settings an edit uses unless told otherwise
         self._programs: dict = {}
         self.progress = StepProgress()
 
@@ -160,7 +149,7 @@ class Editor:
                 raise checkpoints.CheckpointError(f"{path}: checkpoint has no {need!r} component")
         modules = {}
         for name, cfg_dict in comps.items():
-            if name not in COMPONENTS and name != "small_text":
+            if name not in MODELS:
                 continue
             modules[name] = checkpoints.load_module(path, name, cfg_dict, dtype=dtype, lora_scale=lora_scale)
         text = make_text_side(path, doc, modules)
@@ -188,7 +177,7 @@ class Editor:
 
     @property
     def default_size(self) -> int:
-        return int(self.defaults.get("resolution", 1024))
+        return self.conventions.resolution
 
     def prepare(self, image, *, size: int | None = None, policy: str = "fit", name: str | None = None) -> np.ndarray:
         """Path / bytes / PIL image / array -> ``[H, W, 3] uint8`` at a size the grid takes
@@ -200,19 +189,24 @@ class Editor:
 
     # ------------------------------------------------------------------ editing
     def sampler_config(self, **overrides) -> SamplerSettings:
-        """The checkpoint's sampler settings with ``overrides`` (None = the default) applied."""
-        return sampler_settings(self.defaults, overrides, num_blocks=self.tr_cfg.num_blocks,
-                                num_layers=self.tr_cfg.num_layers)
+        """The checkpoint's sampler settings with ``overrides`` (None = the default) applied;
+        ``EditError`` naming a setting this model cannot take."""
+        try:
+            settings = self.conventions.settings(**overrides)
+        except ValueError as e:
+            raise EditError(str(e)) from None
+        return check_blocks(settings, num_blocks=self.tr_cfg.num_blocks, num_layers=self.tr_cfg.num_layers)
 
     def edit(self, images, instructions: Sequence[str] | str, *, seed: int | Sequence[int] = 0, masks=None,
              negative_prompt: str | None = None, size: int | None = None, policy: str = "fit",
-             composite: str | None = None, feather: float | None = None, progress: bool = False,
-             query_words: str | Sequence[str] | None = None, **sampler_overrides) -> EditResult:
+             feather: float | None = None, progress: bool = False,
+             query_words: str | Sequence[str] | None = None, **settings) -> EditResult:
         """Edit a batch. ``images``: a list (or one) of paths / PIL images / ``[H, W, 3]`` arrays, of
         any sizes; ``instructions``: one per image. ``masks``: optional ``[H, W]`` bool arrays (True =
-        may change; at the input's or the working size) for inpainting mode. Sampler settings
-        (``steps``, ``guidance_scale``, ``reference_strength``, ``hold_threshold``,
-        ``consolidation_blocks``, ``greedy``, ...) override the checkpoint's.
+        may change; at the input's or the working size) for inpainting mode. ``settings``: fields of
+        ``SamplerSettings`` (``steps``, ``guidance_scale``, ``reference_strength``, ``hold_threshold``,
+        ``consolidation_blocks``, ``greedy``, ``composite``, ...; None = the checkpoint's) override
+        the checkpoint's recommended ones.
 
         The model edits each image at ``size`` (default: the checkpoint's) under ``policy`` ('fit':
         long side at ``size``, aspect kept; 'crop': the centre square). ``composite`` says which
@@ -220,7 +214,7 @@ class Editor:
         that changed, dilated by one token), 'pixels' (within those, the pixels whose decode moved
         from the source's decode), 'map' (the edit-region map, which needs consolidation),
         or 'none' (``images`` are then the raw model output at the working size); default: the
-        checkpoint's ``composite`` sampler default, else 'changed'. ``feather``: width of the soft
+        checkpoint's recommendation, else 'changed'. ``feather``: width of the soft
         seam in input pixels (default: a quarter of a token, at least 3 px).
         ``progress``: show a bar over the sampling steps (on stderr) when they take more than a few
         seconds (``StepProgress``). ``query_words``: words of the instruction (one string for all,
@@ -231,16 +225,11 @@ class Editor:
             raise EditError(f"{len(images)} image(s) but {len(instructions)} instruction(s)")
         if masks is not None and len(masks) != len(images):
             raise EditError(f"{len(images)} image(s) but {len(masks)} mask(s)")
-        if composite is None:
-            composite = str(self.defaults.get("composite", "changed"))
-        if composite not in compositing.MODES:
-            raise EditError(f"composite={composite!r}: choose from {compositing.MODES}")
         if feather is not None and not feather >= 0:
             raise EditError(f"feather={feather!r}: expected a width in pixels >= 0")
-        settings = self.sampler_config(**sampler_overrides)
+        settings = self.sampler_config(**settings)
         cfg, knobs = settings.split()
-        if composite == "map" and not cfg.captures:
-            raise EditError("composite='map' needs the edit-region map: give consolidation_blocks")
+        composite = settings.composite
         size = size or self.default_size
         gran = self.pixel_granularity
         originals = [self.load_rgb(im, name=f"image {i}") for i, im in enumerate(images)]
@@ -248,7 +237,7 @@ class Editor:
         check_working_sizes(self.tr_cfg, self.vq_cfg, [o.shape[:2] for o in originals], size, gran, policy,
                             devices=self.mesh.shape["data"] * self.mesh.shape["fsdp"], device=self.mesh.devices.flat[0])
         srcs = [imageio.fit_to_grid(o, size, gran, policy) for o in originals]
-        neg = negative_prompt if negative_prompt is not None else self.defaults.get("negative_prompt", "")
+        neg = negative_prompt if negative_prompt is not None else self.conventions.negative_prompt
         txt, pooled = self.text.encode(instructions)
         rows = None
         if query_words is not None:
@@ -274,9 +263,8 @@ class Editor:
             if masks is not None:
                 inpaint = np.stack([mask_to_grid(mask_to_work(masks[i], originals[i], size, gran, policy),
                                                  shape[:2], (gh, gw), i) for i in idx])
-            micro = np.tile(micro_conditions(shape[1], shape[0],
-                                             aesthetic=float(self.defaults.get("aesthetic_score", DEFAULT_AESTHETIC))),
-                            (len(idx), 1))
+            micro = np.tile(micro_conditions(shape[1], shape[0], *self.conventions.crop_coords,
+                                             aesthetic=self.conventions.aesthetic_score), (len(idx), 1))
             self.progress.start(cfg.steps)
             try:
                 out = self._run(cfg, knobs, src, txt[idx], pooled[idx], ntxt[idx], npooled[idx], micro, keys[idx],
@@ -402,18 +390,3 @@ class Editor:
         rep = parallel.replicated(self.mesh)
         in_sh = (rep, rep, rep) + tuple(parallel.batch_sharding(self.mesh, a.ndim) for a in arrays)
         return jax.jit(run, in_shardings=in_sh)
-
-
-# ---------------------------------------------------------------------- components
-def load_module(path: str, name: str, cfg_dict: Mapping, *, dtype=jnp.float32) -> nnx.Module:
-    """Build component ``name`` from its config and restore its parameters from ``path``.
-
-    ``dtype`` is both the parameter and the compute dtype (stored float32 parameters are cast on
-    restore); float32 statistics and softmax are the modules' own business. See
-    :func:`editmgt_jax.checkpoints.load_module`.
-    """
-    return checkpoints.load_module(path, name, cfg_dict, dtype=dtype)
-
-
-RELEASE_TOKENIZER_DIRS = checkpoints.TOKENIZER_DIRS
-release_tokenizer = checkpoints.release_tokenizer

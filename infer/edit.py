@@ -34,7 +34,7 @@ import argparse
 import sys
 import time
 
-from editmgt_jax.cli_flags import add_sampler_flags
+from infer.flags import add_sampler_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,13 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="words of the instruction whose text rows alone query the edit-region map "
                         "(official local_query_text), e.g. 'orange circle'; needs consolidation blocks")
     o = p.add_argument_group("output")
-    o.add_argument("--composite", choices=["changed", "pixels", "map"], default=None,
-                   help="which pixels of the input take the edit: changed (tokens the edit changed, "
-                        "grown by one token), pixels (within those, the pixels whose decode moved "
-                        "from the source's decode) or map (the edit-region map; needs consolidation); "
-                        "default: the checkpoint's setting, else changed")
     o.add_argument("--no-composite", dest="composite", action="store_const", const="none",
-                   help="write the raw model output at the working size instead of the input's size")
+                   help="write the raw model output at the working size instead of the input's size "
+                        "(--composite none)")
     o.add_argument("--save-heatmap", action="store_true",
                    help="also write <out>_heatmap.png: the consolidated edit-region map over the source")
     o.add_argument("--mesh", default=None, metavar="SPEC",
@@ -110,14 +106,14 @@ def main(argv=None) -> int:
 
     import warnings
 
-    import editmgt_jax  # noqa: F401
-    from editmgt_jax import checkpoints, edit_cli, imageio
-    from editmgt_jax.edit_batch import read_batch
+    from editmgt_jax import checkpoints, imageio
+    from infer import edit_cli
+    from infer.edit_batch import read_batch
     from editmgt_jax.editor import EditError
 
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     try:
-        edit_cli.check_flags(args)
+        settings = edit_cli.check_flags(args)
         items, skipped = read_batch(args.batch, args.out_dir, args.save_heatmap) if args.batch else ([], [])
         for line in skipped:
             print(f"skipped {line}", file=sys.stderr)
@@ -128,7 +124,6 @@ def main(argv=None) -> int:
         t0 = time.time()
         editor = edit_cli.load_editor(args)
         print(f"loaded {editor.path} in {time.time() - t0:.1f}s", file=sys.stderr)
-        settings = edit_cli.edit_settings(editor, args)
         if not args.batch:
             t0 = time.time()
             for w in edit_cli.edit_one(editor, args, settings):

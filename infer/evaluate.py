@@ -55,11 +55,12 @@ settings equal an earlier run's reuses its results (noted as same_as in the JSON
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 
-from editmgt_jax.cli_flags import add_sampler_flags, check_sampler_flags
+from infer.flags import add_sampler_flags, sampler_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +111,7 @@ def check_out_dir(out: str) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:   # before any data or model is loaded
-        check_sampler_flags(args)
+        sampler = sampler_overrides(args)
         check_out_dir(args.out)
         for flag, value, low in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
                                  ("--size", args.size, 1), ("--seed", args.seed, 0)):
@@ -121,7 +122,6 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import editmgt_jax  # noqa: F401
     from editmgt_jax import checkpoints, compile_cache, imageio
     from editmgt_jax.editor import EditError
     from editmgt_jax.evaluation.ablations import UsageError
@@ -132,7 +132,8 @@ def main(argv=None) -> int:
     compile_cache.enable()
     try:
         t0 = time.time()
-        report = evaluate(EvalOptions(**vars(args)))
+        fields = {f.name for f in dataclasses.fields(EvalOptions)}
+        report = evaluate(EvalOptions(**{k: v for k, v in vars(args).items() if k in fields}, sampler=sampler))
     except (UsageError, EvalDataError, EditError, imageio.ImageError, checkpoints.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

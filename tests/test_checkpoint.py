@@ -13,7 +13,6 @@ import jax
 import numpy as np
 import pytest
 
-import editmgt_jax  # noqa: F401
 import train_fixtures
 from configs import vq_tiny
 from editmgt_jax.parallel import make_mesh

@@ -3,7 +3,6 @@
 Unit checks of ``editmgt_jax.composite`` (placement, token masks, the feathered map, the strip-wise
 blend), then the shipped default model on non-square inputs through ``Editor.edit`` and the CLI."""
 
-import editmgt_jax  # noqa: F401  (library setup first)
 
 import os
 

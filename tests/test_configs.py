@@ -2,7 +2,6 @@
 
 from flax import nnx
 
-import editmgt_jax  # noqa: F401
 from configs import editmgt_1024, tiny
 from editmgt_jax.models.layers import param_count
 from editmgt_jax.models.transformer import EditTransformer, TransformerConfig

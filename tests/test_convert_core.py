@@ -5,7 +5,6 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-import editmgt_jax  # noqa: F401
 from editmgt_jax import checkpoints
 from editmgt_jax.convert import core
 from editmgt_jax.convert.core import ConversionError, Rule, TensorSource, convert_tensors

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import editmgt_jax  # noqa: F401
 from editmgt_jax import checkpoints
 from editmgt_jax.convert.__main__ import main as convert_main
 from editmgt_jax.editor import EditError, Editor
@@ -109,8 +108,6 @@ def test_non_square_input_on_the_release_grid(editor, photo):
 def test_micro_conditions_of_a_non_square_input(editor, photo, monkeypatch):
     """The micro-conditions the program gets are [width, height, 0, 0, aesthetic] of the working
     image (the official pipeline's order), for wide and tall inputs and each image of a batch."""
-    from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC
-
     class Seen(Exception):
         pass
 
@@ -122,7 +119,7 @@ def test_micro_conditions_of_a_non_square_input(editor, photo, monkeypatch):
 
     monkeypatch.setattr(Editor, "_run", spy)
     src = np.asarray(Image.open(photo).convert("RGB"))
-    aesthetic = float(editor.defaults.get("aesthetic_score", DEFAULT_AESTHETIC))
+    aesthetic = editor.conventions.aesthetic_score
     for image, (h, w) in ((src[100:400], (64, 128)), (src[:, 100:400], (128, 64))):
         seen.clear()
         with pytest.raises(Seen):

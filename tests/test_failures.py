@@ -12,7 +12,6 @@ import shutil
 import numpy as np
 import pytest
 
-import editmgt_jax  # noqa: F401
 from editmgt_jax import checkpoints
 from editmgt_jax.assets import DEFAULT_MODEL
 from editmgt_jax.convert.__main__ import main as convert_main
@@ -136,7 +135,7 @@ def test_damaged_model_checkpoints_are_named_in_one_line(tmp_path, cli):
 def test_sampler_settings_must_be_finite_and_in_range(tmp_path, cli):
     import argparse
 
-    from editmgt_jax.cli_flags import check_sampler_flags
+    from infer.flags import sampler_overrides
     from editmgt_jax.sampling.config import SamplerSettings
 
     for field, value, message in [("guidance_scale", -5.0, ">= 0"), ("guidance_scale", float("nan"), "finite"),
@@ -157,9 +156,11 @@ def test_sampler_settings_must_be_finite_and_in_range(tmp_path, cli):
         args = argparse.Namespace(**{**dict(steps=None, guidance_scale=None, reference_strength=None,
                                             hold_threshold=None), **flags})
         with pytest.raises(ValueError) as e:
-            check_sampler_flags(args)
+            sampler_overrides(args)
         assert str(e.value).startswith(message), str(e.value)
-    check_sampler_flags(argparse.Namespace(steps=4, guidance_scale=1.0, reference_strength=1.1, hold_threshold=0.0))
+    assert sampler_overrides(argparse.Namespace(steps=4, guidance_scale=1.0, reference_strength=1.1,
+                                                hold_threshold=0.0)) == dict(steps=4, guidance_scale=1.0,
+                                                                             reference_strength=1.1, hold_threshold=0.0)
     # ... and the command stops before loading anything, with one line and exit status 2.
     proc = cli("infer.edit", "--image", os.path.join(REPO, "examples", "shapes.png"), "--instruction", "x",
                "--guidance", "-5", "--out", tmp_path / "o.png")
@@ -176,7 +177,7 @@ def shipped():
 
 
 def test_consolidation_blocks_out_of_range_states_the_valid_range(shipped):
-    from editmgt_jax.cli_flags import parse_blocks
+    from editmgt_jax.sampling.config import parse_blocks
     from editmgt_jax.editor import EditError
 
     assert parse_blocks("2-4,7") == (2, 3, 4, 7)
@@ -250,7 +251,7 @@ def test_images_over_the_pixel_limit_are_refused_by_name(tmp_path):
 def test_batch_skips_bad_lines_with_a_report_and_edits_the_rest(tmp_path, cli):
     from PIL import Image
 
-    from editmgt_jax.edit_batch import read_batch
+    from infer.edit_batch import read_batch
 
     shapes = os.path.join(REPO, "examples", "shapes.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
@@ -310,7 +311,7 @@ def test_progress_bar_only_for_long_sampling_and_same_result(shipped):
 
 
 def test_words_the_model_cannot_read_are_named_once(shipped):
-    from editmgt_jax.editor import InstructionWarning
+    from editmgt_jax.text_side import InstructionWarning
 
     shapes = os.path.join(REPO, "examples", "shapes.png")
     with pytest.warns(InstructionWarning) as record:
@@ -555,8 +556,8 @@ def test_a_checkpoint_whose_arrays_do_not_fit_is_not_called_damaged(tmp_path):
 
 # ------------------------------------------------------------- no edit replaces a source image
 def test_no_edit_replaces_a_source_image_or_writes_outside_the_out_dir(tmp_path, cli):
-    from editmgt_jax import edit_cli
-    from editmgt_jax.edit_batch import read_batch
+    from infer import edit_cli
+    from infer.edit_batch import read_batch
     from infer.edit import build_parser
 
     shapes = os.path.join(REPO, "examples", "shapes.png")
@@ -902,7 +903,7 @@ def test_an_edit_that_cannot_fit_in_memory_is_refused_with_the_size_that_fits(sh
 
 
 def test_edit_command_flags_that_would_be_ignored_or_overflow_are_one_line(tmp_path, capsys):
-    from editmgt_jax import edit_cli
+    from infer import edit_cli
     from infer.edit import build_parser, main
 
     shapes = os.path.join(REPO, "examples", "shapes.png")
@@ -937,12 +938,13 @@ def test_a_checkpoint_whose_defaults_cannot_be_used_is_named(tmp_path):
         doc["conventions"]["resolution"] = 62
     def steps(doc):
         doc["conventions"]["sampler"]["steps"] = 0
-    for d, message in [(copy_with("res", resolution), "resolution 62 (the checkpoint's working size) is not a "
-                                                      "positive multiple of this model's 4 pixels per token"),
-                       (copy_with("steps", steps), "the checkpoint's recommended sampler settings: steps=0")]:
+    res, stp = copy_with("res", resolution), copy_with("steps", steps)
+    for d, message in [(res, f"{res / 'config.json'}: resolution 62 (the checkpoint's working size) is not a "
+                             "positive multiple of this model's 4 pixels per token"),
+                       (stp, f"{stp}: config.json conventions: the recommended sampler settings: steps=0")]:
         with pytest.raises(checkpoints.CheckpointError) as e:
             Editor.load(d)
-        assert str(e.value).startswith(f"{d / 'config.json'}: {message}"), str(e.value)
+        assert str(e.value).startswith(message), str(e.value)
     vocab = tmp_path / "vocab"
     shutil.copytree(SHIPPED, vocab)
     (vocab / "vocab.txt").write_bytes((vocab / "vocab.txt").read_bytes().replace(b"circle", b"circ\xffe"))

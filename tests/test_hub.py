@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import pytest
 
-import editmgt_jax  # noqa: F401
 from editmgt_jax import checkpoints, hub
 from editmgt_jax.checkpoints.layout import CheckpointError
 from editmgt_jax.tools.tiny_release import make_release

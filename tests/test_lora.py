@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import editmgt_jax  # noqa: F401
 import train_fixtures
 from configs import editor_tiny
 from editmgt_jax import checkpoints

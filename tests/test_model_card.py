@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pytest
 
-import editmgt_jax  # noqa: F401
 from editmgt_jax import checkpoints
 from editmgt_jax.assets import DEFAULT_MODEL
 from editmgt_jax.checkpoints.card import CARD_FILE, evaluation_from_report, main as card_main

@@ -6,7 +6,6 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-import editmgt_jax  # noqa: F401
 from editmgt_jax import parallel
 from editmgt_jax.models.layers import Linear
 

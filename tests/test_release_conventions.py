@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import editmgt_jax  # noqa: F401
 from editmgt_jax import checkpoints
 from editmgt_jax.convert import convert_release
 from editmgt_jax.editor import Editor
@@ -154,8 +153,9 @@ def test_editor_reproduces_the_official_pipeline_with_a_larger_vocabulary(v2_ckp
 
 def test_editor_decodes_leftover_mask_ids_to_code_zero(v2_ckpt, monkeypatch):
     """Whatever the sampler leaves as the mask id (111) decodes as code 0, as the official decode."""
-    import editmgt_jax.editor as editor_mod
     from flax import nnx
+
+    from editmgt_jax.sampling import program
 
     editor = Editor.load(v2_ckpt)
     planted = np.arange(16).reshape(1, 4, 4) % CODEBOOK
@@ -164,7 +164,7 @@ def test_editor_decodes_leftover_mask_ids_to_code_zero(v2_ckpt, monkeypatch):
     def fake_sample(*args, **kwargs):
         return {"tokens": jnp.asarray(planted, jnp.int32)}
 
-    monkeypatch.setattr(editor_mod.program, "sample", fake_sample)
+    monkeypatch.setattr(program, "sample", fake_sample)   # the loop inside the one edit program
     editor.text = FixtureText({"d_encoder_hidden_states": np.zeros((1, 5, 48), np.float32),
                                "d_prompt_embeds": np.zeros((1, 20), np.float32),
                                "d_negative_encoder_hidden_states": np.zeros((1, 5, 48), np.float32),
@@ -199,7 +199,7 @@ def test_training_masks_with_the_conventions_mask_id(other_id_ckpt, v2_ckpt):
     seen = {}
 
     class Spy:
-        def transformer(self, ids, ref, states, pooled, micro, t):
+        def transformer(self, ids, ref, states, pooled, micro, t, **capture):
             seen["ids"] = ids
             return jnp.zeros(ids.shape + (CODEBOOK,)), None
 

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import editmgt_jax  # noqa: F401
 from configs import editor_tiny, tiny
 from editmgt_jax import checkpoints
 from editmgt_jax.parallel import DEFAULT_RULES, make_mesh
@@ -65,7 +64,8 @@ def editor_config(ckpt: str, kind: str = "release", cond_dropout: float = 0.5, *
 @pytest.fixture(scope="module")
 def editor_text(ckpt):
     """What inference computes: the Editor's text side of the checkpoint."""
-    from editmgt_jax.editor import load_module, make_text_side
+    from editmgt_jax.checkpoints import load_module
+    from editmgt_jax.text_side import make_text_side
 
     doc = checkpoints.read_config(ckpt)
     modules = {n: load_module(ckpt, n, doc["components"][n]) for n in ("clip", "gemma")}

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from editmgt_jax.sampling import schedule
-from editmgt_jax.sampling.region_hold import SamplerSettings, per_sample_keys, sample
+from editmgt_jax.sampling.config import SamplerSettings
+from editmgt_jax.sampling.region_hold import per_sample_keys, sample
 from editmgt_jax.sampling.step import F32_MAX, hold_mask, remask_lowest, sample_categorical, step_update
 from numpy_reference import scipy_adaptive_smooth, torch_bicubic_direct
 
@@ -20,7 +21,7 @@ MASK_D = 64  # case d: codebook 64, mask id 64
 # ----------------------------------------------------------------------------- case d step data
 def test_schedules_match_fixture(cases):
     np.testing.assert_array_equal(schedule.mask_len_table(4096, 4)[:3], cases["d_mask_len"][:3])
-    np.testing.assert_array_equal(schedule.temperature_schedule(4), cases["d_temperatures"])
+    np.testing.assert_array_equal(schedule.temperature_schedule(4, 2.0, 0.0), cases["d_temperatures"])
     unknown = (cases["d_tokens_before"] == MASK_D).reshape(4, -1).sum(-1)
     ratios = schedule.cosine_mask_ratios(4)
     got = [int(schedule.step_mask_len(4096, ratios[i], jnp.ones(1), jnp.asarray(unknown[i:i + 1]))[0])

@@ -15,7 +15,6 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-import editmgt_jax  # noqa: F401
 from editmgt_jax.tools.tiny_release import byte_alphabet
 from editmgt_jax.convert import clip as clip_rules
 from editmgt_jax.convert import gemma2 as gemma_rules

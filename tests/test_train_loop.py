@@ -12,7 +12,6 @@ import jax
 import numpy as np
 import pytest
 
-import editmgt_jax  # noqa: F401
 import train_fixtures
 from configs import editor_tiny, vq_tiny
 from editmgt_jax.parallel import DEFAULT_RULES, make_mesh
@@ -144,7 +143,9 @@ def test_both_tasks_reduce_their_loss(data, tmp_path):
     card = open(os.path.join(res.model_dir, "README.md")).read()
     assert "task `editor`, 40 steps" in card and "batch 8" in card
     assert f"| eval_clean_success | {edit_evals[0]['eval_clean_success']:.4g} |" in card
-    assert editor.doc["sampler_defaults"]["timestep_convention"] == "mask_fraction"
+    # one conventions record holds the settings; the older top-level fields are no longer written
+    assert editor.doc["conventions"]["timestep_convention"] == "mask_fraction"
+    assert "sampler_defaults" not in editor.doc and "timestep_convention" not in editor.doc
     assert editor.sampler_config().timestep_convention == "mask_fraction"   # what edits feed
     scfg = editor.sampler_config()                 # the config's recommended settings ship with it
     assert (scfg.steps, scfg.consolidation_blocks, scfg.hold_threshold) == (5, (0,), 0.25)

@@ -13,7 +13,6 @@ import numpy as np
 import optax
 import pytest
 
-import editmgt_jax  # noqa: F401
 from configs import editor_tiny
 from editmgt_jax.parallel import make_mesh
 from editmgt_jax.training import losses

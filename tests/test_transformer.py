@@ -15,10 +15,10 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-import editmgt_jax  # noqa: F401  (disables eager sharding before modules are built)
 from editmgt_jax.convert.core import ConversionError, TensorSource, convert_tensors
 from editmgt_jax.convert.transformer import rules
-from editmgt_jax.models.blocks import Segments, reference_bias, text_to_image_attention
+from editmgt_jax.models.attention import Segments, reference_bias
+from editmgt_jax.models.blocks import text_to_image_attention
 from editmgt_jax.models.embeddings import grid_position_ids, rope_tables
 from editmgt_jax.models.layers import param_count
 from editmgt_jax.models.transformer import (RELEASED_CONFIG, ConvTranspose2x2, EditTransformer,

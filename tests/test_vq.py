@@ -11,7 +11,6 @@ from flax import nnx
 from PIL import Image
 from safetensors.numpy import save_file
 
-import editmgt_jax  # noqa: F401
 from editmgt_jax.convert.core import ConversionError, TensorSource, convert_tensors, flatten_abstract
 from editmgt_jax.convert.vq import rules
 from editmgt_jax.models.layers import param_count

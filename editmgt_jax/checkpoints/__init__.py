@@ -15,6 +15,9 @@ editor and the trainer's frozen loaders read)::
 - :mod:`~editmgt_jax.checkpoints.conventions`: the conventions record (mask id, timestep convention,
   micro-conditions, negative prompt, sampler defaults);
 - :mod:`~editmgt_jax.checkpoints.io`: atomic writes, saving and restoring component parameters;
+- :mod:`~editmgt_jax.checkpoints.index`: a component's stored index (array shapes and dtypes,
+  read without reading an array);
+- :mod:`~editmgt_jax.checkpoints.card`: the model card (``README.md``);
 - :mod:`~editmgt_jax.checkpoints.modules`: components as modules (the one eval_shape -> load -> merge).
 
 Everything public is importable from this package: ``from editmgt_jax.checkpoints import X``.

@@ -18,7 +18,6 @@ checkpoint's ``evaluation`` record first.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -154,13 +153,13 @@ def _conventions(doc: Mapping) -> list[str]:
 def stored_arrays(path: str | os.PathLike, names) -> tuple[dict[str, int], set[str]]:
     """Parameters per component and the dtypes they are stored in, from the stored arrays' metadata
     (no array is read); components whose index cannot be read are left out."""
-    from editmgt_jax.checkpoints import io
+    from editmgt_jax.checkpoints import index
 
     counts, dtypes = {}, set()
     for name in names:
         try:
             n = 0
-            for leaf in io._flat(io.component_shapes(path, name)).values():
+            for leaf in index._flat(index.component_shapes(path, name)).values():
                 shape = getattr(leaf, "shape", None)
                 if shape is not None:
                     size = 1
@@ -255,6 +254,8 @@ def evaluation_from_report(report: Mapping, run: str = "base") -> dict:
 
 
 def main(argv=None) -> int:
+    import argparse
+
     p = argparse.ArgumentParser(prog="python -m editmgt_jax.checkpoints.card",
                                 description="(Re)write the README.md model card of a model checkpoint.")
     p.add_argument("checkpoint", metavar="CKPT")

@@ -21,19 +21,20 @@ from typing import Any
 import numpy as np
 
 from editmgt_jax.checkpoints.layout import CheckpointError, read_config
-from editmgt_jax.sampling.region_hold import TIMESTEP_CONVENTIONS
+from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC
+from editmgt_jax.sampling.config import TIMESTEP_CONVENTIONS, SamplerSettings
 
 # The official demo's negative prompt for the released 1024 px model.
 RELEASE_NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distortion, watermark, logo, signature, "
                            "text, jpeg artifacts, signature, sketch, duplicate, ugly, identifying mark")
 # The official demo's edit settings (``infer.py``: 36 steps, guidance 6, reference strength 1.1;
-# the pipeline's temperature schedule (2, 0)). Region hold is off unless asked for.
-RELEASE_SAMPLER = {"steps": 36, "guidance_scale": 6.0, "reference_strength": 1.1,
-                   "temperature_start": 2.0, "temperature_end": 0.0}
-# Sampler settings a conventions record may recommend (``SamplerSettings`` fields).
-SAMPLER_KEYS = ("steps", "guidance_scale", "reference_strength", "hold_threshold", "keep_source", "consolidation_blocks",
-                "capture_mode", "greedy", "freeze_held", "temperature_start", "temperature_end", "score_grid",
-                "composite", "capture_words")
+# the pipeline's temperature schedule (2, 0)): ``SamplerSettings``'s defaults. Region hold is off
+# unless asked for.
+RELEASE_SAMPLER = {k: getattr(SamplerSettings(), k) for k in
+                   ("steps", "guidance_scale", "reference_strength", "temperature_start", "temperature_end")}
+# The record's own fields: the rest of ``SamplerSettings`` is what a conventions record may recommend.
+FACT_KEYS = ("mask_token_id", "timestep_convention", "micro_conds")
+SAMPLER_KEYS = tuple(f.name for f in SamplerSettings.fields() if f.name not in FACT_KEYS)
 SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
 
 
@@ -52,13 +53,14 @@ class Conventions:
       negative_prompt: the unconditional prompt for classifier-free guidance.
       resolution: working resolution in pixels.
       masking_schedule: the re-masking schedule (the release's scheduler: ``"cosine"``).
-      sampler: recommended sampler settings (``SamplerSettings`` fields, see :data:`SAMPLER_KEYS`).
+      sampler: recommended sampler settings (``SamplerSettings`` fields, see :data:`SAMPLER_KEYS`;
+        the ones not named keep the record's defaults), validated with the record's own checks.
       source: where the mask id came from (a file, ``"transformer vocab_size - 1"``, ...).
     """
 
     mask_token_id: int
     timestep_convention: str = "step_index"
-    aesthetic_score: float = 6.0
+    aesthetic_score: float = DEFAULT_AESTHETIC
     crop_coords: tuple[float, float] = (0.0, 0.0)
     negative_prompt: str = ""
     resolution: int = 1024
@@ -84,6 +86,10 @@ class Conventions:
         object.__setattr__(self, "resolution", int(self.resolution))
         object.__setattr__(self, "sampler", {k: tuple(v) if isinstance(v, list) else v
                                              for k, v in dict(self.sampler).items()})
+        try:
+            self.settings()
+        except ValueError as e:
+            raise CheckpointError(f"conventions: the recommended sampler settings: {e}") from None
 
     def check_vocabulary(self, vocab_size: int, codebook_size: int, where: str = "") -> "Conventions":
         """The mask id must be an embedding row outside the codebook: ``codebook <= id < vocab``."""
@@ -97,12 +103,17 @@ class Conventions:
         """``[width, height, crop_top, crop_left, aesthetic]`` as the official pipeline builds them."""
         return (float(width), float(height), *self.crop_coords, self.aesthetic_score)
 
-    def sampler_settings(self) -> dict:
-        """Keyword arguments for ``SamplerSettings``: the recommended settings plus the mask id, the
-        timestep convention and the micro-conditions at the working resolution."""
-        return {**self.sampler, "mask_token_id": self.mask_token_id,
-                "timestep_convention": self.timestep_convention,
-                "micro_conds": self.micro_conds(self.resolution, self.resolution)}
+    def settings(self, **overrides) -> SamplerSettings:
+        """The ``SamplerSettings`` this model is driven with: the record's defaults, the recommended
+        settings, then the non-None ``overrides``, with the mask id, the timestep convention and the
+        micro-conditions at the working resolution (``ValueError`` naming a bad or unknown setting)."""
+        unknown = sorted(set(overrides) - set(SAMPLER_KEYS))
+        if unknown:
+            raise ValueError(f"unknown sampler setting(s) {unknown}; known: {list(SAMPLER_KEYS)}")
+        chosen = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
+        return SamplerSettings(**{**self.sampler, **chosen}, mask_token_id=self.mask_token_id,
+                               timestep_convention=self.timestep_convention,
+                               micro_conds=self.micro_conds(self.resolution, self.resolution))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -120,6 +131,8 @@ class Conventions:
             raise CheckpointError(f"{where or 'conventions'}: no mask_token_id")
         try:
             return cls(**dict(d))
+        except CheckpointError as e:
+            raise CheckpointError(f"{where or 'conventions'}: {str(e).removeprefix('conventions: ')}") from None
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{where or 'conventions'}: {e}") from None
 
@@ -166,7 +179,7 @@ def release_conventions(release_dir: str, transformer_config: Mapping, *,
     source = rel
     if mid is None:
         mid, source = default_mask_token_id(transformer_config), "transformer vocab_size - 1"
-    conv = Conventions(mask_token_id=mid, timestep_convention="step_index", aesthetic_score=6.0,
+    conv = Conventions(mask_token_id=mid, timestep_convention="step_index", aesthetic_score=DEFAULT_AESTHETIC,
                        crop_coords=(0.0, 0.0), negative_prompt=RELEASE_NEGATIVE_PROMPT, resolution=1024,
                        sampler=dict(RELEASE_SAMPLER), source=source)
     return conv.check_vocabulary(int(transformer_config["vocab_size"]), int(transformer_config["codebook_size"]),
@@ -177,15 +190,16 @@ def legacy_conventions(doc: Mapping, *, mask_token_id: int | None = None,
                        source: str = "transformer vocab_size - 1 (checkpoint without a conventions record)"
                        ) -> Conventions:
     """Conventions from a checkpoint's older fields: ``timestep_convention`` and ``sampler_defaults``
-    (resolution, micro_conds, negative_prompt, sampler settings). The mask id is ``mask_token_id``,
+    (resolution, micro_conds, negative_prompt, sampler settings), which are only ever read: a
+    checkpoint written today holds the one ``conventions`` record. The mask id is ``mask_token_id``,
     else the transformer config's ``vocab_size - 1`` (what checkpoints written before the record
-    existed were trained and converted with). The exporter builds its record this way too."""
+    existed were trained and converted with)."""
     tr = doc.get("components", {}).get("transformer")
     if tr is None:
         raise CheckpointError("checkpoint has no transformer component: no mask id to infer")
     sd = dict(doc.get("sampler_defaults") or {})
     micro = sd.get("micro_conds")
-    aesthetic = float(micro[4]) if micro else float(sd.get("aesthetic_score", 6.0))
+    aesthetic = float(micro[4]) if micro else float(sd.get("aesthetic_score", DEFAULT_AESTHETIC))
     crop = (float(micro[2]), float(micro[3])) if micro else (0.0, 0.0)
     convention = sd.get("timestep_convention", doc.get("timestep_convention", "step_index"))
     return Conventions(mask_token_id=default_mask_token_id(tr) if mask_token_id is None else mask_token_id,

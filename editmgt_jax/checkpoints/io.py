@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from editmgt_jax.checkpoints.conventions import Conventions, read_conventions
+from editmgt_jax.checkpoints.index import PARTS_FILE, _checkpointer, _flat, _merge_into, _stored_tree
 from editmgt_jax.checkpoints.layout import (FORMAT, TOKENIZER_DIRS, VERSION, CheckpointError, dump_config,
                                             is_model_checkpoint, params_dir, read_config)
 
@@ -124,7 +125,6 @@ def _save_item(item: str, tree: Mapping) -> None:
 # produce it piece by piece (the release converter for components over PART_BYTES), so that only
 # one part is in memory while it is written: Orbax's writer holds up to another copy of whatever
 # it is given until the write completes.
-PARTS_FILE = "parts.json"
 PART_BYTES = 1 << 30
 
 
@@ -229,12 +229,6 @@ def add_components(model_dir: str, source: str, names: Sequence[str], *, tokeniz
 # Reading
 
 
-def _checkpointer():
-    import orbax.checkpoint as ocp
-
-    return ocp.StandardCheckpointer()
-
-
 def load_component(path: str | os.PathLike, name: str, abstract: Mapping | None = None,
                    shardings=None) -> dict:
     """Restore one component's parameters.
@@ -290,45 +284,6 @@ def load_component(path: str | os.PathLike, name: str, abstract: Mapping | None 
                               f"({first[:200]})") from None
 
 
-def component_shapes(path: str | os.PathLike, name: str) -> dict:
-    """The stored tree of component ``name`` (array metadata with ``.shape`` and ``.dtype``; parts
-    merged), read from its index without reading any array."""
-    item = params_dir(os.path.abspath(os.fspath(path)), name)
-    parts_file = os.path.join(item, PARTS_FILE)
-    items = [item]
-    if os.path.isfile(parts_file):
-        import json
-
-        with open(parts_file) as fh:
-            items = [os.path.join(item, p) for p in json.load(fh)["parts"]]
-    ckptr = _checkpointer()
-    merged: dict = {}
-    for it in items:
-        _merge_into(merged, _stored_tree(ckptr, it))
-    return merged
-
-
-def _stored_tree(ckptr, item) -> Mapping:
-    stored = _metadata_quietly(ckptr, item)
-    stored_tree = getattr(stored, "item_metadata", stored)
-    stored_tree = getattr(stored_tree, "tree", stored_tree)
-    if not stored_tree:
-        raise CheckpointError(f"{item}: the parameter index (manifest.ocdbt / _METADATA) is empty or "
-                              f"unreadable; the checkpoint is damaged or incomplete")
-    return stored_tree
-
-
-def _merge_into(out: dict, tree: Mapping) -> None:
-    """Merge ``tree`` into ``out`` (new dicts all the way down: ``tree`` is never aliased)."""
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            if not isinstance(out.get(k), dict):
-                out[k] = {}
-            _merge_into(out[k], v)
-        else:
-            out[k] = v
-
-
 def _restrict(tree: Mapping, keep: set, prefix: tuple = ()) -> dict:
     """The sub-tree of ``tree`` whose leaves' ``"/"``-joined paths are in ``keep``."""
     out = {}
@@ -341,19 +296,6 @@ def _restrict(tree: Mapping, keep: set, prefix: tuple = ()) -> dict:
         elif "/".join(p) in keep:
             out[k] = v
     return out
-
-
-def _metadata_quietly(ckptr, item):
-    """Orbax logs a warning and returns no tree when the index is unreadable; the caller reports it."""
-    import logging
-
-    log = logging.getLogger("absl")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        return ckptr.metadata(item)
-    finally:
-        log.setLevel(level)
 
 
 def _orphaned_read_error(exc) -> bool:
@@ -405,20 +347,6 @@ def quiet_orphaned_reads() -> None:
 
     threading.excepthook = thread_hook
     logging.getLogger("asyncio").addFilter(_DropOrphanedReads())
-
-
-def _flat(tree) -> dict:
-    out = {}
-
-    def rec(node, prefix):
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                rec(v, prefix + (str(k),))
-        else:
-            out["/".join(prefix)] = node
-
-    rec(tree, ())
-    return out
 
 
 def _check_shapes(name: str, path: str, stored, abstract) -> None:

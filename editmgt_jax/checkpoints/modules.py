@@ -13,21 +13,16 @@ from collections.abc import Mapping
 import jax
 
 from editmgt_jax.checkpoints.io import load_component
-from editmgt_jax.checkpoints.layout import SMALL_TEXT, CheckpointError, read_config
+from editmgt_jax.checkpoints.layout import CheckpointError, read_config
+from editmgt_jax.models.registry import MODELS
 
 
 def component_classes(name: str):
-    """``(config class, module class)`` of a checkpoint component (``vq``, ``transformer``,
-    ``clip``, ``gemma`` or ``small_text``)."""
-    if name == SMALL_TEXT:
-        from editmgt_jax.models.text.small import SmallTextConfig, SmallTextEncoder
-
-        return SmallTextConfig, SmallTextEncoder
-    from editmgt_jax.convert.registry import COMPONENTS
-
-    if name not in COMPONENTS:
-        raise CheckpointError(f"unknown component {name!r}; known: {sorted(COMPONENTS) + [SMALL_TEXT]}")
-    return COMPONENTS[name].classes()
+    """``(config class, module class)`` of a checkpoint component (``models.registry.MODELS``:
+    ``vq``, ``transformer``, ``clip``, ``gemma`` or ``small_text``)."""
+    if name not in MODELS:
+        raise CheckpointError(f"unknown component {name!r}; known: {sorted(MODELS)}")
+    return MODELS[name].classes()
 
 
 def component_config(name: str, cfg, where: str = ""):

@@ -57,7 +57,6 @@ def main(argv=None) -> int:
     if not (args.official and args.out):
         p.error("give --official DIR --out CKPT (conversion) or --to-official CKPT OUT (export)")
 
-    import editmgt_jax  # noqa: F401  (NNX settings)
     from editmgt_jax.convert import ConversionError, convert_release
 
     dtype = np.float32

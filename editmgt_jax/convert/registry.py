@@ -1,7 +1,9 @@
 """The four components of an EditMGT release and how each is converted.
 
-A component is (config class, module class, rule table). Configs come from the official
-``config.json`` of each subfolder; rule tables live beside this file, one per component.
+A release component is a model of ``models.registry.MODELS`` plus what the converter alone needs:
+its rule table (beside this file, one per component), its folder names in a release and its file
+prefix in a reference-fixture folder. Configs come from the official ``config.json`` of each
+subfolder.
 """
 
 from __future__ import annotations
@@ -15,39 +17,30 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from editmgt_jax.convert.core import ConversionError, TensorSource, convert_tensors
+from editmgt_jax.models.registry import MODELS
 
 
 @dataclasses.dataclass(frozen=True)
 class Component:
-    name: str                 # our name, the key in checkpoints and configs
-    module: str               # python module holding the config and model classes
-    config_cls: str
-    model_cls: str
+    name: str                 # the model's name in models.registry.MODELS (the checkpoint key)
     rules_module: str         # module with ``rules(cfg) -> list[Rule]``
     release_dirs: tuple[str, ...]   # subfolder names in an official release folder
     fixture_prefix: str       # file prefix in a reference-fixture folder (``<prefix>.safetensors``)
     required: bool = True
 
     def classes(self):
-        mod = importlib.import_module(self.module)
-        return getattr(mod, self.config_cls), getattr(mod, self.model_cls)
+        return MODELS[self.name].classes()
 
     def rules(self, cfg):
         return importlib.import_module(self.rules_module).rules(cfg)
 
 
-COMPONENTS: dict[str, Component] = {
-    "vq": Component("vq", "editmgt_jax.models.vq", "VQConfig", "VQModel", "editmgt_jax.convert.vq",
-                    ("vqvae",), "vqvae"),
-    "transformer": Component("transformer", "editmgt_jax.models.transformer", "TransformerConfig",
-                             "EditTransformer", "editmgt_jax.convert.transformer",
-                             ("editmgt", "transformer"), "transformer"),
-    "clip": Component("clip", "editmgt_jax.models.text.clip", "CLIPTextConfig",
-                      "CLIPTextModelWithProjection", "editmgt_jax.convert.clip",
-                      ("text_encoder",), "clip_text", required=False),
-    "gemma": Component("gemma", "editmgt_jax.models.text.gemma2", "Gemma2Config", "Gemma2Encoder",
-                       "editmgt_jax.convert.gemma2", ("llm_encoder",), "gemma2", required=False),
-}
+COMPONENTS: dict[str, Component] = {c.name: c for c in (
+    Component("vq", "editmgt_jax.convert.vq", ("vqvae",), "vqvae"),
+    Component("transformer", "editmgt_jax.convert.transformer", ("editmgt", "transformer"), "transformer"),
+    Component("clip", "editmgt_jax.convert.clip", ("text_encoder",), "clip_text", required=False),
+    Component("gemma", "editmgt_jax.convert.gemma2", ("llm_encoder",), "gemma2", required=False),
+)}
 
 
 def read_json(path: str) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from editmgt_jax.cli_flags import parse_blocks
+from editmgt_jax.sampling.config import parse_blocks
 
 DEFAULT_VALUES = {
     "hold": ("on", "off"),

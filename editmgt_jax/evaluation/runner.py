@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 
-from editmgt_jax.cli_flags import sampler_overrides
 from editmgt_jax.evaluation.ablations import (FALLBACK_LAMBDA, RunSpec, UsageError, block_presets, expand_runs,
                                               parse_ablations)
 from editmgt_jax.evaluation.grids import write_grids
@@ -44,14 +43,8 @@ class EvalOptions:
     ablations: str = "none"                     # ablation runs (editmgt_jax.evaluation.ablations)
     size: int | None = None                     # working resolution (None: the checkpoint's)
     resize: str = "crop"                        # 'crop' or 'fit' (editmgt_jax.imageio.fit_to_grid)
-    # base sampler settings (None / False: the checkpoint's; editmgt_jax.cli_flags.sampler_overrides)
-    steps: int | None = None
-    guidance_scale: float | None = None
-    reference_strength: float | None = None
-    hold_threshold: float | None = None
-    keep_source: float | None = None
-    consolidation_blocks: tuple[int, ...] | None = None
-    greedy: bool = False
+    # base sampler settings: SamplerSettings field -> value (the rest: the checkpoint's)
+    sampler: dict = dataclasses.field(default_factory=dict)
     negative_prompt: str | None = None
     iou_threshold: float | None = None          # fixed threshold for iou_fixed (None: each run's lambda)
     heatmap_upsample: str = "bilinear"          # 'bilinear' or 'nearest'
@@ -279,7 +272,7 @@ def evaluate(args: EvalOptions, editor=None) -> dict:
     size = args.size or editor.default_size
     if size % editor.pixel_granularity:
         raise UsageError(f"--size {size} is not a multiple of the model's pixel granularity {editor.pixel_granularity}")
-    common = dict(**sampler_overrides(args), negative_prompt=args.negative_prompt)
+    common = dict(**args.sampler, negative_prompt=args.negative_prompt)
     common = {k: v for k, v in common.items() if v is not None}
     sampler_common = {k: v for k, v in common.items() if k != "negative_prompt"}
     base_cfg = editor.sampler_config(**sampler_common)

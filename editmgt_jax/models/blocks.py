@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from editmgt_jax.models.attention import (CAPTURE_MODES, Segments, attention, naive_attention,
-                                          naive_capture, reference_bias)  # noqa: F401 (re-exported)
+from editmgt_jax.models.attention import Segments, attention, naive_attention, naive_capture
 from editmgt_jax.models.embeddings import apply_rope
 from editmgt_jax.models.layers import Linear, RMSNorm, gelu_tanh, layer_norm
 

@@ -14,11 +14,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from editmgt_jax.models.attention import IMPLEMENTATIONS
-from editmgt_jax.models.blocks import CAPTURE_MODES, DualStreamBlock, Segments, SingleStreamBlock
+from editmgt_jax.models.attention import CAPTURE_MODES, Segments
+from editmgt_jax.models.blocks import DualStreamBlock, SingleStreamBlock
 from editmgt_jax.models.embeddings import (NUM_MICRO_CONDS, SINUSOID_DIM, CombinedTimestepTextProjEmbeddings,
                                            TimestepEmbedding, joint_rope_tables, micro_condition_embedding)
 from editmgt_jax.models.layers import Conv2d, Linear, RMSNorm, partitioned
-from editmgt_jax.models.transformer_config import (  # noqa: F401  (re-exported)
+from editmgt_jax.models.transformer_config import (  # noqa: F401  (RELEASED_CONFIG: configs/editmgt_1024.py)
     RELEASED_CONFIG, TransformerConfig)
 from editmgt_jax.parallel import block_gather, gathered_block_call
 

@@ -32,9 +32,7 @@ from flax import nnx
 
 from editmgt_jax.models.layers import Conv2d, checked_fields
 from editmgt_jax.models.patch_encoder import PatchEncoder
-from editmgt_jax.models.vq_layers import (  # noqa: F401  (re-exported: the layers' public home was here)
-    ACTIVATIONS, GROUP_NORM_EPS, Decoder, Downsample, DownEncoderBlock, Encoder, FiniteScalarQuantizer,
-    GroupNorm, MidBlock, MidBlockAttention, ResnetBlock, UpDecoderBlock, Upsample, VectorQuantizer)
+from editmgt_jax.models.vq_layers import ACTIVATIONS, Decoder, Encoder, FiniteScalarQuantizer, VectorQuantizer
 
 DEFAULT_BETA = 0.25         # diffusers VQModel builds its VectorQuantizer with beta=0.25
 

@@ -1,59 +1,247 @@
-"""Sampler settings: what is compiled in, what is traced, and the flat record users write.
+"""Sampler settings: one record, with the compiled and the traced views derived from it.
 
-- :class:`ModelFacts`: how the model must be driven (mask id, timestep convention, score grid,
-  default micro-conditions); read from the model checkpoint's conventions, never tuned.
-- :class:`SamplerConfig`: the static choices, hashable; one compiled loop per configuration and
-  input shape. Steps, captured blocks, modes (greedy, frozen holds, per-step records) and the two
-  structural switches a numeric setting implies: classifier-free guidance on (``guided``: the model
-  runs on twice the batch) and the reference-strength bias on (``reference_bias``: a strength of 1
-  is no bias term at all).
-- :class:`Knobs`: the numeric settings, traced arguments of the compiled loop (guidance scale,
-  reference strength, hold threshold lambda, the temperature of each step): a sweep over them
-  compiles once.
-- :class:`SamplerSettings`: the flat, validated record of every setting by its name, as the checkpoint
-  conventions, the config files, ``Editor.edit`` keywords and the command-line flags spell them;
-  ``settings.split()`` gives ``(SamplerConfig, Knobs)``.
+- :class:`SamplerSettings`: every setting by its name, each declared once with its default, its
+  check and (for the tunable ones) its command-line flag (:func:`setting`). The checkpoint
+  conventions nest a partial record (the model's recommendations), the config files spell it as
+  ``editor.sampler_defaults``, ``Editor.edit`` takes its fields as keywords and the command-line
+  flags are generated from it (``infer.flags``). Validation happens here, once, when a record is
+  built.
+- :class:`SamplerConfig` (``settings.static()``): the static choices, hashable; one compiled loop per
+  configuration and input shape. It carries the :class:`ModelFacts` (mask id, timestep convention,
+  score grid, default micro-conditions: how the model must be driven, from the checkpoint's
+  conventions) and the two structural switches a numeric setting implies: classifier-free guidance
+  on (``guided``: the model runs on twice the batch) and the reference-strength bias on
+  (``reference_bias``: a strength of 1 is no bias term at all).
+- :class:`Knobs` (``settings.knobs()``): the numeric settings, traced arguments of the compiled loop
+  (guidance scale, reference strength, hold threshold lambda, keep-source probability, the
+  temperature of each step): a sweep over them compiles once.
+
+``settings.split()`` gives ``(SamplerConfig, Knobs)``. The views are not validated again: they are
+only ever built from a validated record.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Callable
 
 import jax
 import numpy as np
 from flax import struct
 
+from editmgt_jax import composite as composite_modes
+from editmgt_jax.models.attention import CAPTURE_MODES
+from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC
 from editmgt_jax.sampling import schedule
 
 TIMESTEP_CONVENTIONS = ("step_index", "mask_fraction")
-CAPTURE_MODES = ("official", "model")
+# Which pixels of the input take the model's output (``editmgt_jax.composite``).
+COMPOSITE_MODES = composite_modes.MODES
 
-# Numeric settings: (lowest allowed value, whether the lowest value itself is allowed). Every one
-# must also be finite; guidance_scale <= 1 means no guidance.
-NUMERIC_RANGES = {"steps": (1, True), "guidance_scale": (0.0, True), "reference_strength": (0.0, False),
-                  "hold_threshold": (0.0, True), "keep_source": (0.0, True), "temperature_start": (0.0, True),
-                  "temperature_end": (0.0, True)}
-
-
-def check_setting(name: str, value) -> None:
-    """Raise ``ValueError("name=value: ...")`` unless ``value`` is allowed for numeric setting ``name``."""
-    lo, inclusive = NUMERIC_RANGES[name]
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None or isinstance(value, (bool, str)) or (name == "steps" and not number.is_integer()):
-        raise ValueError(f"{name}={value!r}: must be {'an integer' if name == 'steps' else 'a number'}")
-    if name == "keep_source" and np.isfinite(number) and number > 1:
-        raise ValueError(f"{name}={value!r}: a probability, in [0, 1]")
-    if not np.isfinite(number) or number < lo or (number == lo and not inclusive):
-        raise ValueError(f"{name}={value!r}: must be {'an integer' if name == 'steps' else 'finite and'} "
-                         f"{'>=' if inclusive else '>'} {lo:g}")
+# What a setting is: traced by the loop, compiled into it, applied on the host around it, or a fact of
+# the model (from the checkpoint's conventions; no flag: a model is driven as it was trained).
+KNOB, STATIC, HOST, MODEL = "knob", "static", "host", "model"
 
 
+# ------------------------------------------------------------------------------ checks
+def _number(lo: float, inclusive: bool = True, *, integer: bool = False, hi: float | None = None):
+    """A check: a finite number ``>= lo`` (``> lo`` unless ``inclusive``; ``<= hi``); an integer."""
+    def check(name: str, value):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or isinstance(value, (bool, str)) or (integer and not number.is_integer()):
+            raise ValueError(f"{name}={value!r}: must be {'an integer' if integer else 'a number'}")
+        if hi is not None and np.isfinite(number) and number > hi:
+            raise ValueError(f"{name}={value!r}: a probability, in [{lo:g}, {hi:g}]")
+        if not np.isfinite(number) or number < lo or (number == lo and not inclusive):
+            raise ValueError(f"{name}={value!r}: must be {'an integer' if integer else 'finite and'} "
+                             f"{'>=' if inclusive else '>'} {lo:g}")
+        return int(number) if integer else float(number)
+    return check
+
+
+def _one_of(choices: tuple[str, ...]):
+    def check(name: str, value):
+        if value not in choices:
+            raise ValueError(f"{name}={value!r}: must be one of {choices}")
+        return value
+    return check
+
+
+def _flag(name: str, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}={value!r}: must be True or False")
+    return bool(value)
+
+
+def _blocks(name: str, value):
+    blocks = tuple(int(b) for b in value)
+    if min(blocks, default=0) < 0:
+        raise ValueError(f"{name}={blocks}: block indices are >= 0")
+    return blocks
+
+
+def _micro_conds(name: str, value):
+    micro = tuple(float(m) for m in value)
+    if len(micro) != 5:
+        raise ValueError(f"{name}={micro}: needs 5 values (width, height, crop_top, crop_left, aesthetic)")
+    if not np.all(np.isfinite(micro)):
+        raise ValueError(f"{name}={micro}: must be finite")
+    return micro
+
+
+def _optional(check: Callable):
+    return lambda name, value: None if value is None else check(name, value)
+
+
+def _grid(name: str, value):
+    grid = tuple(int(g) for g in value)
+    if len(grid) != 2 or min(grid) < 1:
+        raise ValueError(f"{name}={value!r}: expected (h, w) >= 1")
+    return grid
+
+
+def parse_blocks(text: str) -> tuple[int, ...]:
+    """'28-36', '2,3,4', '2+3' or '' -> block indices."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in re.split(r"[,+]", text))):
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise ValueError(f"{part!r}: expected block indices like '28-36' or '2,3,4'")
+        out += list(range(int(m[1]), int(m[2] or m[1]) + 1))
+    return tuple(out)
+
+
+def setting(default, kind: str, check: Callable, *, flags: tuple[str, ...] = (), help: str = "",
+            parse: Callable | None = None, metavar: str | None = None, choices: tuple | None = None):
+    """A :class:`SamplerSettings` field: its one default, its one check and, unless it is a model
+    fact, its command-line flag spellings (the first is the one messages name; the second, where
+    there is one, the older spelling kept for compatibility) and the parser of the flag's text."""
+    if (kind == MODEL) != (not flags):
+        raise ValueError("every tunable setting has a flag and a model fact none")
+    return dataclasses.field(default=default, metadata=dict(kind=kind, check=check, flags=flags, help=help,
+                                                            parse=parse, metavar=metavar, choices=choices))
+
+
+# ------------------------------------------------------------------------------ the record
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """Every sampler setting by name, validated; ``split()`` makes the static config and the knobs.
+
+    The defaults are the official demo's (36 steps, guidance 6, reference strength 1.1, temperature
+    2 -> 0; region hold off); a checkpoint's conventions record recommends its own
+    (``Conventions.settings``). ``guidance_scale <= 1`` turns guidance off and
+    ``reference_strength == 1`` the reference bias.
+    """
+
+    steps: int = setting(36, STATIC, _number(1, integer=True), flags=("--steps",), parse=int,
+                         help="decoding steps (release demo: 36)")
+    guidance_scale: float = setting(6.0, KNOB, _number(0.0), flags=("--guidance", "--guidance-scale"),
+                                    parse=float, help="classifier-free guidance scale (1 = off)")
+    reference_strength: float = setting(1.1, KNOB, _number(0.0, inclusive=False),
+                                        flags=("--strength", "--reference-strength"), parse=float,
+                                        help="reference strength: >1 pulls attention to the source (1 = off)")
+    hold_threshold: float = setting(0.0, KNOB, _number(0.0), flags=("--hold-threshold",), parse=float,
+                                    help="region-hold lambda (0 = off)")
+    keep_source: float = setting(0.0, KNOB, _number(0.0, hi=1.0), flags=("--keep-source",), parse=float,
+                                 metavar="P", help="keep a cell's source token when the model gives it at "
+                                                   "least probability P (0 = off)")
+    consolidation_blocks: tuple[int, ...] = setting(
+        (), STATIC, _blocks, flags=("--consolidation-blocks",), parse=parse_blocks, metavar="LIST",
+        help="blocks whose attention forms the edit-region map, e.g. '28-36' or '2,3,4' (global indices: "
+             "dual-stream blocks first, then single-stream)")
+    capture_mode: str = setting("official", STATIC, _one_of(CAPTURE_MODES), flags=("--capture-mode",),
+                                choices=CAPTURE_MODES,
+                                help="how the captured attention is computed ('official': the reference's "
+                                     "recomputation over [text, image] tokens)")
+    greedy: bool = setting(False, STATIC, _flag, flags=("--greedy",),
+                           help="deterministic decoding (argmax, no Gumbel noise)")
+    freeze_held: bool = setting(False, STATIC, _flag, flags=("--freeze-held",),
+                                help="held positions become final at once (never re-masked)")
+    temperature_start: float = setting(2.0, KNOB, _number(0.0), flags=("--temperature-start",), parse=float,
+                                       help="Gumbel-noise temperature of the first step")
+    temperature_end: float = setting(0.0, KNOB, _number(0.0), flags=("--temperature-end",), parse=float,
+                                     help="Gumbel-noise temperature of the last step")
+    composite: str = setting("changed", HOST, _one_of(COMPOSITE_MODES), flags=("--composite",),
+                             choices=COMPOSITE_MODES,
+                             help="which pixels of the input take the edit: changed (tokens the edit "
+                                  "changed, grown by one token), pixels (within those, the pixels whose "
+                                  "decode moved from the source's decode), map (the edit-region map; needs "
+                                  "consolidation) or none (the raw model output at the working size)")
+    capture_words: bool = setting(False, HOST, _flag, flags=("--capture-words",),
+                                  help="the edit-region map reads the text rows of the instruction's words "
+                                       "only, not the padding (needs consolidation; the caller passes those "
+                                       "rows to the loop: Editor does, from its text side)")
+    micro_conds: tuple[float, ...] = setting((1024.0, 1024.0, 0.0, 0.0, DEFAULT_AESTHETIC), MODEL, _micro_conds)
+    mask_token_id: int | None = setting(None, MODEL, _optional(_number(0, integer=True)))
+    score_grid: tuple[int, int] | None = setting(None, MODEL, _optional(_grid))
+    timestep_convention: str = setting("step_index", MODEL, _one_of(TIMESTEP_CONVENTIONS))
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
+        if self.hold_threshold > 0 and not self.consolidation_blocks:
+            raise ValueError("region hold (hold_threshold > 0) needs consolidation_blocks")
+        if self.composite == "map" and not self.consolidation_blocks:
+            raise ValueError("composite='map' needs the edit-region map: give consolidation_blocks")
+
+    @classmethod
+    def fields(cls, *kinds: str) -> tuple[dataclasses.Field, ...]:
+        """The fields of ``kinds`` (all when none is named)."""
+        return tuple(f for f in dataclasses.fields(cls) if not kinds or f.metadata["kind"] in kinds)
+
+    @classmethod
+    def tunable(cls) -> tuple[str, ...]:
+        """Names of the settings a user or a checkpoint may choose (each has a flag)."""
+        return tuple(f.name for f in cls.fields(KNOB, STATIC, HOST))
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    @property
+    def captures(self) -> bool:
+        return bool(self.consolidation_blocks)
+
+    @property
+    def holds(self) -> bool:
+        return self.hold_threshold > 0 and self.captures
+
+    def replace(self, **changes) -> "SamplerSettings":
+        return dataclasses.replace(self, **changes)
+
+    def static(self, *, record: bool = False, record_logits: bool = False) -> "SamplerConfig":
+        """The static half; raises ``ValueError`` when ``mask_token_id`` is not set."""
+        if self.mask_token_id is None:
+            raise ValueError("mask_token_id is not set: take it from the model checkpoint's conventions "
+                             "(editmgt_jax.checkpoints.read_conventions(CKPT).settings(); "
+                             "Editor.sampler_config() does)")
+        facts = ModelFacts(self.mask_token_id, self.timestep_convention, self.score_grid, self.micro_conds)
+        return SamplerConfig(model=facts, steps=self.steps, consolidation_blocks=self.consolidation_blocks,
+                             capture_mode=self.capture_mode, greedy=self.greedy, freeze_held=self.freeze_held,
+                             guided=self.uses_cfg, reference_bias=self.reference_strength != 1.0,
+                             record=record, record_logits=record_logits)
+
+    def knobs(self) -> "Knobs":
+        """The traced half."""
+        f32 = np.float32
+        return Knobs(guidance_scale=f32(self.guidance_scale), reference_strength=f32(self.reference_strength),
+                     hold_threshold=f32(self.hold_threshold), keep_source=f32(self.keep_source),
+                     temperatures=schedule.temperature_schedule(self.steps, self.temperature_start,
+                                                                self.temperature_end))
+
+    def split(self, *, record: bool = False, record_logits: bool = False) -> tuple["SamplerConfig", "Knobs"]:
+        """``(SamplerConfig, Knobs)``: the static choices and the traced numbers."""
+        return self.static(record=record, record_logits=record_logits), self.knobs()
+
+
+# ------------------------------------------------------------------------------ the views
 @dataclasses.dataclass(frozen=True)
 class ModelFacts:
-    """How the model is driven; the model checkpoint's conventions name every one.
+    """How the model is driven (the :data:`MODEL` settings of a record).
 
     Attributes:
       mask_token_id: the mask id (the release: 8255, its scheduler config's); an embedding row
@@ -67,22 +255,9 @@ class ModelFacts:
     """
 
     mask_token_id: int
-    timestep_convention: str = "step_index"
-    score_grid: tuple[int, int] | None = None
-    micro_conds: tuple[float, ...] = (1024.0, 1024.0, 0.0, 0.0, 6.0)
-
-    def __post_init__(self):
-        object.__setattr__(self, "mask_token_id", int(self.mask_token_id))
-        object.__setattr__(self, "micro_conds", tuple(float(m) for m in self.micro_conds))
-        if self.score_grid is not None:
-            object.__setattr__(self, "score_grid", tuple(int(g) for g in self.score_grid))
-        if self.timestep_convention not in TIMESTEP_CONVENTIONS:
-            raise ValueError(f"timestep_convention must be one of {TIMESTEP_CONVENTIONS}, "
-                             f"got {self.timestep_convention!r}")
-        if len(self.micro_conds) != 5:
-            raise ValueError(f"micro_conds needs 5 values, got {self.micro_conds}")
-        if not np.all(np.isfinite(self.micro_conds)):
-            raise ValueError(f"micro_conds={self.micro_conds}: must be finite")
+    timestep_convention: str
+    score_grid: tuple[int, int] | None
+    micro_conds: tuple[float, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +266,7 @@ class SamplerConfig:
 
     Attributes:
       model: the :class:`ModelFacts`.
-      steps: number of decoding steps (36 in the released demo).
+      steps: number of decoding steps.
       consolidation_blocks: global block indices whose attention is captured (dual-stream blocks
         first, then single-stream blocks numbered from the number of dual blocks); empty = off.
         Region hold needs these; the knob ``hold_threshold > 0`` switches it on.
@@ -110,23 +285,15 @@ class SamplerConfig:
     """
 
     model: ModelFacts
-    steps: int = 36
-    consolidation_blocks: tuple[int, ...] = ()
-    capture_mode: str = "official"
-    greedy: bool = False
-    freeze_held: bool = False
-    guided: bool = True
-    reference_bias: bool = True
+    steps: int
+    consolidation_blocks: tuple[int, ...]
+    capture_mode: str
+    greedy: bool
+    freeze_held: bool
+    guided: bool
+    reference_bias: bool
     record: bool = False
     record_logits: bool = False
-
-    def __post_init__(self):
-        object.__setattr__(self, "consolidation_blocks", tuple(int(b) for b in self.consolidation_blocks))
-        check_setting("steps", self.steps)
-        if min(self.consolidation_blocks, default=0) < 0:
-            raise ValueError(f"consolidation_blocks={self.consolidation_blocks}: block indices are >= 0")
-        if self.capture_mode not in CAPTURE_MODES:
-            raise ValueError(f"capture_mode must be one of {CAPTURE_MODES}, got {self.capture_mode!r}")
 
     @property
     def captures(self) -> bool:
@@ -153,99 +320,3 @@ class Knobs:
     hold_threshold: jax.Array
     temperatures: jax.Array
     keep_source: jax.Array
-
-    @classmethod
-    def create(cls, steps: int, *, guidance_scale=6.0, reference_strength=1.1, hold_threshold=0.0,
-               temperature_start=2.0, temperature_end=0.0, keep_source=0.0) -> "Knobs":
-        f32 = np.float32
-        return cls(guidance_scale=f32(guidance_scale), reference_strength=f32(reference_strength),
-                   hold_threshold=f32(hold_threshold), keep_source=f32(keep_source),
-                   temperatures=schedule.temperature_schedule(int(steps), temperature_start, temperature_end))
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerSettings:
-    """Every sampler setting by name, validated; ``split()`` makes the static config and the knobs.
-
-    The numeric fields are the :class:`Knobs` (``temperature_start`` / ``temperature_end`` give the
-    linear temperature schedule); ``mask_token_id``, ``timestep_convention``, ``score_grid`` and
-    ``micro_conds`` are the :class:`ModelFacts`; the rest are :class:`SamplerConfig` fields.
-    ``guidance_scale <= 1`` turns guidance off and ``reference_strength == 1`` the reference bias.
-    ``capture_words``: the edit-region map reads the text rows of the instruction's words only, not
-    the padding (the caller passes those rows to the loop: ``Editor`` does, from its text side).
-    """
-
-    steps: int = 36
-    guidance_scale: float = 6.0
-    reference_strength: float = 1.1
-    hold_threshold: float = 0.0
-    keep_source: float = 0.0
-    consolidation_blocks: tuple[int, ...] = ()
-    capture_mode: str = "official"
-    greedy: bool = False
-    freeze_held: bool = False
-    temperature_start: float = 2.0
-    temperature_end: float = 0.0
-    micro_conds: tuple[float, ...] = (1024.0, 1024.0, 0.0, 0.0, 6.0)
-    mask_token_id: int | None = None
-    score_grid: tuple[int, int] | None = None
-    timestep_convention: str = "step_index"
-    capture_words: bool = False
-
-    def __post_init__(self):
-        object.__setattr__(self, "consolidation_blocks", tuple(int(b) for b in self.consolidation_blocks))
-        object.__setattr__(self, "micro_conds", tuple(float(m) for m in self.micro_conds))
-        if self.score_grid is not None:
-            object.__setattr__(self, "score_grid", tuple(int(g) for g in self.score_grid))
-        for name in NUMERIC_RANGES:
-            check_setting(name, getattr(self, name))
-        if min(self.consolidation_blocks, default=0) < 0:
-            raise ValueError(f"consolidation_blocks={self.consolidation_blocks}: block indices are >= 0")
-        if not np.all(np.isfinite(self.micro_conds)):
-            raise ValueError(f"micro_conds={self.micro_conds}: must be finite")
-        if self.hold_threshold > 0 and not self.consolidation_blocks:
-            raise ValueError("region hold (hold_threshold > 0) needs consolidation_blocks")
-        if len(self.micro_conds) != 5:
-            raise ValueError(f"micro_conds needs 5 values, got {self.micro_conds}")
-        if self.timestep_convention not in TIMESTEP_CONVENTIONS:
-            raise ValueError(f"timestep_convention must be one of {TIMESTEP_CONVENTIONS}, "
-                             f"got {self.timestep_convention!r}")
-
-    @property
-    def uses_cfg(self) -> bool:
-        return self.guidance_scale > 1.0
-
-    @property
-    def captures(self) -> bool:
-        return bool(self.consolidation_blocks)
-
-    @property
-    def holds(self) -> bool:
-        return self.hold_threshold > 0 and self.captures
-
-    def replace(self, **changes) -> "SamplerSettings":
-        return dataclasses.replace(self, **changes)
-
-    def static(self, *, record: bool = False, record_logits: bool = False) -> SamplerConfig:
-        """The static half; raises ``ValueError`` when ``mask_token_id`` is not set."""
-        if self.mask_token_id is None:
-            raise ValueError("mask_token_id is not set: take it from the model checkpoint's conventions "
-                             "(editmgt_jax.checkpoints.read_conventions(CKPT).mask_token_id; "
-                             "Editor.sampler_config() does)")
-        facts = ModelFacts(self.mask_token_id, self.timestep_convention, self.score_grid, self.micro_conds)
-        return SamplerConfig(model=facts, steps=int(self.steps), consolidation_blocks=self.consolidation_blocks,
-                             capture_mode=self.capture_mode, greedy=self.greedy, freeze_held=self.freeze_held,
-                             guided=self.uses_cfg, reference_bias=self.reference_strength != 1.0,
-                             record=record, record_logits=record_logits)
-
-    def knobs(self) -> Knobs:
-        """The traced half."""
-        return Knobs.create(self.steps, guidance_scale=self.guidance_scale,
-                            reference_strength=self.reference_strength, hold_threshold=self.hold_threshold,
-                            keep_source=self.keep_source,
-                            temperature_start=self.temperature_start, temperature_end=self.temperature_end)
-
-    def split(self, *, record: bool = False, record_logits: bool = False) -> tuple[SamplerConfig, Knobs]:
-        """``(SamplerConfig, Knobs)``: the static choices and the traced numbers."""
-        return self.static(record=record, record_logits=record_logits), self.knobs()
-

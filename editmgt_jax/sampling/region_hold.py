@@ -31,9 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-# TIMESTEP_CONVENTIONS and SamplerSettings are re-exported: the names callers had from this module
-from editmgt_jax.sampling.config import (TIMESTEP_CONVENTIONS, Knobs, ModelFacts, SamplerConfig,  # noqa: F401
-                                         SamplerSettings)
+from editmgt_jax.sampling.config import Knobs, ModelFacts, SamplerConfig
 from editmgt_jax.sampling.consolidation import consolidate
 from editmgt_jax.sampling.guidance import GuidedModel
 from editmgt_jax.sampling.step import hold_mask, step_update

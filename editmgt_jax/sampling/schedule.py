@@ -53,7 +53,7 @@ def step_mask_len(num_tokens: int, mask_ratio, start_ratio, num_unknown):
     return jnp.maximum(1, jnp.minimum(num_unknown.astype(jnp.int32) - 1, length))
 
 
-def temperature_schedule(steps: int, start: float = 2.0, end: float = 0.0) -> np.ndarray:
+def temperature_schedule(steps: int, start: float, end: float) -> np.ndarray:
     """Gumbel-noise temperatures ``linspace(start, end, steps)``, ``[steps] float32``.
 
     Evaluated as ``torch.linspace`` does in float32 (first half counted up from ``start``, second

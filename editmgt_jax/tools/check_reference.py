@@ -265,7 +265,7 @@ def load_checkpoint_models(ckpt: str, log: Callable[[str], None]) -> dict:
     """The components of a converted model checkpoint, as the Editor loads them."""
     from editmgt_jax import checkpoints
     from editmgt_jax.convert import COMPONENTS
-    from editmgt_jax.editor import load_module
+    from editmgt_jax.checkpoints import load_module
 
     models = {}
     for name, cfg in checkpoints.read_config(ckpt)["components"].items():
@@ -366,7 +366,6 @@ def main(argv=None) -> int:
                    help="check a converted model checkpoint (its components and conventions) against "
                         "the folder's cases instead of the folder's own weights")
     args = p.parse_args(argv)
-    import editmgt_jax  # noqa: F401
     from editmgt_jax import checkpoints
 
     try:

@@ -61,7 +61,7 @@ def prepare_batch(raw: Mapping[str, np.ndarray], config) -> dict[str, np.ndarray
     if "original_size" in raw and "crop_top_left" in raw:
         h, w = raw["original_size"][:, 0], raw["original_size"][:, 1]
         top, left = raw["crop_top_left"][:, 0], raw["crop_top_left"][:, 1]
-        aesthetic = float(config.editor.get("aesthetic", DEFAULT_AESTHETIC))
+        aesthetic = float(config.editor.aesthetic)
         out["micro_conds"] = micro_conditions(w, h, top, left, aesthetic)
     if "index" in raw:
         # Example identity (dataset position): masks and dropout are drawn per example id, so any

@@ -278,10 +278,10 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
 
     editor task: components ``transformer`` (+ ``small_text`` when trained) and ``vq`` (from
     ``vq_params``/``vq_config``, the frozen tokenizer the editor was trained on), the word
-    tokenizer's ``vocab.txt``, and ``sampler_defaults`` recording the timestep convention and
-    resolution the model was trained with. The top-level ``timestep_convention`` says what the
-    sampler must feed: ``"mask_fraction"`` (fraction of still-masked target tokens) for models
-    trained with that convention, ``"step_index"`` (the release's) for ``"release"`` fine-tunes.
+    tokenizer's ``vocab.txt``, and the one ``conventions`` record (:func:`editor_conventions`: mask
+    id, the timestep the sampler must feed, ``"mask_fraction"`` for models trained with that
+    convention and ``"step_index"`` (the release's) for ``"release"`` fine-tunes, the
+    micro-conditions, the resolution and the recommended sampler settings).
     vq task: component ``vq`` only.
 
     Atomic: the folder appears complete (tokenizer files and whatever ``finish(folder)`` adds
@@ -303,10 +303,8 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
         if vq_params is not None:
             comps["vq"] = jax.device_get(vq_params)
             cfgs["vq"] = dict(vq_config)
-        meta["sampler_defaults"] = sampler_meta(config)
         meta["training"]["timestep_convention"] = config.editor.timestep_convention
-        meta["timestep_convention"] = meta["sampler_defaults"]["timestep_convention"]
-        meta["conventions"] = editor_conventions(config, cfgs["transformer"])
+        meta["conventions"] = editor_conventions(config).to_dict()
     else:
         comps["vq"] = params
         cfgs["vq"] = state_lib.vq_config(config).to_dict()
@@ -325,33 +323,25 @@ def export_model(path: str | os.PathLike, config, params: Mapping[str, Any], *,
     return checkpoints.save_model(path, comps, cfgs, metadata=meta, overwrite=overwrite, finish=complete)
 
 
-def sampler_meta(config) -> dict:
-    """The exported ``sampler_defaults`` of an editor config: resolution, micro-conditions and the
-    timestep convention it was trained with, plus the config's recommended sampler settings
-    (``editor.sampler_defaults``: steps, guidance_scale, hold_threshold, consolidation_blocks,
-    composite, ...), what ``Editor.edit`` and ``infer.edit`` use unless told otherwise."""
-    from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC
-
-    res = int(config.data.resolution)
-    meta = {"resolution": res,
-            "micro_conds": [float(res), float(res), 0.0, 0.0, float(config.editor.get("aesthetic", DEFAULT_AESTHETIC))],
-            "timestep_convention": losses.sampler_timestep_convention(config.editor.timestep_convention)}
-    for k, v in dict(config.editor.get("sampler_defaults", {}) or {}).items():
-        meta[k] = list(v) if isinstance(v, tuple) else v
-    return meta
-
-
-def editor_conventions(config, transformer_cfg: dict | None = None):
+def editor_conventions(config):
     """The conventions record an editor config exports (``checkpoints.Conventions``): the one
-    record the exported model, the trainer's held-out evaluation and its previews are driven by."""
+    record the exported model, the trainer's held-out evaluation and its previews are driven by.
+    The config's ``editor.sampler_defaults`` are its recommended sampler settings (``negative_prompt``
+    there is the record's negative prompt)."""
     from editmgt_jax import checkpoints
-    from editmgt_jax.training import state as state_lib
     from editmgt_jax.training.step import mask_token_id
 
-    tcfg = transformer_cfg or state_lib.transformer_config(config).to_dict()
-    return checkpoints.legacy_conventions(
-        {"components": {"transformer": tcfg}, "sampler_defaults": sampler_meta(config)},
-        mask_token_id=mask_token_id(config), source="the training config (editor.transformer / init_from)")
+    recommended = dict(config.editor.sampler_defaults)
+    negative_prompt = str(recommended.pop("negative_prompt", ""))
+    try:
+        return checkpoints.Conventions(
+            mask_token_id=mask_token_id(config),
+            timestep_convention=losses.sampler_timestep_convention(config.editor.timestep_convention),
+            aesthetic_score=float(config.editor.aesthetic),
+            negative_prompt=negative_prompt, resolution=int(config.data.resolution), sampler=recommended,
+            source="the training config (editor.transformer / init_from)")
+    except checkpoints.CheckpointError as e:
+        raise ValueError(f"config.editor.sampler_defaults: {str(e).split('sampler settings: ', 1)[-1]}") from None
 
 
 def load_vq(path: str | os.PathLike, dtype=None):

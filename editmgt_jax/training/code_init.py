@@ -83,7 +83,7 @@ def init_from_code_patches(params: dict, patches: np.ndarray, *, seed: int = 0) 
 def initial_params(config, program, vq_program, vq_arrays) -> dict | None:
     """The editor's initial parameters under ``editor.code_embedding_init`` (None: the random
     initialisation stands). ``vq_program``/``vq_arrays``: the frozen tokenizer the trainer loaded."""
-    how = str(config.editor.get("code_embedding_init", "") or "")
+    how = str(config.editor.code_embedding_init)
     if how not in CODE_INITS:
         raise ValueError(f"editor.code_embedding_init={how!r}: choose from {CODE_INITS}")
     if not how:

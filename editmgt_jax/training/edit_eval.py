@@ -101,9 +101,11 @@ class EditEval:
     current parameters, so its compiled edit program is reused.
     """
 
-    def __init__(self, config, program, aux, frozen_programs, tokenizer, *, per_category: int = 10,
+    def __init__(self, config, program, rest, frozen, tokenizer, *, per_category: int = 10,
                  batch_size: int = 35):
-        if "vq" not in frozen_programs:
+        """``rest``: the trained model's non-parameter variables; ``frozen``: the run's
+        ``tasks.FrozenEncoders`` (its VQ tokenizer edits)."""
+        if frozen.vq is None:
             raise ValueError("the held-out edit evaluation needs the frozen tokenizer "
                              "(set editor.vq_checkpoint)")
         if config.editor.text.kind != "small":
@@ -112,8 +114,8 @@ class EditEval:
 
         self.config = config
         self.program = program
-        self.aux = aux
-        self.vq_prog = frozen_programs["vq"]
+        self.rest = rest
+        self.vq = frozen.vq
         self.tokenizer = tokenizer
         self.conventions = editor_conventions(config)
         self.items = load_items(config, per_category)
@@ -125,8 +127,8 @@ class EditEval:
         from editmgt_jax.editor import Editor
         from editmgt_jax.text_side import SmallTextSide
 
-        model = self.program.model.merge(params, self.aux["rest"])
-        vq = self.vq_prog.merge(*self.aux["frozen"]["vq"])
+        model = self.program.model.merge(params, self.rest)
+        vq = self.vq.module()
         if self._editor is None:
             doc = {"conventions": self.conventions.to_dict()}
             self._editor = Editor(doc, {"vq": vq, "transformer": model.transformer},

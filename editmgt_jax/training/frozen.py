@@ -19,7 +19,7 @@ def load_frozen_vq(config, mesh, rules, compiler_options=None):
     from editmgt_jax.models.vq import VQConfig
     from editmgt_jax.training.state import DTYPES, ModelProgram, vq_model
 
-    path = config.editor.get("vq_checkpoint", "")
+    path = config.editor.vq_checkpoint
     if path:
         doc = checkpoints.read_config(os.path.expanduser(path))
         if "vq" not in doc.get("components", {}):
@@ -46,7 +46,7 @@ def load_uncond_text(config) -> dict:
     text states: ``editor.uncond_text`` = an .npz with ``text_states`` [1, L, D], ``pooled`` [1, P]."""
     if float(config.editor.cond_dropout) <= 0:
         return {}
-    path = config.editor.get("uncond_text", "")
+    path = config.editor.uncond_text
     if not path:
         raise ValueError("editor.text.kind='precomputed' with cond_dropout > 0 needs "
                          "editor.uncond_text: an .npz with the empty prompt's text_states [1, L, D] "

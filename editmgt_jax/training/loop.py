@@ -3,6 +3,12 @@
 The run resumes from the newest complete checkpoint in WORKDIR/checkpoints (state, config and data
 position), so re-running after a pre-emption continues exactly where the last checkpoint left off.
 
+The loop is the same for every task: what differs (frozen modules, initial parameters, the compiled
+steps, the editor's held-out edits, the export) is the task's (``editmgt_jax.training.tasks``);
+the periodic work after a step is a list of hooks, each with its own period
+(``editmgt_jax.training.hooks``). :class:`StepRunner` is the one place a train step is run,
+:class:`StepRecorder` where its metrics are recorded.
+
 Outputs in WORKDIR:
     checkpoints/<step>/   Orbax checkpoints (editmgt_jax.training.checkpoint)
     metrics.jsonl         one JSON line per step (loss, accuracy, grad norm, LR, ...)
@@ -17,6 +23,7 @@ Outputs in WORKDIR:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -26,12 +33,9 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from editmgt_jax.training import batches
 from editmgt_jax.training.batches import example_ids, pipeline_config, prepare_batch
-from editmgt_jax.training.frozen import (add_release_text, load_frozen_text, load_frozen_vq,
-                                         load_init_params, load_uncond_text)
+from editmgt_jax.training.frozen import load_init_params
 from editmgt_jax.training.metrics_log import MetricWriter, plot_curves, plot_losses, read_losses
-from editmgt_jax.training.previews import Sampler
 from editmgt_jax.training.tokenizers import make_tokenizer
 
 
@@ -93,6 +97,7 @@ def check_resume_config(saved: Mapping | None, config) -> list[str]:
     if not saved:
         return []
     from editmgt_jax.training.checkpoint import CheckpointConfigError, config_to_json
+    from editmgt_jax.training.fields import EDITOR_DEFAULTS
 
     now = config_to_json(config)
 
@@ -101,8 +106,11 @@ def check_resume_config(saved: Mapping | None, config) -> list[str]:
         # and rerunning a finished run re-exports the model.
         part = {k: doc.get(k) for k in ("task", "editor", "vq") if k in doc}
         if isinstance(part.get("editor"), Mapping):
-            # (a run saved before editor.lora existed resumes: lora off is the same training)
-            part["editor"] = {k: v for k, v in part["editor"].items() if k != "sampler_defaults"
+            # A field a saved config does not name was read with its declared default (checkpoints
+            # written before it was declared); a run saved before editor.lora existed resumes: lora
+            # off is the same training.
+            editor = {**json.loads(json.dumps(EDITOR_DEFAULTS)), **part["editor"]}
+            part["editor"] = {k: v for k, v in editor.items() if k != "sampler_defaults"
                               and not (k == "lora" and not (v or {}).get("enabled"))}
         if doc.get("task") == "vq":
             part.pop("editor", None)
@@ -155,17 +163,128 @@ def train(config, workdir: str, *, compiler_options: Mapping[str, Any] | None = 
             lock.release()
 
 
+class StepRunner:
+    """Runs the compiled train step: the one place the loop invokes it.
+
+    ``__call__(state, raw)`` brings one host batch to the devices, compiles the task's steps on the
+    first call and runs one optimizer call, returning the new state and the step's metrics (device
+    arrays, fetched one step later by :class:`StepRecorder`)."""
+
+    def __init__(self, config, task, mesh, rules, compiler_options):
+        self.config, self.task, self.mesh, self.rules = config, task, mesh, rules
+        self.compiler_options = compiler_options
+        self.steps = None                   # step.TrainSteps, compiled for the first batch
+        self.inputs = None                  # the step's inputs besides state and batch
+        self.tokens_per_example = None
+
+    def __call__(self, state, raw):
+        from editmgt_jax.training.step import global_batch
+
+        batch = global_batch(prepare_batch(raw, self.config), self.mesh, self.rules)
+        if self.steps is None:
+            self.inputs = self.task.step_inputs()
+            self.steps = self.task.make_steps(batch, rules=self.rules, gather_fsdp=bool(self.config.gather_fsdp),
+                                              compiler_options=self.compiler_options)
+            self.tokens_per_example = self.task.tokens_per_example(batch)
+        return self.steps.train(state, batch, self.inputs)
+
+    def eval(self, params, raw, key):
+        """The eval step's metrics on one held-out host batch (after the first train step)."""
+        from editmgt_jax.training.step import global_batch
+
+        batch = global_batch(prepare_batch(raw, self.config), self.mesh, self.rules)
+        return self.steps.eval(params, batch, self.inputs, key)
+
+
+class StepRecorder:
+    """Records each step's metrics one step late (the host does not wait for the device): a row of
+    ``metrics.jsonl``, the progress bar, and every ``train.log_every`` steps the mean of the window
+    with its throughput as ``train/*`` scalars. A non-finite step stops the run
+    (:class:`NonFiniteLossError`, its batch saved)."""
+
+    def __init__(self, config, workdir: str, lead: bool, writer, pbar, runner: StepRunner, num_steps: int):
+        self.config, self.workdir, self.lead, self.writer, self.pbar = config, workdir, lead, writer, pbar
+        self.runner, self.num_steps = runner, num_steps
+        self.losses: dict[int, float] = {}
+        self.pending = None
+        self.window: list[dict] = []
+        self.t_window = time.perf_counter()
+
+    def add(self, step_no: int, metrics, position: int, raw) -> None:
+        """Record the previous step, keep this one in flight."""
+        self.flush()
+        self.pending = (step_no, metrics, position, raw)
+
+    def flush(self) -> None:
+        """Record the step still in flight."""
+        if self.pending is not None:
+            item, self.pending = self.pending, None
+            self._finish(*item)
+
+    def exclude_from_throughput(self, seconds: float) -> None:
+        self.t_window += seconds
+
+    def _finish(self, step_no: int, metrics, position: int, raw) -> None:
+        import jax
+
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not m.pop("finite"):
+            dump = None
+            if self.lead:
+                dump = os.path.join(self.workdir, f"nonfinite_batch_step{step_no}.npz")
+                np.savez_compressed(dump, **raw)
+            self.writer.step(step_no, m)
+            raise NonFiniteLossError(step_no, position, example_ids(raw), m, dump)
+        self.losses[step_no] = m["loss"]
+        self.writer.step(step_no, m)
+        self.window.append(m)
+        self.pbar.update(1)
+        if step_no % int(self.config.train.log_every) == 0 or step_no == self.num_steps:
+            now = time.perf_counter()
+            window = self.window
+            mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+            dt = max(now - self.t_window, 1e-9)
+            examples = len(window) * int(self.config.train.batch_size)
+            mean["examples_per_s"] = examples / dt
+            if self.runner.tokens_per_example:
+                mean["tokens_per_s"] = examples * self.runner.tokens_per_example / dt
+            self.writer.scalars(step_no, "train", mean)
+            postfix = {"loss": f"{mean['loss']:.4f}"}
+            if "tokens_per_s" in mean:
+                postfix["tok/s"] = f"{mean['tokens_per_s']:.3g}"
+            else:
+                postfix["ex/s"] = f"{mean['examples_per_s']:.3g}"
+            self.pbar.set_postfix(postfix)
+            self.window, self.t_window = [], now
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What the periodic hooks see of the run (``hooks.Run``)."""
+
+    config: Any
+    workdir: str
+    lead: bool
+    process_count: int
+    num_steps: int
+    writer: Any
+    recorder: StepRecorder
+
+    def exclude_from_throughput(self, seconds: float) -> None:
+        self.recorder.exclude_from_throughput(seconds)
+
+
 def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mapping[str, Any] | None,
            progress: bool) -> TrainResult:
     import jax
     from tqdm import tqdm
 
-    import editmgt_jax  # noqa: F401  (NNX sharding mode)
     from editmgt_jax.data.pipeline import make_dataset
     from editmgt_jax.parallel import make_mesh
     from editmgt_jax.training.checkpoint import TrainCheckpointer, export_model
+    from editmgt_jax.training.hooks import checkpoint_hook, eval_hook, samples_hook
     from editmgt_jax.training.state import TrainProgram, mesh_shape_from_config, rules_from_config
-    from editmgt_jax.training.step import global_batch, loss_from_config, make_steps
+    from editmgt_jax.training.tasks import make_task
     from editmgt_jax.training.workdir import export_matches, trim_metrics
 
     pidx, pcount = jax.process_index(), jax.process_count()
@@ -176,32 +295,9 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
     if lead:
         logging.info("mesh %s, %.2f%% of parameter bytes replicated", dict(mesh.shape),
                      100 * program.model.replicated_fraction())
-
-    aux: dict[str, Any] = {"frozen": {}}
-    frozen_programs: dict[str, Any] = {}
-    vq_cfg_dict = None
-    text_checkpoint = None
-    if config.task == "editor" and config.editor.text.kind == "release":
-        # The release's frozen CLIP + Gemma-2, run in the step (first: a bad checkpoint fails fast).
-        frozen_programs["text"], aux["frozen"]["text"], uncond, text_checkpoint = load_frozen_text(
-            config, mesh, rules, compiler_options)
-        aux["frozen"]["uncond"] = uncond
-    needs_vq = config.task == "editor" and not config.data.tokens_dir
-    if config.task == "editor" and (needs_vq or config.editor.get("vq_checkpoint", "")):
-        frozen_programs["vq"], aux["frozen"]["vq"], vq_cfg_dict = load_frozen_vq(
-            config, mesh, rules, compiler_options)
-        # Under LoRA the output layer is frozen: it is with the model's other variables (``rest``).
-        weights = program.model.abstract_params if program.lora is None else program.model.abstract_rest
-        codebook = weights["transformer"]["mlm_layer"]["conv2"]["kernel"].shape[-1]
-        if vq_cfg_dict["num_vq_embeddings"] != codebook:
-            raise ValueError(f"the VQ tokenizer has {vq_cfg_dict['num_vq_embeddings']} codewords but "
-                             f"the transformer predicts {codebook} (editor.transformer.codebook_size)")
-
-    if config.task == "editor" and config.editor.text.kind == "precomputed":
-        aux["frozen"].update(load_uncond_text(config))
+    task = make_task(config, program, mesh, rules, tokenizer, compiler_options)   # loads its frozen modules
 
     it = iter(dataset)
-
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"),
                              keep=int(config.train.keep_checkpoints),
                              async_save=bool(config.train.async_checkpoints))
@@ -230,28 +326,17 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
             trim_metrics(os.path.join(workdir, "metrics.jsonl"), start)
     else:
         start = 0
-        init = load_init_params(config, program) if config.init_from else None
-        if init is None and config.task == "editor":
-            from editmgt_jax.training.code_init import initial_params
-
-            init = initial_params(config, program, frozen_programs.get("vq"), aux["frozen"].get("vq"))
-        state, rest = program.init_state(int(config.seed), params=init,
+        state, rest = program.init_state(int(config.seed), params=task.initial_params(),
                                          compiler_options=compiler_options)
-    aux["rest"] = rest
+    task.rest = rest
 
     num_steps = int(config.train.num_steps)
     writer = MetricWriter(workdir, lead)
-    losses: dict[int, float] = {}
-    steps = None
-    eval_raw = None
-    sampler = None
-    edit_evaluator = None
-    tokens_per_example = None
     pbar = tqdm(total=num_steps, initial=start, disable=not (progress and lead), unit="step",
                 dynamic_ncols=True)
-    window: list[dict] = []
-    t_window = time.perf_counter()
-    pending = None
+    run_step = StepRunner(config, task, mesh, rules, compiler_options)
+    recorder = StepRecorder(config, workdir, lead, writer, pbar, run_step, num_steps)
+    run = RunContext(config, workdir, lead, pcount, num_steps, writer, recorder)
 
     def eval_dataset():
         return make_dataset(pipeline_config(config, config.data.eval_split, pcount), tokenize=tokenizer,
@@ -262,113 +347,22 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
         for _ in range(int(config.train.eval_batches)):
             yield next(e_it)
 
-    def finish(item) -> None:
-        nonlocal window, t_window
-        step_no, metrics, position, raw = item
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not m.pop("finite"):
-            dump = None
-            if lead:
-                dump = os.path.join(workdir, f"nonfinite_batch_step{step_no}.npz")
-                np.savez_compressed(dump, **raw)
-            writer.step(step_no, m)
-            raise NonFiniteLossError(step_no, position, example_ids(raw), m, dump)
-        losses[step_no] = m["loss"]
-        writer.step(step_no, m)
-        window.append(m)
-        pbar.update(1)
-        log_every = int(config.train.log_every)
-        if step_no % log_every == 0 or step_no == num_steps:
-            now = time.perf_counter()
-            mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-            dt = max(now - t_window, 1e-9)
-            examples = len(window) * int(config.train.batch_size)
-            mean["examples_per_s"] = examples / dt
-            if tokens_per_example:
-                mean["tokens_per_s"] = examples * tokens_per_example / dt
-            writer.scalars(step_no, "train", mean)
-            postfix = {"loss": f"{mean['loss']:.4f}"}
-            if "tokens_per_s" in mean:
-                postfix["tok/s"] = f"{mean['tokens_per_s']:.3g}"
-            else:
-                postfix["ex/s"] = f"{mean['examples_per_s']:.3g}"
-            pbar.set_postfix(postfix)
-            window, t_window = [], now
-
+    hooks = [checkpoint_hook(config, ckpt, it),
+             eval_hook(config, eval_batches, run_step.eval),
+             *task.periodic(),
+             samples_hook(config, lambda: task.sampler(next(iter(eval_dataset())), mesh))]
     try:
         for step in range(start, num_steps):
             position = int(it.get_state().get("next_index", step)) if hasattr(it, "get_state") else step
             raw = next(it)
-            batch_host = prepare_batch(raw, config)
-            batch = global_batch(batch_host, mesh, rules)
-            if steps is None:
-                steps = make_steps(program, loss_from_config(config), frozen_programs, batch, aux,
-                                   rules=rules, gather_fsdp=bool(config.gather_fsdp),
-                                   compiler_options=compiler_options)
-                tokens_per_example = batches.tokens_per_example(config, batch, frozen_programs)
-            state, metrics = steps.train(state, batch, aux)
-            if pending is not None:
-                finish(pending)
-            pending = (step + 1, metrics, position, raw)
+            state, metrics = run_step(state, raw)
             step_no = step + 1
-            if step_no % int(config.train.checkpoint_every) == 0 or step_no == num_steps:
-                finish(pending)
-                pending = None
-                ckpt.save(step_no, state, config, it, force=step_no == num_steps)
-            eval_every = int(config.train.eval_every)
-            if eval_every and step_no % eval_every == 0:
-                if pending is not None:
-                    finish(pending)
-                    pending = None
-                key = jax.random.key_data(jax.random.key(int(config.seed) + 12345))
-                rows = []
-                for e_raw in eval_batches():
-                    eb = global_batch(prepare_batch(e_raw, config), mesh, rules)
-                    rows.append({k: float(v) for k, v in
-                                 jax.device_get(steps.eval(state.params, eb, aux, key)).items()})
-                ev = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-                writer.scalars(step_no, "eval", ev)
-                if lead:
-                    writer.step(step_no, {f"eval_{k}": v for k, v in ev.items()})
-            edit_every = int(config.train.get("edit_eval_every", 0) or 0)
-            if (edit_every and config.task == "editor" and pcount == 1
-                    and (step_no % edit_every == 0 or step_no == num_steps)):
-                if pending is not None:
-                    finish(pending)
-                    pending = None
-                if edit_evaluator is None:
-                    from editmgt_jax.training.edit_eval import EditEval
-
-                    edit_evaluator = EditEval(config, program, aux, frozen_programs, tokenizer,
-                                              per_category=int(config.train.get("edit_eval_per_category", 10)))
-                t_eval = time.perf_counter()
-                ev = edit_evaluator(state.params)
-                writer.scalars(step_no, "edit_eval", ev)
-                if lead:
-                    writer.step(step_no, {f"eval_{k}": v for k, v in ev.items()})
-                    logging.info("step %d held-out clean success %.3f (inside %.3f, kept outside %.3f), "
-                                 "leak %.1f dB, map AUROC %.3f (%.0f s)", step_no, ev["clean_success"],
-                                 ev["inside_success"], ev["kept_outside"], ev["leak_psnr_src"], ev["map_auroc"],
-                                 time.perf_counter() - t_eval)
-                t_window += time.perf_counter() - t_eval   # evaluation time is not training throughput
-            sample_every = int(config.train.sample_every)
-            if sample_every and (step_no % sample_every == 0 or step_no == num_steps) and pcount == 1:
-                if pending is not None:
-                    finish(pending)
-                    pending = None
-                if sampler is None:
-                    eval_raw = eval_raw or next(iter(eval_dataset()))
-                    sampler = Sampler(config, program, aux, frozen_programs, eval_raw, mesh, tokenizer)
-                grid = sampler.grid(state.params)
-                if grid is not None and lead:
-                    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-                    from PIL import Image
-
-                    Image.fromarray(grid).save(os.path.join(workdir, "samples", f"step_{step_no}.png"))
-                    writer.image(step_no, "samples", grid)
-        if pending is not None:
-            finish(pending)
-            pending = None
+            recorder.add(step_no, metrics, position, raw)
+            for hook in hooks:
+                if hook.due(step_no, num_steps, pcount):
+                    recorder.flush()
+                    hook.run(run, step_no, state)
+        recorder.flush()
     finally:
         pbar.close()
         ckpt.close()
@@ -390,11 +384,11 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
             plot_curves(curves, os.path.join(workdir, "curves.png"), f"{config.task}: learning curves")
     # Export after new steps, and whenever the final state has no matching export (a run killed
     # between its last checkpoint and the export finishes the export when rerun).
-    recommended = dict(config.editor.get("sampler_defaults", {}) or {}) if config.task == "editor" else {}
+    export = task.export()
     if config.train.export and (num_steps > start or not export_matches(os.path.join(workdir, "model"),
-                                                                        final_step, recommended)):
-        params = program.model.all_params(state.params, aux["rest"])   # LoRA: the model with its adapters
-        vq_params = aux["frozen"]["vq"][0] if "vq" in aux["frozen"] else None
+                                                                        final_step, export.conventions)):
+        params = program.model.all_params(state.params, task.rest)   # LoRA: the model with its adapters
+        vq_params = export.vq_params
         if pcount > 1:
             from jax.experimental import multihost_utils
 
@@ -402,11 +396,7 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
             vq_params = (multihost_utils.process_allgather(vq_params, tiled=True)
                          if vq_params is not None else None)
         if lead:
-            training_meta = {"task": config.task, "step": final_step,
-                             "timestep_convention": config.editor.get(
-                                 "timestep_convention") if config.task == "editor" else None}
-            if text_checkpoint is not None:
-                training_meta.update(text_kind="release", text_checkpoint=text_checkpoint)
+            training_meta = {"task": config.task, "step": final_step, **export.metadata}
             from editmgt_jax.training.metrics_log import latest_evaluation
 
             last_eval = latest_evaluation(workdir)   # the model card's measured quality
@@ -415,9 +405,7 @@ def _train(config, workdir: str, dataset, tokenizer, *, compiler_options: Mappin
                                                "on": f"the held-out split during training, step {last_eval['step']}"}
             lora_meta = {} if program.lora is None else {"lora": program.lora.to_dict()}
             model_dir = export_model(os.path.join(workdir, "model"), config, params,
-                                     vq_params=vq_params, vq_config=vq_cfg_dict,
-                                     tokenizer=tokenizer if text_checkpoint is None else None,
+                                     vq_params=vq_params, vq_config=export.vq_config, tokenizer=export.tokenizer,
                                      overwrite=True, metadata={"training": training_meta, **lora_meta},
-                                     finish=None if text_checkpoint is None else
-                                     (lambda folder: add_release_text(folder, text_checkpoint)))
-    return TrainResult(final_step=final_step, losses=losses, workdir=workdir, model_dir=model_dir)
+                                     finish=export.finish)
+    return TrainResult(final_step=final_step, losses=recorder.losses, workdir=workdir, model_dir=model_dir)

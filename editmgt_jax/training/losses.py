@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC
+
 TRAINING_TIMESTEP_CONVENTIONS = ("mask_fraction", "release")
 
 
@@ -213,7 +215,7 @@ def changed_token_hits(logits: jax.Array, source_ids: jax.Array, target_ids: jax
     return jnp.sum(hits.astype(jnp.float32)), jnp.sum(changed.astype(jnp.float32))
 
 
-def default_micro_conds(batch_size: int, height: int, width: int, aesthetic: float = 6.0) -> jax.Array:
+def default_micro_conds(batch_size: int, height: int, width: int, aesthetic: float = DEFAULT_AESTHETIC) -> jax.Array:
     """[B, 5] f32 ``[width, height, crop_top, crop_left, aesthetic]`` for uncropped images."""
     row = jnp.asarray([width, height, 0.0, 0.0, aesthetic], jnp.float32)
     return jnp.broadcast_to(row, (batch_size, 5))

@@ -27,16 +27,18 @@ class Sampler:
     items' own size.
     """
 
-    def __init__(self, config, program, aux, frozen_programs, eval_raw, mesh, tokenizer=None):
+    def __init__(self, config, program, rest, frozen, eval_raw, mesh, tokenizer=None):
+        """``rest``: the trained model's non-parameter variables; ``frozen``: the run's
+        ``tasks.FrozenEncoders``."""
         import jax
 
         self.config = config
         self.program = program
-        self.aux = aux
-        self.frozen_programs = frozen_programs
+        self.rest = rest
+        self.frozen = frozen
         self.raw = {k: v[: int(config.train.num_samples)] for k, v in eval_raw.items()}
         self.mesh = mesh
-        self.available = config.task == "vq" or ("vq" in frozen_programs and config.editor.text.kind == "small")
+        self.available = config.task == "vq" or (frozen.vq is not None and config.editor.text.kind == "small")
         self._fn = None
         self._edits = None
         self._tokenizer = tokenizer
@@ -50,7 +52,7 @@ class Sampler:
         if self._edits is None:
             from editmgt_jax.training.edit_eval import EditEval
 
-            self._edits = EditEval(self.config, self.program, self.aux, self.frozen_programs, self._tokenizer,
+            self._edits = EditEval(self.config, self.program, self.rest, self.frozen, self._tokenizer,
                                    per_category=1, batch_size=int(self.config.train.num_samples))
             self._edits.items = self._edits.items[: int(self.config.train.num_samples)]
         editor = self._edits.editor(params)
@@ -65,9 +67,9 @@ class Sampler:
             from editmgt_jax.training.step import to_unit_range
 
             model_prog = self.program.model
-            self._fn = jax.jit(lambda params, aux, images: model_prog.merge(params, aux["rest"])(
+            self._fn = jax.jit(lambda params, rest, images: model_prog.merge(params, rest)(
                 to_unit_range(images))[0])
         batch = prepare_batch(self.raw, self.config)
         images = batch["image"][: len(self.raw["target"])]
-        recon = self._jax.device_get(self._fn(params, self.aux, images))
+        recon = self._jax.device_get(self._fn(params, self.rest, images))
         return image_grid([images, recon])

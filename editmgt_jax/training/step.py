@@ -37,6 +37,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC
 from editmgt_jax.parallel import (DEFAULT_RULES, batch_sharding, gather_per_block, module_gatherer, replicated,
                                   without_axes)
 from editmgt_jax.training import losses
@@ -64,7 +65,7 @@ class EditorLoss:
     text_kind: str = "small"              # "small" | "precomputed" | "release"
     cond_dropout: float = 0.1
     timestep_convention: str = "mask_fraction"
-    aesthetic: float = 6.0
+    aesthetic: float = DEFAULT_AESTHETIC
     image_size: int | None = None         # default micro-conditions when the batch has none
     changed_weight: float = 1.0           # loss weight of positions the edit changes (target != source)
     full_mask_prob: float = 0.0           # fraction of examples with the whole target masked
@@ -212,9 +213,9 @@ def region_loss_blocks(config) -> tuple[int, ...]:
     blocks the exported sampler settings consolidate (``editor.sampler_defaults``), so the map the
     loss shapes is the map region hold reads."""
     e = config.editor
-    blocks = tuple(e.get("region_loss_blocks", ()) or ())
+    blocks = tuple(e.region_loss_blocks)
     if not blocks:
-        blocks = tuple(dict(e.get("sampler_defaults", {}) or {}).get("consolidation_blocks", ()) or ())
+        blocks = tuple(e.sampler_defaults.get("consolidation_blocks", ()))
     return tuple(int(b) for b in blocks)
 
 
@@ -227,12 +228,9 @@ def loss_from_config(config) -> EditorLoss | VQLoss:
         return EditorLoss(mask_id=mask_token_id(config, tcfg), text_kind=e.text.kind,
                           cond_dropout=float(e.cond_dropout),
                           timestep_convention=e.timestep_convention,
-                          aesthetic=float(e.get("aesthetic", 6.0)),
-                          image_size=int(e.image_size) if e.get("image_size") else None,
-                          changed_weight=float(e.get("changed_weight", 1.0)),
-                          full_mask_prob=float(e.get("full_mask_prob", 0.0)),
-                          changed_share=float(e.get("changed_share", 0.0)),
-                          region_weight=float(e.get("region_loss_weight", 0.0)),
+                          aesthetic=float(e.aesthetic), image_size=int(e.image_size) or None,
+                          changed_weight=float(e.changed_weight), full_mask_prob=float(e.full_mask_prob),
+                          changed_share=float(e.changed_share), region_weight=float(e.region_loss_weight),
                           region_blocks=region_loss_blocks(config))
     if config.task == "vq":
         v = config.vq

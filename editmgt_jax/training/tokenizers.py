@@ -15,7 +15,7 @@ class ReleaseInstructionTokenizer:
     empty prompt (the unconditional text) rather than stopping the run."""
 
     def __init__(self, checkpoint: str):
-        from editmgt_jax.editor import release_tokenizer
+        from editmgt_jax.checkpoints import release_tokenizer
 
         self.checkpoint = checkpoint
         self.prompt = release_tokenizer(checkpoint)

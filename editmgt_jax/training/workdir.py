@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -93,17 +94,18 @@ def trim_metrics(path: str, last_step: int) -> int:
     return dropped
 
 
-def export_matches(model_dir: str, step: int, sampler_defaults: Mapping | None = None) -> bool:
-    """Whether ``model_dir`` is a complete model checkpoint exported at training step ``step`` that
-    recommends ``sampler_defaults`` (the config's; a changed recommendation means a new export)."""
+def export_matches(model_dir: str, step: int, conventions=None) -> bool:
+    """Whether ``model_dir`` is a complete model checkpoint exported at training step ``step`` whose
+    conventions record (read as ``Editor.load`` reads it, older checkpoints included) is
+    ``conventions`` (the config's; a changed recommendation means a new export)."""
     from editmgt_jax import checkpoints
 
     try:
         doc = checkpoints.read_config(model_dir)
+        exported = checkpoints.read_conventions(doc)
     except checkpoints.CheckpointError:
         return False
-    exported = doc.get("sampler_defaults") or {}
-    for key, value in dict(sampler_defaults or {}).items():
-        if json.loads(json.dumps(exported.get(key))) != json.loads(json.dumps(value)):
-            return False
+    if conventions is not None and dataclasses.replace(exported, source="") != dataclasses.replace(
+            conventions, source=""):
+        return False
     return int((doc.get("training") or {}).get("step", -1)) == int(step)

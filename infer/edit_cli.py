@@ -12,7 +12,7 @@ import math
 import os
 import sys
 
-from editmgt_jax.cli_flags import check_sampler_flags, sampler_overrides
+from infer.flags import sampler_overrides
 
 
 def output_files(out: str, heatmap: bool) -> list[str]:
@@ -25,11 +25,14 @@ def same_file(a: str, b: str) -> bool:
     return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
 
-def check_flags(args) -> None:
-    """Flag values the edit cannot use -> ``ValueError`` naming the flag (before anything loads)."""
+def check_flags(args) -> dict:
+    """Flag values the edit cannot use -> ``ValueError`` naming the flag (before anything loads);
+    the ``Editor.edit`` keywords of the flags (sampler settings, seed, size, resize policy, negative
+    prompt; progress bars on)."""
     from editmgt_jax import imageio
 
-    check_sampler_flags(args)
+    settings = dict(seed=args.seed, size=args.size, policy=args.resize, negative_prompt=args.negative_prompt,
+                    progress=True, **sampler_overrides(args))
     if not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed {args.seed}: must be in [0, {2**32 - 1}]")
     if args.size is not None and args.size < 1:
@@ -58,6 +61,7 @@ def check_flags(args) -> None:
         imageio.load_image(args.image, name=f"--image {args.image}")
         if args.mask:
             imageio.load_image(args.mask, name=f"--mask {args.mask}")
+    return settings
 
 
 def load_editor(args):
@@ -71,19 +75,6 @@ def load_editor(args):
     mesh = parallel.parse_mesh_flag(args.mesh) if args.mesh else None
     return Editor.load(args.checkpoint, mesh_shape=mesh, dtype=jnp.bfloat16 if args.dtype == "bf16" else jnp.float32,
                        lora_scale=getattr(args, "lora_scale", 1.0))
-
-
-def edit_settings(editor, args) -> dict:
-    """``Editor.edit`` keywords from the parsed flags (sampler, seed, size, resize policy, negative
-    prompt, composite; progress bars on). Settings this model cannot take fail here, before any
-    compile."""
-    over = sampler_overrides(args)
-    try:
-        editor.sampler_config(**over)
-    except ValueError as e:
-        raise ValueError(str(e).replace("consolidation_blocks", "--consolidation-blocks", 1)) from None
-    return dict(seed=args.seed, size=args.size, policy=args.resize, negative_prompt=args.negative_prompt,
-                composite=args.composite, progress=True, **over)
 
 
 def save_outputs(result, i: int, out_path: str, heatmap: bool) -> list[str]:

@@ -23,7 +23,7 @@ def read_batch(path: str, out_dir: str, heatmap: bool = False) -> tuple[list[dic
     ``instruction``, the image (and mask) readable, ``out`` a writable image name inside ``out_dir``
     used once, and no file the edit writes (``<out>_heatmap.png`` too with ``heatmap``) the image or
     mask of any line."""
-    from editmgt_jax.edit_cli import output_files
+    from infer.edit_cli import output_files
     try:
         with open(path) as fh:
             lines = fh.read().splitlines()
