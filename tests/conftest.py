@@ -22,6 +22,21 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "editmgt-tiny-v1"
 
 
+# The test files that take longest (measured on two cores), longest first. They start first: with
+# ``-n 2 --dist loadfile`` (setup.cfg) each file runs on one worker, and the short files that
+# come after them fill in, so that both workers finish at about the same time.
+LONGEST_FIRST = ("test_train_loop", "test_release_conventions", "test_editor", "test_check_reference",
+                 "test_training", "test_accelerator_check", "test_multihost", "test_checkpoint",
+                 "test_failures", "test_demo_browser", "test_vq", "test_packaging",
+                 "test_release_text_training", "test_hub", "test_default_model", "test_bench_sampler",
+                 "test_evaluation")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))     # stable: in-file order kept
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """A persistent compilation cache of this run's own, empty at its start (one per pytest-xdist
