@@ -335,22 +335,14 @@ def test_fsq_ids_codes_and_round_trip():
     assert np.all(np.asarray(g) > 0)
 
 
-# The model's calls compiled whole (op by op, each of the VQ's many small operations compiles
-# on its own, which costs far more than the one program on this tiny model).
-_forward = nnx.jit(lambda m, x: m(x))
-_encode = nnx.jit(lambda m, x: m.encode(x))
-_encode_ids = nnx.jit(lambda m, x: m.encode_ids(x))
-_decode_ids = nnx.jit(lambda m, ids: m.decode_ids(ids))
-
-
 def test_fsq_model_forward_matches_decode_ids():
     cfg = _fsq_cfg()
     model = VQModel(cfg, rngs=nnx.Rngs(0))
     pixels = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3))
-    recon, aux, ids = _forward(model, pixels)
+    recon, aux, ids = model(pixels)
     assert ids.shape == (2, 4, 4) and int(ids.max()) < 60 and int(ids.min()) >= 0
-    np.testing.assert_array_equal(np.asarray(_encode_ids(model, pixels)), np.asarray(ids))
-    np.testing.assert_allclose(np.asarray(_decode_ids(model, ids)), np.asarray(recon), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(model.encode_ids(pixels)), np.asarray(ids))
+    np.testing.assert_allclose(np.asarray(model.decode_ids(ids)), np.asarray(recon), atol=1e-5)
     assert float(aux["codebook"]) == 0.0 and float(aux["commitment"]) == 0.0
     assert not nnx.state(model.quantize, nnx.Param)   # no codebook parameters
 
@@ -377,15 +369,15 @@ def test_patch_encoder_ids_are_local():
     changed = {}
     for kind in ("patch", "conv"):
         model = VQModel(_fsq_cfg(encoder=kind), rngs=nnx.Rngs(0))
-        a = np.asarray(_encode(model, jnp.asarray(pixels)))
-        b = np.asarray(_encode(model, jnp.asarray(edited)))
+        a = np.asarray(model.encode(jnp.asarray(pixels)))
+        b = np.asarray(model.encode(jnp.asarray(edited)))
         changed[kind] = np.argwhere(np.abs(a - b).max(-1)[0] > 1e-6)
     assert set(map(tuple, changed["patch"])) <= {(2, 4), (2, 5), (3, 4), (3, 5)}
     assert len(changed["patch"]) >= 1
     assert len(changed["conv"]) > len(changed["patch"])
     # A patch encoder trains and decodes like the conv one.
     model = VQModel(cfg, rngs=nnx.Rngs(0))
-    recon, _, ids = _forward(model, jnp.asarray(pixels))
-    np.testing.assert_allclose(np.asarray(_decode_ids(model, ids)), np.asarray(recon), atol=1e-5)
+    recon, _, ids = model(jnp.asarray(pixels))
+    np.testing.assert_allclose(np.asarray(model.decode_ids(ids)), np.asarray(recon), atol=1e-5)
     with pytest.raises(ValueError, match="encoder 'resnet'"):
         _fsq_cfg(encoder="resnet")
