@@ -140,10 +140,8 @@ def test_keep_n_and_async_save_under_donation(program_and_state, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tokens_dir(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("data")
-    return train_fixtures.build_tokens(train_fixtures.build_images(str(root / "tfds")),
-                                       str(root / "tokens"))
+def tokens_dir(train_data) -> str:
+    return train_data["tokens_dir"]
 
 
 def _command(workdir, tokens_dir, steps):

@@ -453,11 +453,8 @@ def test_train_main_errors_are_one_line_and_leave_nothing(tmp_path, cli):
 
 # ------------------------------------------------ resume after a config change: the checkpoints stay
 @pytest.fixture(scope="module")
-def tokens_dir(tmp_path_factory):
-    import train_fixtures
-
-    root = tmp_path_factory.mktemp("tokdata")
-    return train_fixtures.build_tokens(train_fixtures.build_images(str(root / "tfds")), str(root / "tokens"))
+def tokens_dir(train_data):
+    return train_data["tokens_dir"]
 
 
 def _tiny_editor_run(tokens_dir, workdir):
@@ -606,15 +603,9 @@ def test_no_edit_replaces_a_source_image_or_writes_outside_the_out_dir(tmp_path,
 
 
 # ----------------------------------------------- pre-tokenising and rebuilding data are atomic
-def _images_dir(tmp_path_factory):
-    import train_fixtures
-
-    return train_fixtures.build_images(str(tmp_path_factory.mktemp("imgdata") / "tfds"))
-
-
 @pytest.fixture(scope="module")
-def images_dir(tmp_path_factory):
-    return _images_dir(tmp_path_factory)
+def images_dir(train_data):
+    return train_data["data_dir"]
 
 
 def test_pretokenize_replaces_its_output_only_when_complete(images_dir, tmp_path, cli):

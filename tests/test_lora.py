@@ -77,10 +77,8 @@ def test_targets_are_the_official_modules_and_unknown_names_fail():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("data")
-    tfds_dir = train_fixtures.build_images(str(root / "tfds"))
-    return {"data_dir": tfds_dir, "tokens_dir": train_fixtures.build_tokens(tfds_dir, str(root / "tokens"))}
+def data(train_data) -> dict:
+    return train_data
 
 
 def tiny_config(data, base_dir=""):

@@ -16,10 +16,8 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def tokens_dir(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("data")
-    return train_fixtures.build_tokens(train_fixtures.build_images(str(root / "tfds")),
-                                       str(root / "tokens"))
+def tokens_dir(train_data) -> str:
+    return train_data["tokens_dir"]
 
 
 def _free_port() -> int:

@@ -23,11 +23,9 @@ RES = train_fixtures.RES
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict:
+def data(train_data) -> dict:
     """Synthetic edits at 32 px as images (TFDS) and pre-tokenised (8x8 ids)."""
-    root = tmp_path_factory.mktemp("data")
-    tfds_dir = train_fixtures.build_images(str(root / "tfds"))
-    return {"data_dir": tfds_dir, "tokens_dir": train_fixtures.build_tokens(tfds_dir, str(root / "tokens"))}
+    return train_data
 
 
 def small_editor_config(**text):
