@@ -4,14 +4,18 @@
     python -m bench.train --released [--max-batch 64]      # on a GPU: the 1024 px released model
     python -m bench.train --configs medium --attention naive,xla --donate-only   # attention before/after
     python -m bench.train --configs medium --donate-only --lora       # full fine-tuning vs LoRA r32/a128
+    python -m bench.train --before-after 3 --steps 3                  # the default editor's step, before/after
     python -m bench.train --configs medium --donate-only --lora --steps 2 --rounds 4   # + alternating rounds
     python -m bench.train --configs medium --lora --state-only    # train-state bytes only, no compile
 
 Per config, with and without donating the train state, each in a fresh process (so the peak host
 memory, ``ru_maxrss``, belongs to that run alone):
 
-* ``default``: the shipped default model's editor, ``configs/editor_synthetic.py`` (its transformer,
-  text encoder and batch size; 64 px -> 16x16 ids);
+* ``default``: the shipped default model's editor, ``configs/editor_synthetic_onestage.py`` (its
+  transformer on the 2x2-pooled 8x8 grid, text encoder, region loss and batch size; 64 px -> 16x16
+  ids); ``previous``: the 16x16-grid editor of the three-stage recipe (``configs/editor_synthetic_region.py``);
+* ``--before-after ROUNDS``: the default editor's step before the throughput work (``previous``, with
+  1x1 convolutions lowered as convolutions) and after (``default``), alternating in one process;
 * ``tiny``: ``configs/editor_tiny.py`` (width 32, 1 dual + 1 single block, small text encoder),
   64 px -> 16x16 target ids, batch 16;
 * ``medium``: the 83.1M-parameter transformer of ``bench/medium_transformer_config.json``
@@ -67,10 +71,16 @@ def _config(name: str):
     c = editor_tiny.get_config()
     c.optim.schedule = "constant"
     c.optim.warmup_steps = 0
-    if name == "default":
-        from configs import editor_synthetic
+    if name in ("default", "previous"):
+        # default: the shipped default editor's recipe (configs/editor_synthetic_onestage.py: 8x8
+        # transformer grid of 2x2-pooled cells, 2 heads of 32); previous: the three-stage recipe's
+        # final stage (configs/editor_synthetic_region.py: the 16x16 grid, 4 heads of 16). Both with
+        # the region loss, 64 px -> 16x16 ids, batch 16.
+        from configs import editor_synthetic_onestage, editor_synthetic_region
 
-        c = editor_synthetic.get_config()
+        c = (editor_synthetic_onestage if name == "default" else editor_synthetic_region).get_config()
+        c.init_from = ""
+        c.editor.code_embedding_init = ""
         c.optim.schedule = "constant"
         c.optim.warmup_steps = 0
         c.editor.vq_checkpoint = ""
@@ -341,6 +351,61 @@ def _lora_table(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def run_before_after(steps: int, rounds: int) -> dict:
+    """The default editor's train step before and after the throughput work, in one process and in
+    alternating rounds (before, after, before, ...): 'before' is the previous recipe's step
+    (``previous``) with 1x1 convolutions lowered as convolutions (what ``layers.Conv2d`` did before
+    it ran them as matmuls), 'after' the shipped recipe's step (``default``). Median step and
+    examples/s of each and their ratio."""
+    import statistics
+
+    import jax
+
+    from editmgt_jax.models import layers
+
+    pointwise = layers.Conv2d._pointwise
+    layers.Conv2d._pointwise = lambda self: False       # trace 'before' with the convolution lowering
+    try:
+        before = _prepare("previous", True, None, False)
+    finally:
+        layers.Conv2d._pointwise = pointwise
+    variants = {"before": before, "after": _prepare("default", True, None, False)}
+    times = {v: [] for v in variants}
+    for p in variants.values():   # warm-up
+        for _ in range(2):
+            p["state"], m = p["compiled"](p["state"], p["data"], p["aux"])
+        jax.block_until_ready(m)
+    for r in range(rounds):
+        for v, p in variants.items():
+            for _ in range(steps):
+                t = time.perf_counter()
+                p["state"], m = p["compiled"](p["state"], p["data"], p["aux"])
+                jax.block_until_ready((p["state"], m))
+                times[v].append(time.perf_counter() - t)
+            print(f"round {r + 1}/{rounds} {v}: " + " ".join(f"{s:.2f}" for s in times[v][-steps:]) + " s",
+                  file=sys.stderr, flush=True)
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    batch = variants["after"]["batch"]
+    return dict(batch=batch, rounds=rounds, steps_per_round=steps, step_s_before=times["before"],
+                step_s_after=times["after"], median_s_before=med["before"], median_s_after=med["after"],
+                examples_per_s_before=batch / med["before"], examples_per_s_after=batch / med["after"],
+                speedup=med["before"] / med["after"],
+                compile_s_before=variants["before"]["compile_s"], compile_s_after=variants["after"]["compile_s"],
+                params_before=variants["before"]["n_params"], params_after=variants["after"]["n_params"])
+
+
+def _before_after_text(r: dict, command: str) -> str:
+    return (f"\n`{command}` ({datetime.date.today().isoformat()}; {os.cpu_count()} CPUs, 1-min load average "
+            f"{os.getloadavg()[0]:.1f} at the end; Python {platform.python_version()})\n\n"
+            "| step | params | batch | median step (ms) | examples/s | compile (s) |\n|---|---|---|---|---|---|\n"
+            f"| before: previous recipe, 1x1 convolutions as convolutions | {r['params_before'] / 1e6:.2f}M | {r['batch']} "
+            f"| {1e3 * r['median_s_before']:.0f} | {r['examples_per_s_before']:.1f} | {r['compile_s_before']:.1f} |\n"
+            f"| after: shipped recipe (2x2-pooled grid, 1x1 as matmuls) | {r['params_after'] / 1e6:.2f}M | {r['batch']} "
+            f"| {1e3 * r['median_s_after']:.0f} | {r['examples_per_s_after']:.1f} | {r['compile_s_after']:.1f} |\n"
+            f"\nSpeed-up (median step before / after, {r['rounds']} alternating rounds of {r['steps_per_round']} "
+            f"steps): {r['speedup']:.2f}x.\n")
+
+
 def _alternating_text(alts: list[dict]) -> str:
     return "".join(
         f"\nAlternating rounds in one process ({a['config']}, batch {a['batch']}, {a['rounds']} rounds of "
@@ -380,6 +445,9 @@ def main(argv=None) -> int:
     p.add_argument("--donate-only", action="store_true", help="only the rows with a donated state")
     p.add_argument("--lora", action="store_true",
                    help="each config with full fine-tuning and with LoRA (editor.lora: rank 32, alpha 128)")
+    p.add_argument("--before-after", type=int, default=0, metavar="ROUNDS",
+                   help="the default editor's train step before (previous recipe, 1x1 convolutions as "
+                        "convolutions) and after (shipped recipe), alternating ROUNDS rounds in one process")
     p.add_argument("--rounds", type=int, default=0,
                    help="with --lora: also time full and LoRA in one process, alternating ROUNDS rounds of "
                         "--steps timed steps each (median step of each and their ratio)")
@@ -394,6 +462,15 @@ def main(argv=None) -> int:
         for name in args.configs.split(","):
             for lora in ((False, True) if args.lora else (False,)):
                 print(json.dumps(state_sizes(name, lora)), flush=True)
+        return 0
+    if args.before_after:
+        r = run_before_after(args.steps, args.before_after)
+        print(json.dumps(r))
+        command = "python -m bench.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        text = _before_after_text(r, command.strip())
+        print(text)
+        if not args.no_record:
+            append_to_section("## Training", text, intro=_NOTES)
         return 0
     if args.rounds and not args.lora:
         p.error("--rounds alternates full fine-tuning and LoRA: give --lora too")
