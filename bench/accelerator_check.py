@@ -356,7 +356,6 @@ def main(argv=None) -> int:
         print(f"error: --budget-s {args.budget_s}: must be > 0", file=sys.stderr)
         return 2
     plan = SMOKE_PLAN if args.cpu_smoke else DEVICE_PLAN
-    import editmgt_jax  # noqa: F401
 
     res = run_check(plan, args.budget_s, log=lambda m: print(m, file=sys.stderr, flush=True))
     command = "python -m bench.accelerator_check " + shlex.join(argv if argv is not None else sys.argv[1:])

@@ -136,7 +136,6 @@ def main(argv=None) -> int:
     if args.rounds < 1 or args.steps < 1:
         print("error: --rounds and --steps must be >= 1", file=sys.stderr)
         return 2
-    import editmgt_jax  # noqa: F401
     import jax
 
     rows = []

@@ -248,7 +248,6 @@ def main(argv=None) -> int:
         print(f"error: --checkpoint {args.checkpoint}: no config.json there (a model folder, or 'tiny')",
               file=sys.stderr)
         return 2
-    import editmgt_jax  # noqa: F401
 
     modes = ("editor", "loop") if args.mode == "both" else (args.mode,)
     reports = [measure(m, args.edits, args.steps, log=lambda s: print(s, file=sys.stderr, flush=True),

@@ -268,7 +268,6 @@ def state_sizes(name: str, lora: bool) -> dict:
     import jax
     import numpy as np
 
-    import editmgt_jax  # noqa: F401
     from editmgt_jax.parallel import make_mesh
     from editmgt_jax.training.state import TrainProgram
 
