@@ -1,7 +1,7 @@
 """Returning an edit at the input's own size: the edited pixels blended into the original source.
 
 The model works on a resized copy of the input (``imageio.fit_to_grid``: the working image, e.g.
-64x44 for a 600x400 photo and the 64 px default model, 1024x672 for the 1024 px release) and decodes
+64x40 for a 600x400 photo and the 64 px default model, 1024x672 for the 1024 px release) and decodes
 its tokens back to pixels at that size. Every pixel of that decode differs from the source a little,
 changed or not (the tokenizer's reconstruction error), and it is small. The returned image is
 therefore the ORIGINAL source, at its own size, with the model's output blended in through a soft

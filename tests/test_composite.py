@@ -140,8 +140,9 @@ def wide():
 def mixed(editor, wide):
     """One call, two sizes (600x400 and 128x128): two working shapes, two compiled programs.
     Region hold off, so tokens change and the region map is not empty; an inpainting mask over the
-    left part keeps the right part's tokens the source's, so the map is not full either."""
-    return editor.edit([wide, SHAPES], [TEXT, TEXT], hold_threshold=0.0, seed=1,
+    left part keeps the right part's tokens the source's, so the map is not full either. The
+    'changed' composite (the shipped model recommends 'pixels', tested below)."""
+    return editor.edit([wide, SHAPES], [TEXT, TEXT], hold_threshold=0.0, seed=1, composite="changed",
                        masks=[_left_part(wide.shape), _left_part((128, 128))])
 
 
@@ -155,7 +156,7 @@ def _left_part(shape):
 def test_output_has_the_input_size_and_the_source_outside_the_map(editor, wide, mixed):
     assert isinstance(mixed.images, list)                       # different sizes: per-image arrays
     assert [im.shape for im in mixed.images] == [(400, 600, 3), (128, 128, 3)]
-    assert [r.shape for r in mixed.raw_images] == [(44, 64, 3), (64, 64, 3)]
+    assert [r.shape for r in mixed.raw_images] == [(40, 64, 3), (64, 64, 3)]
     assert [r.shape for r in mixed.region_maps] == [(400, 600), (128, 128)]
     for i in range(2):
         img, m, pl = mixed.images[i], mixed.region_maps[i], mixed.placements[i]
@@ -168,14 +169,14 @@ def test_output_has_the_input_size_and_the_source_outside_the_map(editor, wide, 
         np.testing.assert_array_equal(m, expect)
     np.testing.assert_array_equal(mixed.originals[0], wide)
     # an image of a mixed batch gets what it gets alone (its own PRNG stream, its own program)
-    alone = editor.edit(wide, TEXT, hold_threshold=0.0, seed=1, masks=[_left_part(wide.shape)])
+    alone = editor.edit(wide, TEXT, hold_threshold=0.0, seed=1, composite="changed", masks=[_left_part(wide.shape)])
     np.testing.assert_array_equal(alone.tokens[0], mixed.tokens[0])
     np.testing.assert_array_equal(alone.images[0], mixed.images[0])
 
 
 def test_modes_none_and_map(editor, wide, mixed):
     raw = editor.edit(wide, TEXT, hold_threshold=0.0, seed=1, composite="none", masks=[_left_part(wide.shape)])
-    assert raw.images.shape == (1, 44, 64, 3) and raw.region_maps is None
+    assert raw.images.shape == (1, 40, 64, 3) and raw.region_maps is None
     np.testing.assert_array_equal(raw.images[0], mixed.raw_images[0])
     by_map = editor.edit(wide, TEXT, hold_threshold=0.0, seed=1, composite="map")
     cfg = editor.sampler_config()
@@ -205,5 +206,5 @@ def test_cli_no_composite_writes_the_raw_output(tmp_path, wide, cli):
     raw = tmp_path / "raw.png"
     proc = cli("infer.edit", "--image", src, "--instruction", TEXT, "--no-composite", "--save-heatmap", "--out", raw)
     assert proc.returncode == 0, proc.stderr
-    assert Image.open(raw).size == (64, 44)                                  # the working size
+    assert Image.open(raw).size == (64, 40)                                  # the working size
     assert Image.open(tmp_path / "raw_heatmap.png").size == (600, 400)      # over the input

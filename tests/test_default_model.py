@@ -38,7 +38,7 @@ def test_the_shipped_model_is_the_default_and_small(editor):
     assert os.path.isfile(os.path.join(DEFAULT_CHECKPOINT, "config.json"))
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(DEFAULT_CHECKPOINT) for f in fs)
     assert size < 30 * 2 ** 20, size
-    assert editor.default_size == 64 and editor.pixel_granularity == 4
+    assert editor.default_size == 64 and editor.pixel_granularity == 8   # 4 px tokens, 2x2-pooled grid
     assert editor.sampler_config().timestep_convention == "mask_fraction"
 
 

@@ -114,10 +114,11 @@ def test_composite_ablation_runs():
 
     runs = ablations.expand_runs(ablations.parse_ablations("composite"), SamplerSettings(),
                                  ablations.block_presets(4))
-    assert [r.name for r in runs] == ["composite=changed", "composite=map", "composite=none"]
+    assert [r.name for r in runs] == ["composite=changed", "composite=pixels", "composite=map", "composite=none"]
     assert runs[0].overrides == {"composite": "changed"}
     # the map needs consolidation: the 'late' preset is added when the base has none
-    assert runs[1].overrides == {"composite": "map", "consolidation_blocks": (3,)}
+    assert runs[1].overrides == {"composite": "pixels"}
+    assert runs[2].overrides == {"composite": "map", "consolidation_blocks": (3,)}
     with pytest.raises(ablations.UsageError, match="composite"):
         ablations.expand_runs(ablations.parse_ablations("composite=mask"), SamplerSettings(),
                               ablations.block_presets(4))

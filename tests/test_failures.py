@@ -849,7 +849,7 @@ def test_edit_arguments_are_one_clear_edit_error_before_anything_compiles(shippe
             ((shapes, "x"), dict(seed="x"), "seed='x': expected an integer, got str"),
             ((shapes, "x"), dict(seed=2**40), f"seed={2**40}: must be in [0, 4294967295]"),
             ((shapes, "x"), dict(size="64"), "size='64': expected an integer, got str"),
-            ((shapes, "x"), dict(size=50), "size=50: must be a positive multiple of 4"),
+            ((shapes, "x"), dict(size=50), "size=50: must be a positive multiple of 8"),
             ((pixels.astype(np.float32), "x"), {}, f"image 0: float array with values in [{pixels.min():g}, "
                                                    f"{pixels.max():g}]; float images must be in [0, 1]"),
             ((np.full((64, 64, 3), np.nan, np.float32), "x"), {}, "image 0: float array with NaN"),
@@ -931,7 +931,7 @@ def test_a_checkpoint_whose_defaults_cannot_be_used_is_named(tmp_path):
         doc["conventions"]["sampler"]["steps"] = 0
     res, stp = copy_with("res", resolution), copy_with("steps", steps)
     for d, message in [(res, f"{res / 'config.json'}: resolution 62 (the checkpoint's working size) is not a "
-                             "positive multiple of this model's 4 pixels per token"),
+                             "positive multiple of this model's 8 pixels per token"),
                        (stp, f"{stp}: config.json conventions: the recommended sampler settings: steps=0")]:
         with pytest.raises(checkpoints.CheckpointError) as e:
             Editor.load(d)

@@ -14,7 +14,8 @@ from safetensors.numpy import save_file
 from editmgt_jax.convert.core import ConversionError, TensorSource, convert_tensors, flatten_abstract
 from editmgt_jax.convert.vq import rules
 from editmgt_jax.models.layers import param_count
-from editmgt_jax.models.vq import RELEASED_CONFIG, FiniteScalarQuantizer, MidBlockAttention, VQConfig, VQModel
+from editmgt_jax.models.vq import RELEASED_CONFIG, FiniteScalarQuantizer, VQConfig, VQModel
+from editmgt_jax.models.vq_layers import MidBlockAttention
 
 
 def tolerance(ref: np.ndarray) -> float:
