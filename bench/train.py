@@ -232,15 +232,11 @@ def run_one(name: str, donate: bool, steps: int, batches: tuple[int, ...] | None
     return rows
 
 
-def run_alternating(name: str, donate: bool, steps: int, rounds: int, batch: int | None = None) -> dict:
-    """Full fine-tuning and LoRA in one process, timed in alternating rounds (full, lora, full, ...;
-    ``steps`` timed steps each), so that both see the same load: the median step of each and their
-    ratio. Both states live in this process, so its peak RSS belongs to neither (see ``run_one``)."""
-    import statistics
-
+def _alternate(variants: dict, steps: int, rounds: int) -> dict:
+    """Time prepared train steps (``_prepare``) in alternating rounds, ``steps`` timed steps of each
+    variant per round after two warm-up steps: ``{variant: [seconds per step, ...]}``."""
     import jax
 
-    variants = {"full": _prepare(name, donate, batch, False), "lora": _prepare(name, donate, batch, True)}
     times = {v: [] for v in variants}
     for p in variants.values():   # warm-up
         for _ in range(2):
@@ -255,6 +251,17 @@ def run_alternating(name: str, donate: bool, steps: int, rounds: int, batch: int
                 times[v].append(time.perf_counter() - t)
             print(f"round {r + 1}/{rounds} {v}: " + " ".join(f"{s:.2f}" for s in times[v][-steps:]) + " s",
                   file=sys.stderr, flush=True)
+    return times
+
+
+def run_alternating(name: str, donate: bool, steps: int, rounds: int, batch: int | None = None) -> dict:
+    """Full fine-tuning and LoRA in one process, timed in alternating rounds (full, lora, full, ...;
+    ``steps`` timed steps each), so that both see the same load: the median step of each and their
+    ratio. Both states live in this process, so its peak RSS belongs to neither (see ``run_one``)."""
+    import statistics
+
+    variants = {"full": _prepare(name, donate, batch, False), "lora": _prepare(name, donate, batch, True)}
+    times = _alternate(variants, steps, rounds)
     med = {v: statistics.median(ts) for v, ts in times.items()}
     return dict(config=name, donate=donate, batch=variants["full"]["batch"], rounds=rounds,
                 steps_per_round=steps, step_s_full=times["full"], step_s_lora=times["lora"],
@@ -358,8 +365,6 @@ def run_before_after(steps: int, rounds: int) -> dict:
     examples/s of each and their ratio."""
     import statistics
 
-    import jax
-
     from editmgt_jax.models import layers
 
     pointwise = layers.Conv2d._pointwise
@@ -369,20 +374,7 @@ def run_before_after(steps: int, rounds: int) -> dict:
     finally:
         layers.Conv2d._pointwise = pointwise
     variants = {"before": before, "after": _prepare("default", True, None, False)}
-    times = {v: [] for v in variants}
-    for p in variants.values():   # warm-up
-        for _ in range(2):
-            p["state"], m = p["compiled"](p["state"], p["data"], p["aux"])
-        jax.block_until_ready(m)
-    for r in range(rounds):
-        for v, p in variants.items():
-            for _ in range(steps):
-                t = time.perf_counter()
-                p["state"], m = p["compiled"](p["state"], p["data"], p["aux"])
-                jax.block_until_ready((p["state"], m))
-                times[v].append(time.perf_counter() - t)
-            print(f"round {r + 1}/{rounds} {v}: " + " ".join(f"{s:.2f}" for s in times[v][-steps:]) + " s",
-                  file=sys.stderr, flush=True)
+    times = _alternate(variants, steps, rounds)
     med = {v: statistics.median(ts) for v, ts in times.items()}
     batch = variants["after"]["batch"]
     return dict(batch=batch, rounds=rounds, steps_per_round=steps, step_s_before=times["before"],
