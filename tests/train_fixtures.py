@@ -36,7 +36,7 @@ def subprocess_env(devices: int, cache_dir=None) -> dict:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-                         "--xla_backend_optimization_level=0",
+                         "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false",
                JAX_PLATFORMS="cpu", PYTHONPATH=repo + os.pathsep + env.get("PYTHONPATH", ""))
     if cache_dir is not None:
         # Runs that compile the same programs share them through the persistent cache.
