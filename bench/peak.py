@@ -3,13 +3,16 @@ random ``[n, n]`` operands (float32 unless asked; accumulation in float32), comp
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
 
+@functools.lru_cache(maxsize=None)
 def matmul_call(n: int, dtype=None) -> tuple[Callable[[], object], float]:
     """``(call, flops)``: a zero-argument call of the compiled ``n^3`` dot on fixed operands (returns
-    the product, not waited for) and the FLOPs of one call (``2 n^3``)."""
+    the product, not waited for) and the FLOPs of one call (``2 n^3``). Made once per ``(n, dtype)``
+    in a process: a benchmark that measures the peak every round compiles it once, not every round."""
     import jax
     import jax.numpy as jnp
 

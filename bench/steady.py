@@ -120,9 +120,10 @@ def editor_calls(steps: int, checkpoint: str | None = None, interleave: bool = F
     def call(i):
         out = editor.edit(image, "paint the orange circle at the top cyan", seed=i, steps=steps).images
         if between is not None:
-            c, t = _cpu_s(), time.perf_counter()
+            c, t, n = _cpu_s(), time.perf_counter(), dict(_counts)
             between()
             call.between_s, call.between_cpu_s = time.perf_counter() - t, _cpu_s() - c
+            call.between_counts = {k: _counts[k] - n[k] for k in _counts}
         return out
 
     return call, lambda: len(editor._programs)
@@ -153,11 +154,14 @@ def measure(mode: str, edits: int, steps: int, log=print, checkpoint: str | None
         c0, t0 = _cpu_s(), time.perf_counter()
         jax.block_until_ready(call(i))
         wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
-        if interleave:   # the edit alone: the work in between is not timed
+        compiles, traces = _counts[COMPILE_EVENT] - n0, _counts[TRACE_EVENT] - tr0
+        if interleave:   # the edit alone: the work in between is neither timed nor counted
             wall, cpu = wall - call.between_s, cpu - call.between_cpu_s
+            compiles -= call.between_counts[COMPILE_EVENT]
+            traces -= call.between_counts[TRACE_EVENT]
         rows.append(dict(wall=wall, cpu=cpu, rss=rss_bytes() / MIB, live=len(jax.live_arrays()),
                          programs=programs(), gc=len(gc.get_objects()),
-                         compiles=_counts[COMPILE_EVENT] - n0, traces=_counts[TRACE_EVENT] - tr0))
+                         compiles=compiles, traces=traces))
         if i % 10 == 9:
             log(f"[{mode}] {i + 1}/{edits}: {wall:.3f} s")
     walls = np.array([r["wall"] for r in rows])

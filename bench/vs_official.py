@@ -29,6 +29,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import shlex
 import shutil
 import statistics
@@ -40,6 +41,7 @@ import numpy as np
 
 from bench.peak import matmul_peak
 from bench.forward_profile import format_rows, profile_rows
+from bench.full_release import rss_bytes
 from bench.sampler import _flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -216,11 +218,16 @@ def main(argv=None) -> int:
         req = dict(op="edit", size=args.size, instruction=instruction, image=image.tolist(), blocks=blocks,
                    seed=args.seed, **settings)
 
+        our_use = []      # per timed edit of ours: CPU seconds, minor page faults, resident MiB after
+
         def ours():
-            t = time.perf_counter()
+            r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             editor.edit([image], [instruction], seed=args.seed, size=args.size,
                         consolidation_blocks=tuple(blocks), **settings)
-            return time.perf_counter() - t
+            wall, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
+            our_use.append((r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime,
+                            r1.ru_minflt - r0.ru_minflt, rss_bytes() / 2 ** 20))
+            return wall
 
         text_len = 256
         fwd_prog, fwd_args = our_forward_program(editor, args.size, text_len)
@@ -240,8 +247,10 @@ def main(argv=None) -> int:
                     calls = rep["forward_s"]
                     off_fwd.append(sum(calls) / args.steps)   # the transformer's time per step
                     torch_mm.append(official.ask(op="matmul", n=2048)["gflops"])
-            print(f"round {r + 1}: official {off_s[-1]:.2f} s, ours {our_s[-1]:.2f} s, our forward "
-                  f"{our_fwd_s[-1]:.2f} s", flush=True)
+            cpu, faults, rss = our_use[-1]
+            print(f"round {r + 1}: official {off_s[-1]:.2f} s, ours {our_s[-1]:.2f} s (CPU {cpu:.1f} s, "
+                  f"{faults} minor page faults, RSS {rss:.0f} MiB), our forward {our_fwd_s[-1]:.2f} s",
+                  flush=True)
         torch_version = official.info.get("torch")
     finally:
         official.close()
