@@ -228,6 +228,9 @@ def results_text(reports: list[dict], command: str) -> str:
 
 
 def main(argv=None) -> int:
+    from editmgt_jax import host_memory
+
+    host_memory.keep()   # as infer.edit and infer.app run (EDITMGT_KEEP_HOST_MEMORY=off: not)
     p = argparse.ArgumentParser(prog="python -m bench.steady", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=("editor", "loop", "both"), default="both")

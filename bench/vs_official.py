@@ -162,6 +162,9 @@ def _timed(compiled, args) -> float:
 
 
 def main(argv=None) -> int:
+    from editmgt_jax import host_memory
+
+    host_memory.keep()   # as infer.edit and infer.app run (EDITMGT_KEEP_HOST_MEMORY=off: not)
     p = argparse.ArgumentParser(prog="python -m bench.vs_official", description=__doc__.split("\n\n")[0])
     p.add_argument("--official-src", required=True, help="checkout of the official repository")
     p.add_argument("--official-python", required=True, help="a Python with torch, diffusers, transformers, peft")

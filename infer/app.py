@@ -112,6 +112,9 @@ def build_app(edit_queue, *, title: str = "EditMGT"):
 
 
 def main(argv=None) -> int:
+    from editmgt_jax import host_memory
+
+    host_memory.keep()   # before jax starts: later edits reuse the first one's pages
     args = build_parser().parse_args(argv)
     if args.max_batch_size < 1:
         print(f"error: --max-batch-size {args.max_batch_size}: must be >= 1", file=sys.stderr)

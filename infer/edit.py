@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from editmgt_jax import host_memory
+
+    host_memory.keep()   # before jax starts: later edits reuse the first one's pages
     args = build_parser().parse_args(argv)
     if args.batch:
         mixed = [f for f, v in (("--image", args.image), ("--instruction", args.instruction), ("--out", args.out),

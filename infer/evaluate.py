@@ -109,6 +109,9 @@ def check_out_dir(out: str) -> None:
 
 
 def main(argv=None) -> int:
+    from editmgt_jax import host_memory
+
+    host_memory.keep()   # before jax starts: later edits reuse the first one's pages
     args = build_parser().parse_args(argv)
     try:   # before any data or model is loaded
         sampler = sampler_overrides(args)
