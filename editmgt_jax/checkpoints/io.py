@@ -66,18 +66,13 @@ def check_replaceable(path: str | os.PathLike, *, overwrite: bool = False,
 
 
 @contextlib.contextmanager
-def writing_checkpoint(path: str | os.PathLike, *, overwrite: bool = False,
-                       flag: str = "overwrite=True / --overwrite") -> Iterator[str]:
-    """Yield a temporary sibling folder of ``path`` to write a model checkpoint into; on success it
-    is renamed to ``path``, on any error (or a kill) ``path`` is left as it was.
-
-    An existing ``path`` is refused unless ``overwrite``; even then only a model checkpoint of this
-    format is replaced (a folder holding anything else is never deleted). Temporary folders left by
-    killed writers (``.NAME.tmp-PID``) are removed.
-    """
+def replacing_folder(path: str | os.PathLike) -> Iterator[str]:
+    """Yield an empty temporary sibling folder of ``path`` to write into; on success it is renamed to
+    ``path`` (an existing ``path`` replaced), on any error (or a kill) ``path`` is left as it was.
+    Whether ``path`` may be replaced is the caller's check. Temporary folders left by killed writers
+    (``.NAME.tmp-PID``) are removed."""
     path = os.path.abspath(os.fspath(path))
     parent, base = os.path.split(path)
-    check_replaceable(path, overwrite=overwrite, flag=flag)
     os.makedirs(parent, exist_ok=True)
     prefix = f".{base}.tmp-"
     for name in os.listdir(parent):
@@ -85,7 +80,7 @@ def writing_checkpoint(path: str | os.PathLike, *, overwrite: bool = False,
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     tmp = os.path.join(parent, f"{prefix}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(params_dir(tmp))
+    os.makedirs(tmp)
     try:
         yield tmp
         if os.path.exists(path):
@@ -97,6 +92,22 @@ def writing_checkpoint(path: str | os.PathLike, *, overwrite: bool = False,
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writing_checkpoint(path: str | os.PathLike, *, overwrite: bool = False,
+                       flag: str = "overwrite=True / --overwrite") -> Iterator[str]:
+    """Yield a temporary sibling folder of ``path`` to write a model checkpoint into; on success it
+    is renamed to ``path``, on any error (or a kill) ``path`` is left as it was
+    (:func:`replacing_folder`).
+
+    An existing ``path`` is refused unless ``overwrite``; even then only a model checkpoint of this
+    format is replaced (a folder holding anything else is never deleted).
+    """
+    check_replaceable(path, overwrite=overwrite, flag=flag)
+    with replacing_folder(path) as tmp:
+        os.makedirs(params_dir(tmp))
+        yield tmp
 
 
 # Bytes in flight while Orbax copies a component's arrays for writing: without a limit it copies

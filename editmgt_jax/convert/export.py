@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from editmgt_jax import checkpoints
+from editmgt_jax.checkpoints.io import replacing_folder
 from editmgt_jax.convert.core import ConversionError, Rule, conv, conv_transpose, identity, linear
 from editmgt_jax.convert.registry import COMPONENTS, abstract_params
 
@@ -394,12 +395,7 @@ def export_official(ckpt: str, out_dir: str, *, components=None, overwrite: bool
             f"it with this code or expect other outputs")
     out_dir = os.path.abspath(os.fspath(out_dir))
     _check_out(out_dir, overwrite)
-    parent, base = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with replacing_folder(out_dir) as tmp:
         for n in names:
             folder, stem, library = LAYOUT[n]
             comp, cfg = COMPONENTS[n], cfgs[n]
@@ -433,15 +429,6 @@ def export_official(ckpt: str, out_dir: str, *, components=None, overwrite: bool
             os.makedirs(os.path.join(tmp, "scheduler"), exist_ok=True)
             _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), sched)
             log(f"[export] scheduler/: mask token id {conventions.mask_token_id}")
-        if os.path.exists(out_dir):
-            old = os.path.join(parent, f".{base}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"[export] wrote {out_dir}")
     return out_dir
 
