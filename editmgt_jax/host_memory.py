@@ -18,7 +18,8 @@ An arena setting only reaches threads that have not allocated yet, so :func:`kee
 jax's backend starts (the first array, device query or compilation); later it changes nothing and
 returns ``False``. ``infer.edit``, ``infer.evaluate`` and ``infer.app`` call it first thing; a
 program that embeds the :class:`~editmgt_jax.editor.Editor` calls it before its first jax work.
-One switch: ``EDITMGT_KEEP_HOST_MEMORY=off`` (or ``0``, ``false``, ``no``) leaves malloc as it is.
+One switch: ``EDITMGT_KEEP_HOST_MEMORY=off`` (or ``0``, ``false``, ``no``, ``none``, as for the
+compilation cache) leaves malloc as it is.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import ctypes
 import os
 import sys
 
+from editmgt_jax.compile_cache import OFF
+
 ENV_VAR = "EDITMGT_KEEP_HOST_MEMORY"
-OFF = ("off", "0", "false", "no", "none")
 # glibc <malloc.h>
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 
