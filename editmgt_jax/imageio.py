@@ -94,6 +94,8 @@ def check_output_path(path: str, flag: str = "--out") -> None:
     writable. An existing file is fine (it will be replaced)."""
     from PIL import Image
 
+    from editmgt_jax.folders import unwritable
+
     Image.init()
     ext = os.path.splitext(path)[1].lower()
     if os.path.isdir(path):
@@ -103,13 +105,9 @@ def check_output_path(path: str, flag: str = "--out") -> None:
     fmt = Image.registered_extensions().get(ext)
     if fmt is None or fmt not in Image.SAVE:
         raise ImageError(f"{flag} {path}: cannot write images of type {ext!r}; {WRITABLE_NOTE}")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ImageError(f"{flag} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK):
-        raise ImageError(f"{flag} {path}: folder {parent} is not writable")
+    why = unwritable(path, folder=False)
+    if why:
+        raise ImageError(f"{flag} {path}: {why}")
 
 
 def to_rgb8(im, label: str = "<image>") -> np.ndarray:

@@ -30,6 +30,7 @@ def check_flags(args) -> dict:
     the ``Editor.edit`` keywords of the flags (sampler settings, seed, size, resize policy, negative
     prompt; progress bars on)."""
     from editmgt_jax import imageio
+    from editmgt_jax.folders import unwritable
 
     settings = dict(seed=args.seed, size=args.size, policy=args.resize, negative_prompt=args.negative_prompt,
                     progress=True, **sampler_overrides(args))
@@ -47,8 +48,9 @@ def check_flags(args) -> dict:
         if not args.query_words.strip():
             raise ValueError("--query-words: empty; give words of the instruction")
     if args.batch:
-        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-            raise ValueError(f"--out-dir {args.out_dir}: is a file, not a folder")
+        why = unwritable(args.out_dir, folder=True)
+        if why:
+            raise ValueError(f"--out-dir {args.out_dir}: {why}")
     else:
         if not args.instruction.strip():
             raise ValueError("--instruction: empty instruction")

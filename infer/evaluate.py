@@ -97,15 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_out_dir(out: str) -> None:
     """``ValueError`` unless ``--out`` is a folder or can be made one (it is written at the end)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out}: is a file, not a folder")
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"--out {out}: {parent} is a file, not a folder")
-    if not os.access(parent if not os.path.exists(out) else out, os.W_OK):
-        raise ValueError(f"--out {out}: not writable")
+    from editmgt_jax.folders import unwritable
+
+    why = unwritable(out, folder=True)
+    if why:
+        raise ValueError(f"--out {out}: {why}")
 
 
 def main(argv=None) -> int:

@@ -38,16 +38,11 @@ def check_flags(args) -> None:
       raise UsageError(f"{flag} {value}: must be >= {low}{why}")
   if args.holdout_fraction is not None and not 0 <= args.holdout_fraction < 1:
     raise UsageError(f"--holdout-fraction {args.holdout_fraction}: must be in [0, 1)")
-  data_dir = os.path.expanduser(args.data_dir)
-  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
-    raise UsageError(f"--data-dir {args.data_dir}: is a file, not a folder")
-  parent = os.path.dirname(os.path.abspath(data_dir))
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise UsageError(f"--data-dir {args.data_dir}: {parent} is a file, not a folder")
-  if not os.access(data_dir if os.path.exists(data_dir) else parent, os.W_OK):
-    raise UsageError(f"--data-dir {args.data_dir}: not writable")
+  from editmgt_jax.folders import unwritable  # pylint: disable=g-import-not-at-top
+
+  why = unwritable(args.data_dir, folder=True)
+  if why:
+    raise UsageError(f"--data-dir {args.data_dir}: {why}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -213,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
       # --overwrite: built again in a temporary data dir inside --data-dir (.build-tmp-PID), whose
       # finished version folder then replaces the old one; a failed or killed rebuild leaves the
       # old dataset as it was.
-      from editmgt_jax.data.atomic import remove_stale, replace_folder  # pylint: disable=g-import-not-at-top
+      from editmgt_jax.folders import remove_stale, replace_folder  # pylint: disable=g-import-not-at-top
 
       remove_stale(os.path.expanduser(args.data_dir), ".build-tmp-")
       tmp = os.path.join(os.path.expanduser(args.data_dir), f".build-tmp-{os.getpid()}")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
+from editmgt_jax.folders import writing_folder
 from editmgt_jax.checkpoints.conventions import Conventions, read_conventions
 from editmgt_jax.checkpoints.index import PARTS_FILE, _checkpointer, _flat, _merge_into, _stored_tree
 from editmgt_jax.checkpoints.layout import (FORMAT, TOKENIZER_DIRS, VERSION, CheckpointError, dump_config,
@@ -42,16 +43,6 @@ def save_model(path: str | os.PathLike, params: Mapping[str, Mapping], configs: 
     return os.path.abspath(os.fspath(path))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def check_replaceable(path: str | os.PathLike, *, overwrite: bool = False,
                       flag: str = "overwrite=True / --overwrite") -> None:
     """Raise ``CheckpointError`` unless a model checkpoint may be written at ``path``: it does not
@@ -66,46 +57,17 @@ def check_replaceable(path: str | os.PathLike, *, overwrite: bool = False,
 
 
 @contextlib.contextmanager
-def replacing_folder(path: str | os.PathLike) -> Iterator[str]:
-    """Yield an empty temporary sibling folder of ``path`` to write into; on success it is renamed to
-    ``path`` (an existing ``path`` replaced), on any error (or a kill) ``path`` is left as it was.
-    Whether ``path`` may be replaced is the caller's check. Temporary folders left by killed writers
-    (``.NAME.tmp-PID``) are removed."""
-    path = os.path.abspath(os.fspath(path))
-    parent, base = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    prefix = f".{base}.tmp-"
-    for name in os.listdir(parent):
-        if name.startswith(prefix) and name[len(prefix):].isdigit() and not _pid_alive(int(name[len(prefix):])):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-    tmp = os.path.join(parent, f"{prefix}{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        if os.path.exists(path):
-            old = os.path.join(parent, f".{base}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
 def writing_checkpoint(path: str | os.PathLike, *, overwrite: bool = False,
                        flag: str = "overwrite=True / --overwrite") -> Iterator[str]:
     """Yield a temporary sibling folder of ``path`` to write a model checkpoint into; on success it
     is renamed to ``path``, on any error (or a kill) ``path`` is left as it was
-    (:func:`replacing_folder`).
+    (:func:`editmgt_jax.folders.writing_folder`).
 
     An existing ``path`` is refused unless ``overwrite``; even then only a model checkpoint of this
     format is replaced (a folder holding anything else is never deleted).
     """
     check_replaceable(path, overwrite=overwrite, flag=flag)
-    with replacing_folder(path) as tmp:
+    with writing_folder(path) as tmp:
         os.makedirs(params_dir(tmp))
         yield tmp
 
@@ -247,8 +209,6 @@ def load_component(path: str | os.PathLike, name: str, abstract: Mapping | None 
     ``abstract`` (a tree of ``jax.ShapeDtypeStruct``) checks shapes against the model config and
     places arrays; ``shardings`` (same tree of ``jax.sharding.Sharding``) shards them on restore.
     """
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(os.fspath(path))
     item = params_dir(path, name)
     if not os.path.isdir(item):

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from editmgt_jax import checkpoints
-from editmgt_jax.checkpoints.io import replacing_folder
+from editmgt_jax.folders import writing_folder
 from editmgt_jax.convert.core import ConversionError, Rule, conv, conv_transpose, identity, linear
 from editmgt_jax.convert.registry import COMPONENTS, abstract_params
 
@@ -395,7 +395,7 @@ def export_official(ckpt: str, out_dir: str, *, components=None, overwrite: bool
             f"it with this code or expect other outputs")
     out_dir = os.path.abspath(os.fspath(out_dir))
     _check_out(out_dir, overwrite)
-    with replacing_folder(out_dir) as tmp:
+    with writing_folder(out_dir) as tmp:
         for n in names:
             folder, stem, library = LAYOUT[n]
             comp, cfg = COMPONENTS[n], cfgs[n]

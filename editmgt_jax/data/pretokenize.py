@@ -136,7 +136,7 @@ def pretokenize(
   Returns:
     The metadata dict that was written.
   """
-  from editmgt_jax.data.atomic import writing_folder  # pylint: disable=g-import-not-at-top
+  from editmgt_jax.folders import writing_folder  # pylint: disable=g-import-not-at-top
 
   check_out_dir(out_dir)
   batches, total = _image_batches(dataset, split, data_dir, resolution, batch_size, limit)
@@ -152,6 +152,7 @@ def check_out_dir(out_dir: str) -> None:
   """`ValueError` unless `out_dir` may be (re)written: absent, an empty folder, or a pre-tokenised
   dataset (a folder with `metadata.json`); never a file or a folder holding anything else."""
   from editmgt_jax.data.sources import TOKENS_METADATA  # pylint: disable=g-import-not-at-top
+  from editmgt_jax.folders import unwritable  # pylint: disable=g-import-not-at-top
 
   if os.path.exists(out_dir):
     if not os.path.isdir(out_dir):
@@ -159,11 +160,9 @@ def check_out_dir(out_dir: str) -> None:
     if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, TOKENS_METADATA)):
       raise ValueError(f"--out {out_dir}: exists and is not a pre-tokenised dataset (no {TOKENS_METADATA}); "
                        "not replacing it, choose another folder")
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-    raise ValueError(f"--out {out_dir}: folder {parent} is not writable")
+  why = unwritable(out_dir, folder=True)
+  if why:
+    raise ValueError(f"--out {out_dir}: {why}")
 
 
 def _write(out_dir, batches, total, encode_fn, *, dataset, split, data_dir, resolution, batch_size,

@@ -5,7 +5,6 @@ status 2) and leaves nothing behind."""
 from __future__ import annotations
 
 import math
-import os
 
 
 class TrainConfigError(ValueError):
@@ -46,16 +45,8 @@ def check_train_config(config) -> None:
 
 def check_workdir(workdir: str) -> None:
     """``TrainConfigError`` unless ``workdir`` is a writable folder or can be created as one."""
-    if os.path.exists(workdir):
-        if not os.path.isdir(workdir):
-            raise TrainConfigError(f"--workdir {workdir}: is a file, not a folder")
-        if not os.access(workdir, os.W_OK | os.X_OK):
-            raise TrainConfigError(f"--workdir {workdir}: folder is not writable")
-        return
-    parent = os.path.dirname(os.path.abspath(workdir))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise TrainConfigError(f"--workdir {workdir}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TrainConfigError(f"--workdir {workdir}: folder {parent} is not writable")
+    from editmgt_jax.folders import unwritable
+
+    why = unwritable(workdir, folder=True)
+    if why:
+        raise TrainConfigError(f"--workdir {workdir}: {why}")

@@ -1,8 +1,12 @@
-"""Folders that appear complete or not at all: write into a temporary sibling, rename on success.
+"""Writing to the file system: whether a path can be written, and folders that appear complete or not
+at all (write into a temporary sibling, rename on success).
 
-A run that fails or is killed half-way leaves the destination as it was (an older dataset stays
-readable); temporary folders of writers that are no longer running (``.NAME.tmp-PID``) are removed
-by the next writer.
+:func:`unwritable` is the one check of an output path the entry points run before any work.
+:func:`writing_folder` is the one writer of whole folders: model checkpoints (``checkpoints.io.writing_checkpoint``), the
+official-layout export, pre-tokenised data and rebuilt datasets. A run that fails or is killed
+half-way leaves the destination as it was (an older checkpoint or dataset stays readable);
+temporary folders of writers that are no longer running (``.NAME.tmp-PID``) are removed by the next
+writer.
 """
 
 from __future__ import annotations
@@ -11,6 +15,25 @@ import contextlib
 import os
 import shutil
 from collections.abc import Iterator
+
+
+def unwritable(path: str | os.PathLike, *, folder: bool) -> str | None:
+    """Why ``path`` cannot be written, or ``None`` when it can: with ``folder``, a folder that exists
+    and is writable or can be created; otherwise a file in such a folder. The reason is worded to
+    follow ``"FLAG PATH: "`` in an error message."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if folder and os.path.exists(path):
+        if not os.path.isdir(path):
+            return "is a file, not a folder"
+        return None if os.access(path, os.W_OK | os.X_OK) else "folder is not writable"
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"folder {parent} is not writable"
+    return None
 
 
 def _pid_alive(pid: int) -> bool:
