@@ -204,24 +204,14 @@ def build_edit(plan: Plan, dtype_name: str, batch: int):
     import jax.numpy as jnp
     from flax import nnx
 
-    from bench.sampler import EditSpec, _compile, _flops, make_inputs, random_state, sampler_config
+    from bench.sampler import EditSpec, _flops, compiled_edit, random_state
     from editmgt_jax.models.transformer import EditTransformer
-    from editmgt_jax.sampling.region_hold import sample
 
     dt = jnp.dtype(dtype_name)
     tr_cfg = _transformer_config(plan.transformer)
     spec = EditSpec(id_grid=plan.id_grid, text_len=plan.text_len, steps=plan.steps, batch=batch)
     graphdef, state = random_state(lambda: EditTransformer(tr_cfg, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt))
-    cfg, knobs = sampler_config(tr_cfg, spec).split()
-    x = make_inputs(tr_cfg, spec)
-
-    def edit(st, ref_ids, text, pooled, neg_text, neg_pooled, micro, key):
-        out = sample(nnx.merge(graphdef, st), cfg, knobs, ref_ids, text, pooled, neg_text, neg_pooled,
-                     key=key, micro_conds=micro)
-        return out["tokens"], out["heatmap"]
-
-    args = (state, x["ref_ids"], x["text"], x["pooled"], x["neg_text"], x["neg_pooled"], x["micro"], x["key"])
-    compiled, compile_s = _compile(edit, *args)
+    compiled, args, compile_s = compiled_edit(graphdef, state, tr_cfg, spec)
     return (lambda: compiled(*args)), compile_s, _flops(compiled)
 
 

@@ -32,30 +32,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_one(px: int, steps: int, attention: str) -> dict:
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
-    from bench.sampler import EditSpec, load_transformer_config, make_inputs, random_state, sampler_config
+    from bench.sampler import EditSpec, compiled_edit, load_transformer_config, random_state
     from editmgt_jax.models.transformer import EditTransformer
-    from editmgt_jax.sampling.region_hold import sample
 
     if px % 32:
         raise ValueError(f"--px {px}: must be a multiple of 32 (16x VQ, 2x down-sampling)")
     spec = EditSpec(id_grid=(px // 16, px // 16), steps=steps)
     cfg = load_transformer_config("medium")
     graphdef, state = random_state(lambda: EditTransformer(cfg, rngs=nnx.Rngs(0), attention=attention))
-    scfg, knobs = sampler_config(cfg, spec).split()
-    x = make_inputs(cfg, spec)
-
-    def edit(st, ref_ids, text, pooled, neg_text, neg_pooled, micro, key):
-        out = sample(nnx.merge(graphdef, st), scfg, knobs, ref_ids, text, pooled, neg_text, neg_pooled,
-                     key=key, micro_conds=micro)
-        return out["tokens"], out["heatmap"]
-
-    args = (state, x["ref_ids"], x["text"], x["pooled"], x["neg_text"], x["neg_pooled"], x["micro"], x["key"])
-    t = time.perf_counter()
-    compiled = jax.jit(edit).lower(*args).compile()
-    compile_s = time.perf_counter() - t
+    compiled, args, compile_s = compiled_edit(graphdef, state, cfg, spec)
     temp = compiled.memory_analysis().temp_size_in_bytes
     t = time.perf_counter()
     jax.block_until_ready(compiled(*args))

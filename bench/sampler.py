@@ -157,6 +157,27 @@ def _flops(compiled) -> float | None:
     return float(f) if f and f > 0 else None
 
 
+def compiled_edit(graphdef, state, tr_cfg, spec: EditSpec, seed: int = 0) -> tuple[Any, tuple, float]:
+    """``(compiled, args, compile_s)``: the whole edit as one compiled program (``region_hold.sample``
+    with :func:`sampler_config`'s settings) on :func:`make_inputs`' inputs; ``compiled(*args)``
+    returns ``(tokens, heatmap)``."""
+    from flax import nnx
+
+    from editmgt_jax.sampling.region_hold import sample
+
+    cfg, knobs = sampler_config(tr_cfg, spec).split()
+    x = make_inputs(tr_cfg, spec, seed)
+
+    def edit(st, ref_ids, text, pooled, neg_text, neg_pooled, micro, key):
+        out = sample(nnx.merge(graphdef, st), cfg, knobs, ref_ids, text, pooled, neg_text, neg_pooled,
+                     key=key, micro_conds=micro)
+        return out["tokens"], out["heatmap"]
+
+    args = (state, x["ref_ids"], x["text"], x["pooled"], x["neg_text"], x["neg_pooled"], x["micro"], x["key"])
+    compiled, compile_s = _compile(edit, *args)
+    return compiled, args, compile_s
+
+
 def analytic_forward_flops(tr_cfg, spec: EditSpec, n_params: int) -> float:
     """Rough count for the CFG batch: ``2 x params x tokens + attention`` (QK^T and AV of every block)."""
     gh, gw = spec.id_grid[0] // 2, spec.id_grid[1] // 2
@@ -175,7 +196,6 @@ def build(name: str, spec: EditSpec, seed: int = 0, matmul_n: int = MATMUL_N) ->
     from editmgt_jax.models.transformer import EditTransformer
     from editmgt_jax.models.vq import VQConfig, VQModel
     from editmgt_jax.sampling.consolidation import consolidate
-    from editmgt_jax.sampling.region_hold import sample
     from editmgt_jax.sampling.step import hold_mask, step_update
 
     tr_cfg = load_transformer_config(name)
@@ -188,12 +208,7 @@ def build(name: str, spec: EditSpec, seed: int = 0, matmul_n: int = MATMUL_N) ->
     model_kw = dict(reference_strength=scfg.reference_strength, capture_blocks=scfg.consolidation_blocks,
                     capture_mode=scfg.capture_mode)
 
-    # (a) the whole edit as one program
-    def edit(st, ref_ids, text, pooled, neg_text, neg_pooled, micro, key):
-        out = sample(nnx.merge(graphdef, st), cfg, knobs, ref_ids, text, pooled, neg_text, neg_pooled,
-                     key=key, micro_conds=micro)
-        return out["tokens"], out["heatmap"]
-
+    # (a) the whole edit as one program: compiled_edit
     # (b) the same body, one step per call; the CFG-batch inputs are built once, outside the loop
     def post(tokens, heat, i, keys, logits, scores, ref_ids):
         """Everything of a step after the transformer (as in ``sample``'s body)."""
@@ -228,8 +243,7 @@ def build(name: str, spec: EditSpec, seed: int = 0, matmul_n: int = MATMUL_N) ->
     i0 = np.int32(0)
 
     compile_s = {}
-    c_edit, compile_s["loop"] = _compile(edit, state, x["ref_ids"], x["text"], x["pooled"], x["neg_text"],
-                                         x["neg_pooled"], x["micro"], x["key"])
+    c_edit, edit_args, compile_s["loop"] = compiled_edit(graphdef, state, tr_cfg, spec, seed)
     c_step, compile_s["pyloop"] = _compile(step, state, tokens0, heat0, i0, keys, m_ref, m_text, m_pooled,
                                            m_micro, x["ref_ids"])
     ids_fwd = jnp.concatenate([tokens0, tokens0])
@@ -253,8 +267,7 @@ def build(name: str, spec: EditSpec, seed: int = 0, matmul_n: int = MATMUL_N) ->
     c_vq, compile_s["vq"] = _compile(vq_round_trip, vq_state, pixels)
 
     def run_loop():
-        return c_edit(state, x["ref_ids"], x["text"], x["pooled"], x["neg_text"], x["neg_pooled"], x["micro"],
-                      x["key"])
+        return c_edit(*edit_args)
 
     def run_pyloop():
         tokens, heat = tokens0, heat0
