@@ -22,7 +22,6 @@ import re
 import sys
 import tempfile
 import time
-from typing import Any
 
 # Trace events that wrap or mark other events rather than run an op.
 _NOT_OPS = ("ThunkExecutor::", "ThreadpoolListener::", "SlinkyThreadPool::", "end: ")

@@ -57,7 +57,7 @@ import sys
 import time
 
 from bench.peak import matmul_peak
-from bench.results import RESULTS, append_to_section
+from bench.results import append_to_section
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

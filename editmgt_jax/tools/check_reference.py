@@ -81,7 +81,7 @@ def exact_check(name: str, got, ref, *, skip=None) -> Result:
         skipped = int(np.sum(neq & skip))
         neq = neq & ~skip
     n = int(np.sum(neq))
-    note = f"{n} of {ref.size} differ" + (f" ({int(np.sum(skip))} near-ties skipped)" if skip is not None else "")
+    note = f"{n} of {ref.size} differ" + (f" ({skipped} differing near-ties skipped)" if skip is not None else "")
     return Result(name, float(n), 0.0, n == 0, note)
 
 

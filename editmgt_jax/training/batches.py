@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC, micro_conditions
+from editmgt_jax.models.embeddings import micro_conditions
 
 
 def pipeline_config(config, split: str, process_count: int):

@@ -20,7 +20,6 @@ architecture, the checkpoint layout and the official parity are those of the rel
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 CODE_INITS = ("", "vq_patches")

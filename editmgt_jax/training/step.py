@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from editmgt_jax.models.embeddings import DEFAULT_AESTHETIC
 from editmgt_jax.parallel import (DEFAULT_RULES, batch_sharding, gather_per_block, module_gatherer, replicated,

@@ -19,7 +19,6 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Mapping
 
 
 class WorkdirBusyError(RuntimeError):
