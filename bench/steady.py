@@ -1,7 +1,7 @@
 """Steady speed: many consecutive edits in one process, each timed against the median.
 
     python -m bench.steady [--mode editor|loop|both] [--edits 50] [--steps 8] [--checkpoint CKPT|tiny]
-                           [--interleave] [--check] [--no-record]
+                           [--ids 16] [--interleave] [--control] [--check] [--no-record]
 
 ``editor``: the public API a demo or a server uses, ``Editor.load()`` (the shipped default model)
 and ``Editor.edit`` of one image per call (text encoding, the compiled edit program, compositing on
@@ -10,8 +10,14 @@ tiny fixture model of tests/fixtures/editmgt-tiny-v1 in the official release lay
 into a temporary folder; ``--interleave``: between two timed edits, untimed, the other work the
 side-by-side harness runs in our process, a transformer forward program and the matmul peak).
 ``loop``: the medium transformer
-(bench/medium_transformer_config.json, random weights) at a small size (16x16 ids, 64 text tokens):
-the compiled sampling loop alone (bench.sampler's edit), called again and again on the same inputs.
+(bench/medium_transformer_config.json, random weights) at ``--ids`` x ``--ids`` image tokens (16:
+256 px; 32: 512 px; 64: 1024 px) and 64 text tokens: the compiled sampling loop alone (bench.sampler's
+edit), called again and again on the same inputs.
+
+``--control``: after each edit, untimed for the edit, the machine's own speed at that moment: the
+best of five 2048^3 float32 matmuls (bench.peak, compiled once). When the edits' CPU time drifts,
+this tells the machine (a host that got slower slows the matmul as much) from the process (the
+matmul stays where it was while the edit slows).
 
 After one warm-up call (the compile), each edit's wall time is recorded together with what could
 make later edits slower: the process's resident memory, the number of live device arrays, the
@@ -35,7 +41,6 @@ import os
 import platform
 import resource
 import shlex
-import statistics
 import sys
 import time
 
@@ -129,22 +134,27 @@ def editor_calls(steps: int, checkpoint: str | None = None, interleave: bool = F
     return call, lambda: len(editor._programs)
 
 
-def loop_calls(steps: int):
-    """``(call(i), programs())``: the medium transformer's compiled sampling loop at 16x16 ids."""
+def loop_calls(steps: int, ids: int = 16):
+    """``(call(i), programs())``: the medium transformer's compiled sampling loop at ``ids`` x ``ids``
+    image tokens."""
     from bench.accelerator_check import Plan, build_edit
 
-    plan = Plan(transformer="medium", id_grid=(16, 16), text_len=64, steps=steps, batches=(1,),
+    plan = Plan(transformer="medium", id_grid=(ids, ids), text_len=64, steps=steps, batches=(1,),
                 attention_shapes=(), train_config="", train_steps=0, timed_calls=0)
     run, _, _ = build_edit(plan, "float32", 1)
     return (lambda i: run()), lambda: 1
 
 
 def measure(mode: str, edits: int, steps: int, log=print, checkpoint: str | None = None,
-            interleave: bool = False) -> dict:
+            interleave: bool = False, ids: int = 16, control: bool = False, control_n: int = 2048) -> dict:
     import jax
 
+    from bench.peak import matmul_peak
+
     _install_counters()
-    call, programs = editor_calls(steps, checkpoint, interleave) if mode == "editor" else loop_calls(steps)
+    call, programs = editor_calls(steps, checkpoint, interleave) if mode == "editor" else loop_calls(steps, ids)
+    if control:
+        matmul_peak(control_n, calls=1)   # compiled before the warm-up edit, so no timed edit sees it
     t = time.perf_counter()
     jax.block_until_ready(call(edits))   # the warm-up: a seed none of the timed edits uses
     first_s = time.perf_counter() - t
@@ -162,8 +172,11 @@ def measure(mode: str, edits: int, steps: int, log=print, checkpoint: str | None
         rows.append(dict(wall=wall, cpu=cpu, rss=rss_bytes() / MIB, live=len(jax.live_arrays()),
                          programs=programs(), gc=len(gc.get_objects()),
                          compiles=compiles, traces=traces))
+        if control:   # after the edit's counters are read: neither timed nor counted as the edit's
+            rows[-1]["control_gflops"] = matmul_peak(control_n, calls=5) / 1e9
         if i % 10 == 9:
-            log(f"[{mode}] {i + 1}/{edits}: {wall:.3f} s")
+            log(f"[{mode}] {i + 1}/{edits}: {wall:.3f} s"
+                + (f", matmul {rows[-1]['control_gflops']:.0f} GFLOP/s" if control else ""))
     walls = np.array([r["wall"] for r in rows])
     med = float(np.median(walls))
     out = {
@@ -178,6 +191,14 @@ def measure(mode: str, edits: int, steps: int, log=print, checkpoint: str | None
     for k in ("rss", "live", "programs", "gc"):
         out[f"{k}_first"], out[f"{k}_last"] = rows[0][k], rows[-1][k]
     out["checkpoint"] = checkpoint or "default"
+    if mode == "loop":
+        out["checkpoint"] = f"medium, {ids}x{ids} ids"
+    if control:
+        g = [r["control_gflops"] for r in rows]
+        out["control_n"] = control_n
+        out["control_median_gflops"] = float(np.median(g))
+        # the machine's speed, last ten over first ten: below 1 when the machine got slower
+        out["control_last10_vs_first10"] = float(np.median(g[-10:]) / np.median(g[:10]))
     out["compiles"] = int(sum(r["compiles"] for r in rows))
     out["traces"] = int(sum(r["traces"] for r in rows))
     # resident memory's growth per edit: the slope of a least-squares line (a leak grows steadily)
@@ -220,6 +241,13 @@ def results_text(reports: list[dict], command: str) -> str:
         walls = ", ".join(f"{x['wall']:.2f}" for x in r["rows"])
         cpus = ", ".join(f"{x['cpu']:.2f}" for x in r["rows"])
         lines += ["", f"{r['mode']} per-edit wall seconds: {walls}", "", f"{r['mode']} per-edit CPU seconds: {cpus}"]
+        if "control_median_gflops" in r:
+            g = ", ".join(f"{x['control_gflops']:.0f}" for x in r["rows"])
+            n = r["control_n"]
+            lines += ["", f"{r['mode']} control, the machine's {n}^3 float32 matmul after each edit (GFLOP/s): {g}",
+                      "", f"{r['mode']} control: median {r['control_median_gflops']:.0f} GFLOP/s, last 10 / first 10 "
+                      f"{r['control_last10_vs_first10']:.3f} (the edit's CPU time: "
+                      f"{r['cpu_last10_vs_first10']:.3f})"]
         bad = verdict(r)
         lines += ["", f"{r['mode']} check: " + ("; ".join(bad) if bad else
                   f"steady (CPU time last 10 / first 10 within +-{BAND:.0%}, resident memory under "
@@ -241,6 +269,11 @@ def main(argv=None) -> int:
     p.add_argument("--interleave", action="store_true",
                    help="editor mode: between edits, untimed, the forward program and matmul peak the "
                         "side-by-side harness runs in the same process")
+    p.add_argument("--ids", type=int, default=16,
+                   help="loop mode: image tokens per side (16: 256 px, 32: 512 px, 64: 1024 px)")
+    p.add_argument("--control", action="store_true",
+                   help="after each edit, untimed, the machine's matmul speed: tells a slower machine "
+                        "from a slower process")
     p.add_argument("--check", action="store_true",
                    help="exit 1 when the edits drift, resident memory grows or an edit compiles")
     p.add_argument("--no-record", action="store_true")
@@ -251,6 +284,9 @@ def main(argv=None) -> int:
     if args.steps < 1:
         print(f"error: --steps {args.steps}: must be >= 1", file=sys.stderr)
         return 2
+    if args.ids < 1:
+        print(f"error: --ids {args.ids}: must be >= 1", file=sys.stderr)
+        return 2
     if args.checkpoint not in (None, "tiny") and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         print(f"error: --checkpoint {args.checkpoint}: no config.json there (a model folder, or 'tiny')",
               file=sys.stderr)
@@ -258,7 +294,8 @@ def main(argv=None) -> int:
 
     modes = ("editor", "loop") if args.mode == "both" else (args.mode,)
     reports = [measure(m, args.edits, args.steps, log=lambda s: print(s, file=sys.stderr, flush=True),
-                       checkpoint=args.checkpoint, interleave=args.interleave)
+                       checkpoint=args.checkpoint, interleave=args.interleave, ids=args.ids,
+                       control=args.control)
                for m in modes]
     command = "python -m bench.steady " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = results_text(reports, command.strip())

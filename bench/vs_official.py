@@ -252,8 +252,8 @@ def main(argv=None) -> int:
                     torch_mm.append(official.ask(op="matmul", n=2048)["gflops"])
             cpu, faults, rss = our_use[-1]
             print(f"round {r + 1}: official {off_s[-1]:.2f} s, ours {our_s[-1]:.2f} s (CPU {cpu:.1f} s, "
-                  f"{faults} minor page faults, RSS {rss:.0f} MiB), our forward {our_fwd_s[-1]:.2f} s",
-                  flush=True)
+                  f"{faults} minor page faults, RSS {rss:.0f} MiB), our forward {our_fwd_s[-1]:.2f} s, "
+                  f"fp32 matmul 2048^3: XLA {xla_mm[-1]:.0f}, torch {torch_mm[-1]:.0f} GFLOP/s", flush=True)
         torch_version = official.info.get("torch")
     finally:
         official.close()
