@@ -1,7 +1,7 @@
 """Steady speed: many consecutive edits in one process, each timed against the median.
 
     python -m bench.steady [--mode editor|loop|both] [--edits 50] [--steps 8] [--checkpoint CKPT|tiny]
-                           [--ids 16] [--interleave] [--control] [--check] [--no-record]
+                           [--ids 16] [--interleave] [--control] [--fresh] [--check] [--no-record]
 
 ``editor``: the public API a demo or a server uses, ``Editor.load()`` (the shipped default model)
 and ``Editor.edit`` of one image per call (text encoding, the compiled edit program, compositing on
@@ -17,7 +17,10 @@ edit), called again and again on the same inputs.
 ``--control``: after each edit, untimed for the edit, the machine's own speed at that moment: the
 best of five 2048^3 float32 matmuls (bench.peak, compiled once). When the edits' CPU time drifts,
 this tells the machine (a host that got slower slows the matmul as much) from the process (the
-matmul stays where it was while the edit slows).
+matmul stays where it was while the edit slows). ``--fresh``: before every tenth edit, the same edit
+in a new process (after its own warm-up; two timed calls): the process this run has grown cannot
+slow it, a slower machine does. The long-lived process's CPU time per edit over the fresh
+process's, block by block, stays flat when the drift is the machine's.
 
 After one warm-up call (the compile), each edit's wall time is recorded together with what could
 make later edits slower: the process's resident memory, the number of live device arrays, the
@@ -28,7 +31,7 @@ working more). The report: median, the edits outside +-10% of it, the ratio of t
 to the first ten (wall and CPU time), the resident memory's growth per edit, and the growth of each
 counter. ``--check`` exits with status 1 when the edits drift (last ten over first ten beyond the
 band, in CPU time, which a shared machine's waiting does not inflate), the resident memory grows
-more than :data:`RSS_MIB_PER_EDIT` per edit, or any edit after the warm-up compiles. Appended to bench/RESULTS.md under
+more than :data:`RSS_MIB_PER_EDIT` per edit over the second half of the edits, or any edit after the warm-up compiles. Appended to bench/RESULTS.md under
 "## Steady speed" unless ``--no-record``.
 """
 
@@ -145,8 +148,42 @@ def loop_calls(steps: int, ids: int = 16):
     return (lambda i: run()), lambda: 1
 
 
+FRESH_EVERY = 10
+
+
+def fresh_edit_times(mode: str, steps: int, ids: int, checkpoint: str | None, calls: int = 2) -> dict:
+    """The edit of ``mode`` in a new process, after its own warm-up call: the median CPU and wall
+    seconds of ``calls`` timed calls (``{"cpu": .., "wall": ..}``)."""
+    import json
+    import subprocess
+
+    code = ("import json\nfrom editmgt_jax import host_memory\nhost_memory.keep()\n"
+            "from bench.steady import _fresh_edit_main\n"
+            f"print(json.dumps(_fresh_edit_main({mode!r}, {steps}, {ids}, {checkpoint!r}, {calls})))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"the fresh process's edit failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _fresh_edit_main(mode: str, steps: int, ids: int, checkpoint: str | None, calls: int) -> dict:
+    import jax
+
+    call, _ = editor_calls(steps, checkpoint) if mode == "editor" else loop_calls(steps, ids)
+    jax.block_until_ready(call(10 ** 6))
+    cpus, walls = [], []
+    for i in range(calls):
+        c, t = _cpu_s(), time.perf_counter()
+        jax.block_until_ready(call(i))
+        walls.append(time.perf_counter() - t)
+        cpus.append(_cpu_s() - c)
+    return {"cpu": float(np.median(cpus)), "wall": float(np.median(walls))}
+
+
 def measure(mode: str, edits: int, steps: int, log=print, checkpoint: str | None = None,
-            interleave: bool = False, ids: int = 16, control: bool = False, control_n: int = 2048) -> dict:
+            interleave: bool = False, ids: int = 16, control: bool = False, control_n: int = 2048,
+            fresh: bool = False) -> dict:
     import jax
 
     from bench.peak import matmul_peak
@@ -159,7 +196,11 @@ def measure(mode: str, edits: int, steps: int, log=print, checkpoint: str | None
     jax.block_until_ready(call(edits))   # the warm-up: a seed none of the timed edits uses
     first_s = time.perf_counter() - t
     rows = []
+    fresh_rows = []   # (index of the edit it preceded, fresh process's CPU s, wall s)
     for i in range(edits):
+        if fresh and i % FRESH_EVERY == 0:
+            f = fresh_edit_times(mode, steps, ids, checkpoint)
+            fresh_rows.append((i, f["cpu"], f["wall"]))
         n0, tr0 = _counts[COMPILE_EVENT], _counts[TRACE_EVENT]
         c0, t0 = _cpu_s(), time.perf_counter()
         jax.block_until_ready(call(i))
@@ -191,6 +232,14 @@ def measure(mode: str, edits: int, steps: int, log=print, checkpoint: str | None
     for k in ("rss", "live", "programs", "gc"):
         out[f"{k}_first"], out[f"{k}_last"] = rows[0][k], rows[-1][k]
     out["checkpoint"] = checkpoint or "default"
+    if fresh:
+        # block by block: the median CPU time of the long-lived process's edits from one fresh sample
+        # to the next, over the fresh process's
+        blocks = []
+        for i, f_cpu, f_wall in fresh_rows:
+            ours = float(np.median([r["cpu"] for r in rows[i:i + FRESH_EVERY]]))
+            blocks.append(dict(start=i, ours_cpu=ours, fresh_cpu=f_cpu, fresh_wall=f_wall, ratio=ours / f_cpu))
+        out["fresh_blocks"] = blocks
     if mode == "loop":
         out["checkpoint"] = f"medium, {ids}x{ids} ids"
     if control:
@@ -201,8 +250,11 @@ def measure(mode: str, edits: int, steps: int, log=print, checkpoint: str | None
         out["control_last10_vs_first10"] = float(np.median(g[-10:]) / np.median(g[:10]))
     out["compiles"] = int(sum(r["compiles"] for r in rows))
     out["traces"] = int(sum(r["traces"] for r in rows))
-    # resident memory's growth per edit: the slope of a least-squares line (a leak grows steadily)
-    out["rss_mib_per_edit"] = float(np.polyfit(np.arange(edits), [r["rss"] for r in rows], 1)[0])
+    # resident memory's growth per edit: the slope of a least-squares line over the second half of
+    # the edits (a leak grows steadily; the allocator settles in the first few edits: 200 edits of the
+    # medium loop grew 885 -> 910 MiB over the first ten, then not at all)
+    half = edits // 2
+    out["rss_mib_per_edit"] = float(np.polyfit(np.arange(half, edits), [r["rss"] for r in rows[half:]], 1)[0])
     # on a shared machine: the edits that took long without using more CPU waited for a core
     out["outside_with_normal_cpu"] = int(sum(
         1 for r in rows if abs(r["wall"] / med - 1) > BAND and abs(r["cpu"] / out["cpu_median_s"] - 1) <= BAND))
@@ -240,7 +292,15 @@ def results_text(reports: list[dict], command: str) -> str:
             f"{r['gc_first']} -> {r['gc_last']} |")
         walls = ", ".join(f"{x['wall']:.2f}" for x in r["rows"])
         cpus = ", ".join(f"{x['cpu']:.2f}" for x in r["rows"])
-        lines += ["", f"{r['mode']} per-edit wall seconds: {walls}", "", f"{r['mode']} per-edit CPU seconds: {cpus}"]
+        rss = ", ".join(f"{x['rss']:.0f}" for x in r["rows"])
+        lines += ["", f"{r['mode']} per-edit wall seconds: {walls}", "", f"{r['mode']} per-edit CPU seconds: {cpus}",
+                  "", f"{r['mode']} resident MiB after each edit: {rss}"]
+        if r.get("fresh_blocks"):
+            lines += ["", f"{r['mode']}, the same edit in a fresh process before every {FRESH_EVERY}th edit "
+                      "(CPU s per edit: this process's median over the block / the fresh process's):", "",
+                      "| edits | this process CPU s | fresh process CPU s | this / fresh |", "|---|---|---|---|"]
+            lines += [f"| {b['start'] + 1}-{min(b['start'] + FRESH_EVERY, r['edits'])} | {b['ours_cpu']:.2f} | "
+                      f"{b['fresh_cpu']:.2f} | {b['ratio']:.3f} |" for b in r["fresh_blocks"]]
         if "control_median_gflops" in r:
             g = ", ".join(f"{x['control_gflops']:.0f}" for x in r["rows"])
             n = r["control_n"]
@@ -274,6 +334,9 @@ def main(argv=None) -> int:
     p.add_argument("--control", action="store_true",
                    help="after each edit, untimed, the machine's matmul speed: tells a slower machine "
                         "from a slower process")
+    p.add_argument("--fresh", action="store_true",
+                   help=f"before every {FRESH_EVERY}th edit, the same edit in a new process: tells a slower "
+                        "machine from a slower process")
     p.add_argument("--check", action="store_true",
                    help="exit 1 when the edits drift, resident memory grows or an edit compiles")
     p.add_argument("--no-record", action="store_true")
@@ -295,7 +358,7 @@ def main(argv=None) -> int:
     modes = ("editor", "loop") if args.mode == "both" else (args.mode,)
     reports = [measure(m, args.edits, args.steps, log=lambda s: print(s, file=sys.stderr, flush=True),
                        checkpoint=args.checkpoint, interleave=args.interleave, ids=args.ids,
-                       control=args.control)
+                       control=args.control, fresh=args.fresh)
                for m in modes]
     command = "python -m bench.steady " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = results_text(reports, command.strip())

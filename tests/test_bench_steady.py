@@ -7,7 +7,8 @@ from bench import steady
 
 
 def test_tiny_editor_edits_are_steady_and_carry_the_control(tmp_path):
-    report = steady.measure("editor", 10, 1, log=lambda s: None, checkpoint="tiny", control=True, control_n=256)
+    report = steady.measure("editor", 10, 1, log=lambda s: None, checkpoint="tiny", control=True, control_n=256,
+                            fresh=True)
     rows = report["rows"]
     assert len(rows) == 10
     # the Editor keeps one compiled program: a new seed per call neither traces nor compiles
@@ -16,9 +17,13 @@ def test_tiny_editor_edits_are_steady_and_carry_the_control(tmp_path):
     assert all(r["wall"] > 0 and r["cpu"] >= 0 for r in rows)
     assert all(math.isfinite(r["control_gflops"]) and r["control_gflops"] > 0 for r in rows)
     assert report["control_n"] == 256 and math.isfinite(report["control_last10_vs_first10"])
+    # the same edit in a fresh process before the first edit: one block of ten, same work
+    (block,) = report["fresh_blocks"]
+    assert block["start"] == 0 and block["fresh_cpu"] > 0 and block["ratio"] == block["ours_cpu"] / block["fresh_cpu"]
     text = steady.results_text([report], "python -m bench.steady --mode editor --checkpoint tiny --control")
     assert "control, the machine's 256^3 float32 matmul" in text
     assert "0 / 0 |" in text   # compiles / traces after the warm-up
+    assert "| 1-10 |" in text and "resident MiB after each edit" in text
 
 
 def test_verdict_names_each_kind_of_drift():
