@@ -216,3 +216,19 @@ def test_damaged_checkpoint_fallback_export_on_rerun_lock_and_metrics(data, tmp_
     rows = [json.loads(x) for x in open(wd / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]                          # each step once
     assert [r["loss"] for r in rows][4:] == [first.losses[5], first.losses[6]]
+
+
+def test_metrics_readers_pass_over_cut_lines_and_keep_the_last_of_a_step(tmp_path):
+    from editmgt_jax.training.metrics_log import latest_evaluation, read_losses
+
+    assert read_losses(str(tmp_path)) == {} and latest_evaluation(str(tmp_path)) is None
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 2.0}\n'
+        '{"step": 2, "loss": 1.5, "eval_clean_success": 0.1}\n'
+        '[1, 2]\n'
+        '{"loss": 9.0}\n'
+        '{"step": 2, "loss": 1.25}\n'            # step 2 again after a resume: the last one counts
+        '{"step": 3, "eval_clean_success": 0.3, "eval_name": "x"}\n'
+        '{"step": 4, "loss": 1.')                # cut short by a kill
+    assert read_losses(str(tmp_path)) == {1: 2.0, 2: 1.25}
+    assert latest_evaluation(str(tmp_path)) == {"step": 3, "metrics": {"eval_clean_success": 0.3}}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 from absl import logging
@@ -57,42 +57,35 @@ class MetricWriter:
             self.tb.close()
 
 
-def read_losses(workdir: str, key: str = "loss") -> dict[int, float]:
-    """step -> value from metrics.jsonl; a step logged twice (re-run after a resume) keeps the last."""
-    out: dict[int, float] = {}
+def metrics_rows(workdir: str) -> Iterator[dict]:
+    """The rows of ``workdir``'s metrics.jsonl in order (none when there is no file); a line cut
+    short by a kill, or anything else that is not a JSON object with a ``step``, is passed over."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
-        return out
+        return
     with open(path) as fh:
         for line in fh:
-            line = line.strip()
-            if not line:
-                continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                continue   # a line cut short by a kill
-            if key in row:
-                out[int(row["step"])] = float(row[key])
-    return out
+                continue
+            if isinstance(row, dict) and "step" in row:
+                yield row
+
+
+def read_losses(workdir: str, key: str = "loss") -> dict[int, float]:
+    """step -> value from metrics.jsonl; a step logged twice (re-run after a resume) keeps the last."""
+    return {int(row["step"]): float(row[key]) for row in metrics_rows(workdir) if key in row}
 
 
 def latest_evaluation(workdir: str, prefix: str = "eval_") -> dict | None:
     """The last held-out evaluation logged in metrics.jsonl (``{"step", "metrics"}``: every
     ``prefix*`` value of the newest step that has one), or None when the run logged none."""
     rows: dict[int, dict] = {}
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as fh:
-        for line in fh:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            vals = {k: float(v) for k, v in row.items() if k.startswith(prefix) and isinstance(v, (int, float))}
-            if vals and "step" in row:
-                rows.setdefault(int(row["step"]), {}).update(vals)
+    for row in metrics_rows(workdir):
+        vals = {k: float(v) for k, v in row.items() if k.startswith(prefix) and isinstance(v, (int, float))}
+        if vals:
+            rows.setdefault(int(row["step"]), {}).update(vals)
     if not rows:
         return None
     step = max(rows)
