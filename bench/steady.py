@@ -31,8 +31,8 @@ working more). The report: median, the edits outside +-10% of it, the ratio of t
 to the first ten (wall and CPU time), the resident memory's growth per edit, and the growth of each
 counter. ``--check`` exits with status 1 when the edits drift (last ten over first ten beyond the
 band, in CPU time, which a shared machine's waiting does not inflate), the resident memory grows
-more than :data:`RSS_MIB_PER_EDIT` per edit over the second half of the edits, or any edit after the warm-up compiles. Appended to bench/RESULTS.md under
-"## Steady speed" unless ``--no-record``.
+more than :data:`RSS_MIB_PER_EDIT` per edit over the second half of the edits, or any edit after
+the warm-up compiles. Appended to bench/RESULTS.md under "## Steady speed" unless ``--no-record``.
 """
 
 from __future__ import annotations
@@ -347,8 +347,9 @@ def main(argv=None) -> int:
     if args.steps < 1:
         print(f"error: --steps {args.steps}: must be >= 1", file=sys.stderr)
         return 2
-    if args.ids < 1:
-        print(f"error: --ids {args.ids}: must be >= 1", file=sys.stderr)
+    if args.ids < 2 or args.ids % 2:
+        print(f"error: --ids {args.ids}: must be an even number >= 2 (the transformer pools 2x2 tokens)",
+              file=sys.stderr)
         return 2
     if args.checkpoint not in (None, "tiny") and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         print(f"error: --checkpoint {args.checkpoint}: no config.json there (a model folder, or 'tiny')",

@@ -2,11 +2,11 @@
 at all (write into a temporary sibling, rename on success).
 
 :func:`unwritable` is the one check of an output path the entry points run before any work.
-:func:`writing_folder` is the one writer of whole folders: model checkpoints (``checkpoints.io.writing_checkpoint``), the
-official-layout export, pre-tokenised data and rebuilt datasets. A run that fails or is killed
-half-way leaves the destination as it was (an older checkpoint or dataset stays readable);
-temporary folders of writers that are no longer running (``.NAME.tmp-PID``) are removed by the next
-writer.
+:func:`writing_folder` is the one writer of whole folders: model checkpoints
+(``checkpoints.io.writing_checkpoint``), the official-layout export, pre-tokenised data and rebuilt
+datasets. A run that fails or is killed half-way leaves the destination as it was (an older
+checkpoint or dataset stays readable); temporary folders of writers that are no longer running
+(``.NAME.tmp-PID``) are removed by the next writer.
 """
 
 from __future__ import annotations

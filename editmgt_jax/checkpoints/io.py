@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
-from editmgt_jax.folders import writing_folder
 from editmgt_jax.checkpoints.conventions import Conventions, read_conventions
 from editmgt_jax.checkpoints.index import PARTS_FILE, _checkpointer, _flat, _merge_into, _stored_tree
 from editmgt_jax.checkpoints.layout import (FORMAT, TOKENIZER_DIRS, VERSION, CheckpointError, dump_config,
                                             is_model_checkpoint, params_dir, read_config)
+from editmgt_jax.folders import writing_folder
 
 
 # ---------------------------------------------------------------------------------------------
