@@ -157,16 +157,17 @@ def _flops(compiled) -> float | None:
     return float(f) if f and f > 0 else None
 
 
-def compiled_edit(graphdef, state, tr_cfg, spec: EditSpec, seed: int = 0) -> tuple[Any, tuple, float]:
+def compiled_edit(graphdef, state, tr_cfg, spec: EditSpec, seed: int = 0,
+                  inputs: dict[str, Any] | None = None) -> tuple[Any, tuple, float]:
     """``(compiled, args, compile_s)``: the whole edit as one compiled program (``region_hold.sample``
-    with :func:`sampler_config`'s settings) on :func:`make_inputs`' inputs; ``compiled(*args)``
-    returns ``(tokens, heatmap)``."""
+    with :func:`sampler_config`'s settings) on ``inputs`` (default :func:`make_inputs`' for ``seed``);
+    ``compiled(*args)`` returns ``(tokens, heatmap)``."""
     from flax import nnx
 
     from editmgt_jax.sampling.region_hold import sample
 
     cfg, knobs = sampler_config(tr_cfg, spec).split()
-    x = make_inputs(tr_cfg, spec, seed)
+    x = inputs if inputs is not None else make_inputs(tr_cfg, spec, seed)
 
     def edit(st, ref_ids, text, pooled, neg_text, neg_pooled, micro, key):
         out = sample(nnx.merge(graphdef, st), cfg, knobs, ref_ids, text, pooled, neg_text, neg_pooled,
@@ -201,7 +202,7 @@ def build(name: str, spec: EditSpec, seed: int = 0, matmul_n: int = MATMUL_N) ->
     tr_cfg = load_transformer_config(name)
     graphdef, state = random_state(lambda: EditTransformer(tr_cfg, rngs=nnx.Rngs(0)), seed)
     scfg = sampler_config(tr_cfg, spec)
-    cfg, knobs = scfg.split()
+    _, knobs = scfg.split()
     x = make_inputs(tr_cfg, spec, seed)
     b, (h, w) = spec.batch, spec.id_grid
     mask_id = scfg.mask_token_id
@@ -243,7 +244,7 @@ def build(name: str, spec: EditSpec, seed: int = 0, matmul_n: int = MATMUL_N) ->
     i0 = np.int32(0)
 
     compile_s = {}
-    c_edit, edit_args, compile_s["loop"] = compiled_edit(graphdef, state, tr_cfg, spec, seed)
+    c_edit, edit_args, compile_s["loop"] = compiled_edit(graphdef, state, tr_cfg, spec, inputs=x)
     c_step, compile_s["pyloop"] = _compile(step, state, tokens0, heat0, i0, keys, m_ref, m_text, m_pooled,
                                            m_micro, x["ref_ids"])
     ids_fwd = jnp.concatenate([tokens0, tokens0])

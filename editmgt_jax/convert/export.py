@@ -36,9 +36,9 @@ import jax
 import numpy as np
 
 from editmgt_jax import checkpoints
-from editmgt_jax.folders import writing_folder
 from editmgt_jax.convert.core import ConversionError, Rule, conv, conv_transpose, identity, linear
 from editmgt_jax.convert.registry import COMPONENTS, abstract_params
+from editmgt_jax.folders import writing_folder
 
 # Our component -> (official folder, weights file stem, library writing it). The official code
 # loads the transformer from ``editmgt/`` (``src/editmgt.py``).
